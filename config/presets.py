@@ -1,0 +1,78 @@
+"""Model and device presets, read from presets.yaml and validated."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.prompts import PromptFormat
+
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+class ModelPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    source: str  # hub id, local path, package:<python package dir>, or builtin:tiny-neox
+    gguf_file: str | None = None
+    prompt_format: PromptFormat = PromptFormat.chat_template
+    end_keys: list[str] = Field(default_factory=list)  # extra end tokens beside the tokenizer's eos
+    sequence_length: int = Field(512, ge=16)
+    max_sequence_length: int = Field(2048, ge=16)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ModelPreset:
+        if self.sequence_length > self.max_sequence_length:
+            raise ValueError(
+                f"sequence_length {self.sequence_length} exceeds max_sequence_length {self.max_sequence_length}"
+            )
+        return self
+
+
+class DevicePreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    backend: Literal["torch", "ipu"] = "torch"
+    device: Literal["cpu", "cuda", "ipu"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    slots: int = Field(8, ge=1, le=1024)  # concurrent sequences (the IPU micro-batch)
+    quantize: Literal["none", "int8"] = "none"
+    cuda_graphs: bool = False
+    ipus: int = Field(0, ge=0)
+    available_memory_proportion: float = Field(0.4, gt=0, le=1)
+    executable_cache: str = ".cache/poptorch"
+
+
+class Presets(BaseModel):
+    models: dict[str, ModelPreset]
+    devices: dict[str, DevicePreset]
+
+    def model(self, name: str) -> ModelPreset:
+        """A preset by name; anything else is taken as a hub id or local path."""
+        if name in self.models:
+            return self.models[name].model_copy(update={"name": name})
+        if "/" in name or Path(name).exists():
+            return ModelPreset(name=name, source=name)
+        raise KeyError(f"unknown model {name!r}: not a preset ({', '.join(self.models)}), a hub id or a path")
+
+    def device(self, name: str) -> DevicePreset:
+        if name not in self.devices:
+            raise KeyError(f"unknown device {name!r}: expected one of {', '.join(self.devices)}")
+        return self.devices[name].model_copy(update={"name": name})
+
+
+@lru_cache(maxsize=4)
+def load_presets(path: Path = PRESETS_FILE) -> Presets:
+    raw = yaml.safe_load(path.read_text())
+    try:
+        return Presets.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{path.name}: {where}: {err['msg']}") from None

@@ -1,0 +1,74 @@
+"""Runtime settings from CHAT_* environment variables (pydantic-settings), applied over the presets."""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from config.presets import DevicePreset, ModelPreset, load_presets
+
+
+class ConfigError(Exception):
+    """A bad configuration value: the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    model: str = "smollm2-135m"  # preset name, hub id or local path
+    device: str = "cpu"  # preset name in presets.yaml
+    slots: int | None = Field(None, ge=1, le=1024)  # overrides the device preset
+    sequence_length: int | None = Field(None, ge=16)  # overrides the model preset
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU
+
+    # Delivery: a turn unacked this long is handed to another worker, so it must exceed the longest turn.
+    visibility_timeout_s: int = Field(3600, ge=10)
+    turn_timeout_s: float = Field(600.0, gt=0)  # a turn running longer is cut (finish_reason cancelled)
+    shutdown_grace_s: float = Field(30.0, ge=0)  # warm shutdown waits this long for turns in flight
+    max_attempts: int = Field(3, ge=1)  # deliveries of one turn before it is dead-lettered
+
+    # Streaming: deltas are coalesced and flushed at most this often, so Redis load follows turns, not tokens.
+    stream_flush_ms: int = Field(50, ge=0, le=5000)
+    stream_maxlen: int = Field(10_000, ge=10)
+    stream_ttl_s: int = Field(3600, ge=10)
+    result_ttl_s: int = Field(86_400, ge=10)
+
+    max_message_chars: int = Field(16_000, ge=1)
+
+    def model_preset(self) -> ModelPreset:
+        try:
+            preset = load_presets().model(self.model)
+        except KeyError as e:
+            raise ConfigError(f"CHAT_MODEL: {e.args[0]}") from None
+        if self.sequence_length is not None:
+            if self.sequence_length > preset.max_sequence_length:
+                raise ConfigError(
+                    f"CHAT_SEQUENCE_LENGTH: {self.sequence_length} exceeds this model's maximum of "
+                    f"{preset.max_sequence_length}"
+                )
+            preset = preset.model_copy(update={"sequence_length": self.sequence_length})
+        return preset
+
+    def device_preset(self) -> DevicePreset:
+        try:
+            preset = load_presets().device(self.device)
+        except KeyError as e:
+            raise ConfigError(f"CHAT_DEVICE: {e.args[0]}") from None
+        if self.slots is not None:
+            preset = preset.model_copy(update={"slots": self.slots})
+        return preset
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment plus explicit overrides; one clear error naming the bad key."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings.model_preset()
+        settings.device_preset()
+        return settings
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = "CHAT_" + "_".join(str(p) for p in err["loc"]).upper()
+        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r:.60})") from None

@@ -1,0 +1,86 @@
+"""The embedded stack: fakeredis's TCP server plus one Celery worker, in this process.
+
+No servers needed: `make chat` runs the real producer -> Redis protocol -> Celery worker -> engine
+path, with fakeredis standing in for redis-server. Also used by tests for the fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from config.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class FakeRedisServer:
+    """fakeredis's TCP server on a free port (kombu needs its Lua support: fakeredis[lua])."""
+
+    def __init__(self) -> None:
+        from fakeredis import TcpFakeServer
+
+        self.port = free_port()
+        self.server = TcpFakeServer(("127.0.0.1", self.port), server_type="redis")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fakeredis", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class InProcessWorker:
+    """A real Celery WorkController (threads pool) running in a background thread."""
+
+    def __init__(self, settings: Settings, hostname: str = "embedded@localhost", loglevel: str = "WARNING"):
+        from worker import runtime
+        from worker.app import make_worker_app, worker_options
+
+        self.runtime = runtime
+        self.settings = settings
+        self.app = make_worker_app(settings)
+        opts: dict[str, Any] = worker_options(settings, hostname, loglevel)
+        self.controller = self.app.WorkController(**opts)
+        self.thread = threading.Thread(target=self.controller.start, name="celery-worker", daemon=True)
+
+    def start(self, timeout: float = 600) -> InProcessWorker:
+        self.thread.start()
+        end = time.monotonic() + timeout
+        while self.runtime._current is None:  # the pipeline step installs it once loaded
+            if not self.thread.is_alive() or time.monotonic() > end:
+                raise RuntimeError("the embedded worker failed to start (see the log above)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.controller.stop(in_sighandler=False)
+        self.thread.join(30)
+
+
+class EmbeddedStack:
+    def __init__(self, redis_url: str | None = None, **overrides: Any):
+        self.fake = None if redis_url else FakeRedisServer()
+        self.url = redis_url or self.fake.url  # type: ignore[union-attr]
+        self.settings = load_settings(redis_url=self.url, **overrides)
+        self.worker = InProcessWorker(self.settings)
+
+    def __enter__(self) -> EmbeddedStack:
+        self.worker.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.worker.stop()
+        if self.fake:
+            self.fake.close()

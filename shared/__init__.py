@@ -1,0 +1,1 @@
+"""The wire between producers and workers: pydantic models, prompt templates, Redis key layout."""

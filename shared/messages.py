@@ -1,0 +1,43 @@
+"""Chat messages as stored in a conversation and carried in a task payload."""
+
+from __future__ import annotations
+
+import unicodedata
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_MESSAGE_CHARS = 16_000  # default cap on one message; the producer may configure a lower one
+
+
+class Role(str, Enum):
+    system = "system"
+    prompter = "prompter"  # the user, in OASST's words
+    assistant = "assistant"
+
+
+def check_text(text: str, *, field: str = "text") -> str:
+    """Reject text a tokenizer or a terminal would choke on: control characters and lone surrogates.
+
+    Tabs and newlines are ordinary text; everything else in Unicode category Cc/Cs is refused.
+    """
+    for ch in text:
+        if ch in "\t\n\r":
+            continue
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs"):
+            raise ValueError(f"{field} contains a control or invalid character (U+{ord(ch):04X})")
+    return text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    text: str = Field(max_length=MAX_MESSAGE_CHARS * 4)
+    turn_id: str | None = None  # the turn that produced an assistant message (idempotency key)
+
+    @field_validator("text")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        return check_text(v)

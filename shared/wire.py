@@ -1,0 +1,55 @@
+"""The generate-task payload and the turn result: what travels through Celery and Redis."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.keys import ID_PATTERN
+from shared.messages import ChatMessage
+from shared.sampling import SamplingParams
+
+MAX_PAYLOAD_BYTES = 1_000_000  # a task payload above this is refused before parsing
+
+
+class FinishReason(str, Enum):
+    end_key = "end_key"  # the model produced its end key (<|endoftext|>, <|im_end|>, ...)
+    length = "length"  # output_length reached, or the sequence length is full
+    stop = "stop"  # a stop string matched
+    cancelled = "cancelled"  # the producer cancelled it, or its deadline passed
+
+
+class GenerateTask(BaseModel):
+    """One templated next turn. The worker renders `messages` with its model's prompt format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turn_id: str = Field(pattern=ID_PATTERN)
+    conversation_id: str = Field(pattern=ID_PATTERN)
+    model: str = Field(min_length=1, max_length=100)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    sampling: SamplingParams = SamplingParams()
+    enqueued_at: float = 0.0  # unix time the producer enqueued it
+    deadline: float | None = None  # unix time after which the turn is cut short (finish_reason cancelled)
+
+
+class Timings(BaseModel):
+    queued_s: float = 0.0  # enqueue -> worker picked it up
+    prefill_s: float = 0.0  # prompt processed, first token sampled
+    decode_s: float = 0.0  # the rest of the tokens
+    total_s: float = 0.0  # enqueue -> reply committed
+
+
+class TurnResult(BaseModel):
+    turn_id: str
+    conversation_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    dropped_messages: int = 0  # oldest messages left out to fit the sequence length
+    truncated_tokens: int = 0  # tokens cut from the start of an over-long newest message
+    worker: str = ""
+    attempt: int = 1
+    timings: Timings = Timings()

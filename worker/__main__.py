@@ -1,0 +1,44 @@
+"""Start a worker: `python -m worker --redis redis://HOST:6379/0 --model smollm2-135m --device cpu`.
+
+Every option also reads from its CHAT_* variable (see config/settings.py). The process loads and
+attaches its pipeline, then consumes only its model's queue; SIGTERM/SIGINT stop it warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from config.settings import ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__.split("\n")[0])
+    ap.add_argument("--redis", dest="redis_url", help="Redis URL (broker, results, conversations)")
+    ap.add_argument("--model", help="model preset, hub id or local path")
+    ap.add_argument("--device", help="device preset: cpu, cpu-fp32, cuda, ipu-pod4, ipu-pod16")
+    ap.add_argument("--slots", type=int, help="concurrent sequences (overrides the device preset)")
+    ap.add_argument("--sequence-length", type=int, help="positions per sequence (overrides the model preset)")
+    ap.add_argument("--hostname", help="worker name (default: MODEL@HOST)")
+    ap.add_argument("--loglevel", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k not in ("hostname", "loglevel") and v is not None}
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from worker.app import make_worker_app, worker_options
+
+    app = make_worker_app(settings)
+    hostname = args.hostname or f"{settings.model_preset().name}@{socket.gethostname()}"
+    w = app.Worker(**worker_options(settings, hostname, args.loglevel.upper()))
+    w.start()
+    return int(w.exitcode or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

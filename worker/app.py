@@ -1,0 +1,29 @@
+"""The worker's Celery app: the shared config object, the generate task, the pipeline step."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.celery import make_celery, queue_name
+from config.settings import Settings
+from worker.steps import PipelineStep
+from worker.tasks import register_tasks
+
+
+def make_worker_app(settings: Settings) -> Celery:
+    app = make_celery(settings, name="chat-worker")
+    register_tasks(app)
+    app.steps["worker"].add(PipelineStep)
+    return app
+
+
+def worker_options(settings: Settings, hostname: str | None = None, loglevel: str = "INFO") -> dict[str, object]:
+    """Options for app.Worker / WorkController: a threads pool with one thread per engine slot, consuming
+    only this model's queue."""
+    model, device = settings.model_preset(), settings.device_preset()
+    opts: dict[str, object] = {"pool": "threads", "concurrency": device.slots,
+                               "queues": [queue_name(settings, model.name)], "loglevel": loglevel,
+                               "prefetch_multiplier": 1, "without_mingle": True, "without_gossip": True}  # fmt: skip
+    if hostname:
+        opts["hostname"] = hostname
+    return opts

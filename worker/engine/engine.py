@@ -1,0 +1,268 @@
+"""The engine: one per device, serving up to `slots` sequences at once.
+
+Iteration-level scheduling (Orca / vLLM / text-generation-inference): each loop iteration admits
+waiting requests into free slots (prefill, which also samples their first token), drops the
+cancelled and expired, then runs one decode step for every active slot together. Sequences join
+and leave between steps; each keeps its own sampling parameters inside the shared batch.
+
+The engine thread is the only one touching the model. Callers (Celery task threads) `submit` a
+prompt and read events from the returned handle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.sampling import SamplingParams
+from shared.wire import FinishReason
+from worker.engine.detok import Detokenizer
+from worker.engine.sampling import sample
+from worker.pipeline.backend import Backend
+from worker.pipeline.codec import Codec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Token:
+    text: str  # newly stable text ('' while a character or stop string is incomplete)
+    token_id: int
+
+
+@dataclass
+class Finished:
+    reason: FinishReason
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass
+class Failed:
+    error: str
+    abandoned: bool = False  # True: the engine gave it up (shutdown), it should be retried elsewhere
+
+
+Event = Token | Finished | Failed
+
+
+@dataclass
+class _Seq:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    max_new: int
+    deadline: float | None
+    events: queue.Queue[Event]
+    detok: Detokenizer
+    generator: torch.Generator | None
+    slot: int = -1
+    pos: int = 0  # where the last sampled token will be written
+    last: int = 0
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    t_first: float = 0.0
+
+
+class Handle:
+    """A submitted request: iterate it for events, cancel it to free its slot at the next step."""
+
+    def __init__(self, seq: _Seq, engine: Engine):
+        self._seq = seq
+        self._engine = engine
+
+    def cancel(self) -> None:
+        self._seq.cancelled = True
+        self._engine._wake()
+
+    def __iter__(self):
+        while True:
+            ev = self._seq.events.get()
+            yield ev
+            if not isinstance(ev, Token):
+                return
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        try:
+            return self._seq.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class Engine:
+    def __init__(self, backend: Backend, codec: Codec, device: str = "cpu"):
+        self.backend = backend
+        self.codec = codec
+        self.device = torch.device(device)
+        self.slots: list[_Seq | None] = [None] * backend.slots
+        self._waiting: deque[_Seq] = deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.tokens_generated = 0
+        self.finished = 0
+
+    # -- public ------------------------------------------------------------------------------------
+    @property
+    def max_len(self) -> int:
+        return self.backend.max_len
+
+    @property
+    def busy(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, prompt: list[int], params: SamplingParams, max_new: int,
+               deadline: float | None = None) -> Handle:  # fmt: skip
+        if not prompt:
+            raise ValueError("prompt: empty")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens leave no room in sequence length {self.max_len}")
+        if max_new < 1:
+            raise ValueError("max_new: must be at least 1")
+        params.check_vocab(self.codec.vocab_size)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = _Seq(next(self._ids), list(prompt), params, min(max_new, self.max_len - len(prompt)), deadline,
+                   queue.Queue(), Detokenizer(self.codec.decode, params.stop), gen)  # fmt: skip
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("engine is stopped")
+            self._waiting.append(seq)
+            self._cv.notify()
+        return Handle(seq, self)
+
+    def abandon_all(self, reason: str = "worker shutting down") -> int:
+        """Give up every request (cold shutdown): each gets Failed(abandoned=True). Returns how many."""
+        with self._cv:
+            seqs = [s for s in self.slots if s is not None] + list(self._waiting)
+            self._waiting.clear()
+            for s in seqs:
+                s.cancelled = True
+                s.events.put(Failed(reason, abandoned=True))
+            self.slots = [None] * len(self.slots)
+            return len(seqs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self.abandon_all("engine stopped")
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- loop --------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and self.busy == 0:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                admitted = []
+                for i, s in enumerate(self.slots):
+                    if s is None and self._waiting:
+                        seq = self._waiting.popleft()
+                        seq.slot = i
+                        self.slots[i] = seq
+                        admitted.append(seq)
+            try:
+                for seq in admitted:
+                    if not seq.cancelled:
+                        self._prefill(seq)
+                self._reap()
+                if self.busy:
+                    self._step()
+            except Exception as e:  # a failing step fails its sequences, never the engine
+                log.exception("engine step failed")
+                for s in [s for s in self.slots if s is not None]:
+                    self._finish(s, Failed(f"generation failed: {e}"))
+
+    def _prefill(self, seq: _Seq) -> None:
+        seq.t_start = time.perf_counter()
+        try:
+            logits = self.backend.prefill(seq.slot, seq.prompt, 0)
+        except Exception as e:
+            log.exception("prefill failed")
+            self._finish(seq, Failed(f"prefill failed: {e}"))
+            return
+        seq.pos = len(seq.prompt)
+        token = sample(logits[None, : self.codec.vocab_size], [seq.params], [seq.generator], [seq.prompt])[0]
+        seq.t_first = time.perf_counter()
+        self._accept(seq, token)
+
+    def _step(self) -> None:
+        active = [s for s in self.slots if s is not None]
+        n = max(s.slot for s in active) + 1
+        ids = torch.zeros(n, dtype=torch.long)
+        pos = torch.zeros(n, dtype=torch.long)
+        mask = torch.zeros(n, dtype=torch.bool)
+        for s in active:
+            ids[s.slot], pos[s.slot], mask[s.slot] = s.last, s.pos, True
+        logits = self.backend.decode(ids, pos, mask)
+        rows = torch.tensor([s.slot for s in active], device=logits.device)
+        picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
+        tokens = sample(picked, [s.params for s in active], [s.generator for s in active],
+                        [s.prompt + s.generated for s in active])  # fmt: skip
+        for s, t in zip(active, tokens):
+            s.pos += 1
+            self._accept(s, t)
+
+    def _accept(self, seq: _Seq, token: int) -> None:
+        """Record a sampled token; finish the sequence when it ends."""
+        self.tokens_generated += 1
+        if token in self.codec.end_ids:
+            self._finish(seq, self._result(seq, FinishReason.end_key))
+            return
+        seq.generated.append(token)
+        seq.last = token
+        delta = seq.detok.push(token)
+        if delta:
+            seq.events.put(Token(delta, token))
+        if seq.detok.stopped:
+            self._finish(seq, self._result(seq, FinishReason.stop))
+        elif len(seq.generated) >= seq.max_new or seq.pos >= self.max_len:
+            self._finish(seq, self._result(seq, FinishReason.length))
+
+    def _reap(self) -> None:
+        now = time.time()
+        for s in [s for s in self.slots if s is not None]:
+            if s.cancelled or (s.deadline is not None and now > s.deadline):
+                self._finish(s, self._result(s, FinishReason.cancelled))
+
+    def _result(self, seq: _Seq, reason: FinishReason) -> Finished:
+        tail = seq.detok.flush()
+        if tail:
+            seq.events.put(Token(tail, -1))
+        now = time.perf_counter()
+        return Finished(reason, seq.detok.text, len(seq.prompt), len(seq.generated),
+                        (seq.t_first or now) - seq.t_start, now - (seq.t_first or now))  # fmt: skip
+
+    def _finish(self, seq: _Seq, event: Event) -> None:
+        with self._cv:
+            if seq.slot >= 0 and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
+                self.finished += 1
+            seq.events.put(event)

@@ -1,0 +1,1 @@
+"""Model pipelines: loading (loader.py), tokenizer wrapper (codec.py), device backends."""

@@ -1,0 +1,41 @@
+"""The tokenizer, wrapped with what generation needs: which ids are real, which end a turn, and
+how to tokenize rendered prompt segments so user text never becomes a special token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.messages import ChatMessage
+from shared.prompts import PromptFormat, Segment, render_segments
+
+
+class Codec:
+    def __init__(self, tokenizer: Any, prompt_format: PromptFormat, end_keys: list[str]):
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        # Real token ids are [0, vocab_size): a model's embedding may be padded past them (OASST: 50288
+        # rows for 50282 tokens) and those rows must never be sampled.
+        self.vocab_size = len(tokenizer)
+        ends = set(end_keys)
+        if tokenizer.eos_token:
+            ends.add(tokenizer.eos_token)
+        self.end_ids = {i for t in ends if (i := tokenizer.convert_tokens_to_ids(t)) is not None
+                        and i != tokenizer.unk_token_id and i < self.vocab_size}  # fmt: skip
+        if not self.end_ids:
+            raise ValueError(f"none of the end keys {sorted(ends)} is a token of this tokenizer")
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        }
+
+    def segments(self, messages: list[ChatMessage]) -> list[Segment]:
+        return render_segments(self.prompt_format, messages, self.tokenizer)
+
+    def encode_segment(self, seg: Segment) -> list[int]:
+        # Content is split on special-token text, so "<|assistant|>" typed by a user stays plain text.
+        return self.tokenizer(seg.text, add_special_tokens=False, split_special_tokens=seg.content)["input_ids"]
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

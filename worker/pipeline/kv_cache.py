@@ -1,0 +1,63 @@
+"""A KV cache preallocated for `slots x max_len` positions, written at per-row positions.
+
+transformers' attention modules call `cache.update(k, v, layer_idx)` and attend over what it
+returns. Before each forward the backend *binds* the cache to the rows it runs (a prefix of the
+slots, so reads are views, not gathers), the position each new token is written at, and how many
+positions attention reads (a bucketed length, so shapes repeat and graphs can be reused).
+
+Position `max_len` is a scratch column: padding tokens and idle rows write there, and no mask
+ever lets attention read it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.num_layers = num_layers
+        self.slots = slots
+        self.max_len = max_len
+        self.scratch = max_len  # write-only column for padding and idle rows
+        self.dtype = dtype
+        self.device = device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._rows = slice(0, 0)
+        self._row_idx = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self._pos = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self._kv_len = 0
+
+    def allocate(self, kv_heads: int, head_dim: int) -> None:
+        """Preallocate every layer's buffers once (static addresses, as CUDA graphs need)."""
+        shape = (self.slots, kv_heads, self.max_len + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.k)
+
+    def bind(self, rows: slice, positions: torch.Tensor, kv_len: int) -> None:
+        """Set where the next forward writes: `positions` is (rows, tokens), `kv_len` what it reads."""
+        n = rows.stop - rows.start
+        self._rows = rows
+        self._row_idx = torch.arange(n, device=self.device).unsqueeze(1)
+        self._pos = positions
+        self._kv_len = kv_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key/value: (rows, kv_heads, tokens, head_dim), already rotated.
+        kc = self.k[layer_idx][self._rows]
+        vc = self.v[layer_idx][self._rows]
+        kc[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
+        vc[self._row_idx, :, self._pos] = value.transpose(1, 2).to(self.dtype)
+        return kc[:, :, : self._kv_len], vc[:, :, : self._kv_len]
+
+    # transformers asks these of any cache object in a few code paths.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def __len__(self) -> int:
+        return self.num_layers

@@ -1,0 +1,165 @@
+"""The torch backend (CPU and CUDA): transformers' model modules over a slot KV cache.
+
+Weights and modules are transformers' own; what is ours is the cache layout (kv_cache.py), the
+masks, chunked prefill, and on CUDA one captured graph per decode shape, replayed every step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from worker.pipeline.backend import PREFILL_CHUNKS, chunk_plan
+from worker.pipeline.kv_cache import SlotKVCache
+from worker.pipeline.quantize import quantize_int8
+
+log = logging.getLogger(__name__)
+
+
+def kv_dims(config: Any) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+class TorchBackend:
+    def __init__(self, model: Any, *, slots: int, max_len: int, device: str = "cpu",
+                 quantize: str = "none", cuda_graphs: bool = False, kv_block: int = 32):  # fmt: skip
+        self.slots = slots
+        self.max_len = max_len
+        self.device = torch.device(device)
+        if quantize == "int8":
+            if self.device.type != "cpu":
+                raise ValueError("quantize=int8 is a CPU option")
+            # Weight-only int8 + bf16 activations: a quarter of fp32's bytes on a memory-bound CPU.
+            model = quantize_int8(model)
+        self.model = model.to(self.device)
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        self.dtype = model.get_input_embeddings().weight.dtype
+        # transformers renamed past_key_values -> cache in 5.2x; accept both.
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device)
+        self.cache.allocate(*kv_dims(model.config))
+        self.kv_block = kv_block if not cuda_graphs else 256
+        self.attached = True
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self._use_graphs = cuda_graphs and self.device.type == "cuda"
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _kv_len(self, needed: int) -> int:
+        """Attention reads a bucketed prefix of the cache: fewer shapes, and not the whole max_len."""
+        return min(self.max_len, -(-needed // self.kv_block) * self.kv_block)
+
+    def _forward(self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int,
+                 rows: slice) -> torch.Tensor:  # fmt: skip
+        """Hidden states (rows, tokens, hidden) for `ids` at rotary positions `rot_pos`."""
+        self.cache.bind(rows, write_pos, kv_len)
+        kv = torch.arange(kv_len, device=self.device)
+        # (rows, 1, tokens, kv_len): a token sees cached positions up to its own.
+        mask = (kv.view(1, 1, 1, -1) <= rot_pos.unsqueeze(1).unsqueeze(-1))
+        out = self.base(input_ids=ids, position_ids=rot_pos, attention_mask=mask, use_cache=True,
+                        **{self._cache_kw: self.cache})  # fmt: skip
+        return out.last_hidden_state
+
+    def _check(self) -> None:
+        if not self.attached:
+            raise RuntimeError("backend is detached")
+
+    # -- Backend -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        self._check()
+        if start + len(ids) > self.max_len:
+            raise ValueError(f"prompt of {start + len(ids)} tokens exceeds the sequence length {self.max_len}")
+        done = 0
+        last = None
+        for real, size in chunk_plan(len(ids), PREFILL_CHUNKS):
+            chunk = ids[done : done + real] + [0] * (size - real)
+            p0 = start + done
+            rot = torch.arange(p0, p0 + size, device=self.device).unsqueeze(0)
+            write = rot.clone()
+            write[0, real:] = self.cache.scratch  # padding writes go to the scratch column
+            rot = rot.clamp(max=self.max_len - 1)
+            hidden = self._forward(torch.tensor([chunk], device=self.device), rot, write,
+                                   self._kv_len(p0 + real), slice(slot, slot + 1))  # fmt: skip
+            last = hidden[0, real - 1]
+            done += real
+        assert last is not None
+        return self.head(last.unsqueeze(0))[0].float()
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        self._check()
+        n = ids.shape[0]
+        rot = torch.where(active, positions, 0).view(n, 1)
+        write = torch.where(active, positions, self.cache.scratch).view(n, 1)
+        kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
+        if self._use_graphs:
+            return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
+        hidden = self._forward(ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device),
+                               kv_len, slice(0, n))  # fmt: skip
+        return self.head(hidden[:, -1]).float()
+
+    # -- CUDA graphs -------------------------------------------------------------------------------
+    def _decode_graph(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int, n: int):
+        """Decode always runs all slots on CUDA (idle rows are masked), one graph per kv bucket."""
+        S = self.slots
+        if kv_len not in self._graphs:
+            self._capture(kv_len)
+        graph, io = self._graphs[kv_len]
+        io["ids"].zero_()
+        io["rot"].zero_()
+        io["write"].fill_(self.cache.scratch)
+        io["ids"][:n].copy_(ids)
+        io["rot"][:n].copy_(rot)
+        io["write"][:n].copy_(write)
+        graph.replay()
+        return io["logits"][:n].float()
+
+    def _capture(self, kv_len: int) -> None:
+        t0 = time.perf_counter()
+        S = self.slots
+        io = {"ids": torch.zeros(S, 1, dtype=torch.long, device=self.device),
+              "rot": torch.zeros(S, 1, dtype=torch.long, device=self.device),
+              "write": torch.full((S, 1), self.cache.scratch, dtype=torch.long, device=self.device)}  # fmt: skip
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (allocations, autotuning)
+                self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, S))[:, -1])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            io["logits"] = self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, S))[:, -1])
+        self._graphs[kv_len] = (graph, io)
+        log.info("captured decode graph: %d slots x %d positions in %.2fs", S, kv_len, time.perf_counter() - t0)
+
+    def warm_up(self) -> None:
+        """Run every shape once so no request pays for first-call costs (and graphs are captured)."""
+        for size in PREFILL_CHUNKS:
+            if size <= self.max_len:
+                self.prefill(0, [0] * size, 0)
+        n = self.slots
+        for kv in sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)}):
+            pos = torch.full((n,), kv - 1, dtype=torch.long)
+            self.decode(torch.zeros(n, dtype=torch.long), pos, torch.ones(n, dtype=torch.bool))
+            if not self._use_graphs:
+                break  # eager: one pass is enough to fault in the weights
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        self._graphs.clear()
+        self.cache.k.clear()
+        self.cache.v.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,104 @@
+"""What a worker process owns while it runs: the model pipeline, its engine, and its Redis plumbing.
+
+Opened once at worker start (before any task is consumed), closed ("detached") once at stop.
+Tasks run in the worker's threads and reach it through `current()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from config.presets import DevicePreset, ModelPreset
+from config.settings import Settings
+from shared.keys import Keys
+from worker.engine.engine import Engine
+from worker.pipeline.backend import Backend
+from worker.pipeline.factory import backend_dtype, build_backend
+from worker.pipeline.loader import LoadedModel, load_model
+from worker.stream import StreamPublisher
+from worker.turn_store import TurnStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    finished: int = 0  # turns answered (committed or failed with an answer)
+    handed_back: int = 0  # turns returned to the queue for another worker
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: ModelPreset
+    device: DevicePreset
+    loaded: LoadedModel
+    backend: Backend
+    engine: Engine
+    redis: redis.Redis
+    keys: Keys
+    turns: TurnStore
+    publisher: StreamPublisher
+    hostname: str
+    counters: Counters = field(default_factory=Counters)
+    detached: bool = False
+
+    @classmethod
+    def open(cls, settings: Settings, hostname: str) -> Runtime:
+        model, device = settings.model_preset(), settings.device_preset()
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        t0 = time.perf_counter()
+        log.info("loading model %s for device %s (%d slots, sequence length %d)", model.name, device.name,
+                 device.slots, model.sequence_length)  # fmt: skip
+        loaded = load_model(model, backend_dtype(device))
+        backend = build_backend(device, loaded, model.sequence_length)
+        if hasattr(backend, "warm_up"):
+            backend.warm_up()
+        engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu").start()
+        r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
+        keys = Keys(settings.key_prefix)
+        turns = TurnStore(r, keys, stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
+                          max_attempts=settings.max_attempts, worker=hostname,
+                          result_ttl_s=settings.result_ttl_s)  # fmt: skip
+        r.sadd(keys.models, model.name)
+        publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen).start()
+        log.info("pipeline attached in %.1fs; serving %s", time.perf_counter() - t0, model.name)
+        return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, hostname)
+
+    def detach(self) -> None:
+        """Release the device. Idempotent; logs one summary line."""
+        if self.detached:
+            return
+        self.detached = True
+        t0 = time.perf_counter()
+        self.engine.stop()
+        self.publisher.stop()
+        self.backend.detach()
+        log.info("detached pipeline: turns finished=%d, turns handed back=%d, detach took %.2fs",
+                    self.counters.finished, self.counters.handed_back, time.perf_counter() - t0)  # fmt: skip
+
+
+_current: Runtime | None = None
+
+
+def current() -> Runtime:
+    if _current is None:
+        raise RuntimeError("no pipeline is attached in this process (is this a worker started with its step?)")
+    return _current
+
+
+def install(rt: Runtime | None) -> None:
+    global _current
+    _current = rt
