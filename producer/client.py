@@ -1,10 +1,10 @@
 """The producer API: create conversations, send user turns, read replies as they stream.
 
-    client = ChatClient(settings)
-    cid = client.create_conversation("smollm2-135m", system="Be brief.")
-    task = client.send(cid, "What is the capital of France?", SamplingParams(temperature=0))
-    for ev in client.events(task.turn_id): ...        # start / delta / done / error
-    result = client.wait(task.turn_id)                # or just the final TurnResult
+client = ChatClient(settings)
+cid = client.create_conversation("smollm2-135m", system="Be brief.")
+task = client.send(cid, "What is the capital of France?", SamplingParams(temperature=0))
+for ev in client.events(task.turn_id): ...        # start / delta / done / error
+result = client.wait(task.turn_id)                # or just the final TurnResult
 """
 
 from __future__ import annotations
@@ -69,9 +69,14 @@ class ChatClient:
         except redis.ConnectionError as e:
             raise Unavailable(f"Redis unreachable: {e}") from None
         try:
-            self.celery.send_task(GENERATE_TASK, args=[task.model_dump(mode="json")], task_id=task.turn_id,
-                                  queue=queue_name(self.settings, task.model), retry=True,
-                                  retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip
+            self.celery.send_task(
+                GENERATE_TASK,
+                args=[task.model_dump(mode="json")],
+                task_id=task.turn_id,
+                queue=queue_name(self.settings, task.model),
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
             self.store.mark_published(task)
         except Exception as e:
             try:
@@ -111,8 +116,9 @@ class ChatClient:
             if end is not None and time.monotonic() > end:
                 raise TimeoutError(f"turn {turn_id} did not finish within {timeout}s")
 
-    def wait(self, turn_id: str, timeout: float | None = None,
-             on_event: Callable[[StreamEvent], None] | None = None) -> TurnResult:  # fmt: skip
+    def wait(
+        self, turn_id: str, timeout: float | None = None, on_event: Callable[[StreamEvent], None] | None = None
+    ) -> TurnResult:
         for ev in self.events(turn_id, timeout=timeout):
             if on_event:
                 on_event(ev)
@@ -122,8 +128,14 @@ class ChatClient:
                 raise TurnFailed(ev.error or "the turn failed")
         raise TurnFailed("the turn's stream ended without a result")
 
-    def ask(self, cid: str, text: str, sampling: SamplingParams | None = None, timeout: float | None = None,
-            on_event: Callable[[StreamEvent], None] | None = None) -> TurnResult:  # fmt: skip
+    def ask(
+        self,
+        cid: str,
+        text: str,
+        sampling: SamplingParams | None = None,
+        timeout: float | None = None,
+        on_event: Callable[[StreamEvent], None] | None = None,
+    ) -> TurnResult:
         task = self.send(cid, text, sampling)
         return self.wait(task.turn_id, timeout, on_event)
 

@@ -131,9 +131,10 @@ class ConversationStore:
         tid = new_id()
         now = time.time()
         user = ChatMessage(role=Role.prompter, text=text)
-        out = self._add(keys=[self.keys.conv(cid), self.keys.messages(cid), self.keys.turn(tid)],
-                        args=[user.model_dump_json(), tid, now, f"{self.keys.prefix}:turn:", cid,
-                              UNPUBLISHED_GRACE_S])  # fmt: skip
+        out = self._add(
+            keys=[self.keys.conv(cid), self.keys.messages(cid), self.keys.turn(tid)],
+            args=[user.model_dump_json(), tid, now, f"{self.keys.prefix}:turn:", cid, UNPUBLISHED_GRACE_S],
+        )
         status = out[0].decode() if isinstance(out[0], bytes) else out[0]
         if status == "missing":
             raise NotFound(f"conversation {cid!r} not found")
@@ -141,16 +142,28 @@ class ConversationStore:
             raise Busy(f"conversation {cid!r} already has a turn in flight ({out[1].decode()})")
         history = [ChatMessage.model_validate_json(m) for m in out[1:]]
         head = [ChatMessage(role=Role.system, text=conv.system)] if conv.system else []
-        return GenerateTask(turn_id=tid, conversation_id=cid, model=conv.model, messages=head + history,
-                            sampling=sampling, enqueued_at=now)  # fmt: skip
+        return GenerateTask(
+            turn_id=tid,
+            conversation_id=cid,
+            model=conv.model,
+            messages=head + history,
+            sampling=sampling,
+            enqueued_at=now,
+        )
 
     def mark_published(self, task: GenerateTask) -> None:
         self.r.hset(self.keys.turn(task.turn_id), "published", 1)
 
     def rollback_turn(self, task: GenerateTask) -> None:
         """Undo add_user_turn when the turn could not be enqueued."""
-        self._rollback(keys=[self.keys.conv(task.conversation_id), self.keys.messages(task.conversation_id),
-                             self.keys.turn(task.turn_id)], args=[task.turn_id])  # fmt: skip
+        self._rollback(
+            keys=[
+                self.keys.conv(task.conversation_id),
+                self.keys.messages(task.conversation_id),
+                self.keys.turn(task.turn_id),
+            ],
+            args=[task.turn_id],
+        )
 
     def turn(self, tid: str) -> TurnState:
         try:
@@ -161,8 +174,15 @@ class ConversationStore:
         if not h:
             raise NotFound(f"turn {tid!r} not found")
         result = TurnResult.model_validate_json(h["result"]) if "result" in h else None
-        return TurnState(tid, h.get("conversation", ""), h["status"], int(h.get("attempt", 0)), result,
-                         h.get("error"), float(h.get("enqueued_at", 0)))  # fmt: skip
+        return TurnState(
+            tid,
+            h.get("conversation", ""),
+            h["status"],
+            int(h.get("attempt", 0)),
+            result,
+            h.get("error"),
+            float(h.get("enqueued_at", 0)),
+        )
 
     def cancel(self, tid: str) -> None:
         """Ask the worker to stop the turn at its next step; the partial reply is committed."""

@@ -5,7 +5,8 @@ parse as special) and content (what a person typed, which must always be tokeniz
 that a user writing `<|assistant|>` cannot change roles). Joining the segments gives the text form,
 which the golden tests pin.
 
-    oasst          [<|system|>{s}<|endoftext|>] <|prompter|>{u}<|endoftext|><|assistant|>{a}<|endoftext|> ... <|assistant|>
+    oasst          [<|system|>{s}<|endoftext|>]
+                   <|prompter|>{u}<|endoftext|><|assistant|>{a}<|endoftext|> ... <|assistant|>
     chat_template  the tokenizer's own Jinja template (ChatML for SmolLM2), generation prompt added
 """
 
@@ -40,7 +41,9 @@ OASST_END = "<|endoftext|>"
 _CHAT_ROLES = {Role.system: "system", Role.prompter: "user", Role.assistant: "assistant"}
 
 
-def render_segments(fmt: PromptFormat, messages: list[ChatMessage], tokenizer: HasChatTemplate | None = None) -> list[Segment]:
+def render_segments(
+    fmt: PromptFormat, messages: list[ChatMessage], tokenizer: HasChatTemplate | None = None
+) -> list[Segment]:
     if fmt is PromptFormat.oasst:
         return _oasst(messages)
     if tokenizer is None:

@@ -119,13 +119,13 @@ class _Recorder:
 
 
 class _Precision(_Recorder):
-    _known = frozenset({"setPartialsType", "enableStochasticRounding", "enableFloatingPointExceptions",
-                        "runningStatisticsAlwaysFloat"})  # fmt: skip
+    _known = frozenset(
+        {"setPartialsType", "enableStochasticRounding", "enableFloatingPointExceptions", "runningStatisticsAlwaysFloat"}
+    )
 
 
 class _TensorLocations(_Recorder):
-    _known = frozenset({"setWeightLocation", "setActivationLocation", "setOptimizerLocation",
-                        "setAccumulatorLocation"})  # fmt: skip
+    _known = frozenset({"setWeightLocation", "setActivationLocation", "setOptimizerLocation", "setAccumulatorLocation"})
 
 
 class TensorLocationSettings:
@@ -138,10 +138,25 @@ class TensorLocationSettings:
 
 
 class Options(_Recorder):
-    _known = frozenset({"deviceIterations", "replicationFactor", "enableExecutableCaching", "autoRoundNumIPUs",
-                        "setAvailableMemoryProportion", "setExecutionStrategy", "broadcastBuffers", "outputMode",
-                        "connectionType", "useIpuModel", "logDir", "modelName", "randomSeed", "enableSyntheticData",
-                        "showCompilationProgressBar"})  # fmt: skip
+    _known = frozenset(
+        {
+            "deviceIterations",
+            "replicationFactor",
+            "enableExecutableCaching",
+            "autoRoundNumIPUs",
+            "setAvailableMemoryProportion",
+            "setExecutionStrategy",
+            "broadcastBuffers",
+            "outputMode",
+            "connectionType",
+            "useIpuModel",
+            "logDir",
+            "modelName",
+            "randomSeed",
+            "enableSyntheticData",
+            "showCompilationProgressBar",
+        }
+    )
 
     def __init__(self) -> None:
         super().__init__(None, "")
@@ -168,8 +183,9 @@ class _BlockHook:
             _visited.append(self.ipu_id if self.ipu_id is not None else (_visited[-1] if _visited else 0))
 
 
-def BeginBlock(layer_to_call: torch.nn.Module, user_id: str | None = None,
-               ipu_id: int | None = None) -> torch.nn.Module:  # fmt: skip
+def BeginBlock(
+    layer_to_call: torch.nn.Module, user_id: str | None = None, ipu_id: int | None = None
+) -> torch.nn.Module:
     if any(isinstance(h, _BlockHook) for h in layer_to_call._forward_pre_hooks.values()):
         raise PoptorchError("module has already been assigned to a block.")
     layer_to_call.register_forward_pre_hook(_BlockHook(user_id, ipu_id))
@@ -179,8 +195,9 @@ def BeginBlock(layer_to_call: torch.nn.Module, user_id: str | None = None,
 
 def removeBlocks(module: torch.nn.Module) -> None:
     for m in module.modules():
-        m._forward_pre_hooks = OrderedDict((k, h) for k, h in m._forward_pre_hooks.items()
-                                           if not isinstance(h, _BlockHook))  # fmt: skip
+        m._forward_pre_hooks = OrderedDict(
+            (k, h) for k, h in m._forward_pre_hooks.items() if not isinstance(h, _BlockHook)
+        )
     blocks[:] = [b for b in blocks if not any(b[0] is m for m in module.modules())]
 
 
@@ -257,8 +274,9 @@ class PoplarExecutor:
             if self.stage_ipus != sorted(self.stage_ipus):
                 raise PoptorchError(f"pipeline stages must not go back to an earlier IPU: {self.stage_ipus}")
             if self._iterations < len(set(visited or [0])):
-                raise PoptorchError(f"pipelined inference needs deviceIterations >= {stages} stages, "
-                                    f"got {self._iterations}")  # fmt: skip
+                raise PoptorchError(
+                    f"pipelined inference needs deviceIterations >= {stages} stages, got {self._iterations}"
+                )
         self._ipus = stages * self._replicas
         if self._ipus & (self._ipus - 1) and not self.options.last("autoRoundNumIPUs", False):
             raise PoptorchError(f"the model needs {self._ipus} IPUs, not a power of 2 (see autoRoundNumIPUs)")
@@ -271,8 +289,10 @@ class PoplarExecutor:
         per_call = self._iterations * self._replicas
         for t in inputs:
             if t.dim() == 0 or t.shape[0] % per_call:
-                raise PoptorchError(f"input batch {tuple(t.shape)} must be a multiple of deviceIterations x "
-                                    f"replicationFactor = {per_call}")  # fmt: skip
+                raise PoptorchError(
+                    f"input batch {tuple(t.shape)} must be a multiple of deviceIterations x "
+                    f"replicationFactor = {per_call}"
+                )
 
     def _micro_batches(self, inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
         """Host batch -> micro-batches, iteration-major then replica (the order is the double's own)."""

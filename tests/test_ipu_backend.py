@@ -301,9 +301,11 @@ def test_each_sequence_keeps_its_own_sampling_in_a_batch(fake, tmp_path):
 def test_a_conversation_longer_than_the_sequence_completes(fake, tmp_path):
     loaded = tiny()
     be = backend(tmp_path, loaded)
-    messages = [ChatMessage(role=Role.prompter, text="first question " * 10),
-                ChatMessage(role=Role.assistant, text="a long answer " * 10),
-                ChatMessage(role=Role.prompter, text="and the newest one, which is long too " * 4)]  # fmt: skip
+    messages = [
+        ChatMessage(role=Role.prompter, text="first question " * 10),
+        ChatMessage(role=Role.assistant, text="a long answer " * 10),
+        ChatMessage(role=Role.prompter, text="and the newest one, which is long too " * 4),
+    ]
     total = sum(len(loaded.codec.encode_plain(m.text)) for m in messages)
     assert total > be.max_len
     fitted = fit(loaded.codec, messages, be.max_len, output_length=None)

@@ -21,9 +21,15 @@ def worker_options(settings: Settings, hostname: str | None = None, loglevel: st
     """Options for app.Worker / WorkController: a threads pool with one thread per engine slot, consuming
     only this model's queue."""
     model, device = settings.model_preset(), settings.device_preset()
-    opts: dict[str, object] = {"pool": "threads", "concurrency": device.slots,
-                               "queues": [queue_name(settings, model.name)], "loglevel": loglevel,
-                               "prefetch_multiplier": 1, "without_mingle": True, "without_gossip": True}  # fmt: skip
+    opts: dict[str, object] = {
+        "pool": "threads",
+        "concurrency": device.slots,
+        "queues": [queue_name(settings, model.name)],
+        "loglevel": loglevel,
+        "prefetch_multiplier": 1,
+        "without_mingle": True,
+        "without_gossip": True,
+    }
     if hostname:
         opts["hostname"] = hostname
     return opts

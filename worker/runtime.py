@@ -60,8 +60,13 @@ class Runtime:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         t0 = time.perf_counter()
-        log.info("loading model %s for device %s (%d slots, sequence length %d)", model.name, device.name,
-                 device.slots, model.sequence_length)  # fmt: skip
+        log.info(
+            "loading model %s for device %s (%d slots, sequence length %d)",
+            model.name,
+            device.name,
+            device.slots,
+            model.sequence_length,
+        )
         loaded = load_model(model, backend_dtype(device))
         backend = build_backend(device, loaded, model.sequence_length)
         if hasattr(backend, "warm_up"):
@@ -69,9 +74,15 @@ class Runtime:
         engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu").start()
         r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
         keys = Keys(settings.key_prefix)
-        turns = TurnStore(r, keys, stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
-                          max_attempts=settings.max_attempts, worker=hostname,
-                          result_ttl_s=settings.result_ttl_s)  # fmt: skip
+        turns = TurnStore(
+            r,
+            keys,
+            stream_maxlen=settings.stream_maxlen,
+            stream_ttl_s=settings.stream_ttl_s,
+            max_attempts=settings.max_attempts,
+            worker=hostname,
+            result_ttl_s=settings.result_ttl_s,
+        )
         r.sadd(keys.models, model.name)
         publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen).start()
         log.info("pipeline attached in %.1fs; serving %s", time.perf_counter() - t0, model.name)
@@ -86,8 +97,12 @@ class Runtime:
         self.engine.stop()
         self.publisher.stop()
         self.backend.detach()
-        log.info("detached pipeline: turns finished=%d, turns handed back=%d, detach took %.2fs",
-                    self.counters.finished, self.counters.handed_back, time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "detached pipeline: turns finished=%d, turns handed back=%d, detach took %.2fs",
+            self.counters.finished,
+            self.counters.handed_back,
+            time.perf_counter() - t0,
+        )
 
 
 _current: Runtime | None = None

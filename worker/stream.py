@@ -49,8 +49,9 @@ class _Turn:
 
 
 class StreamPublisher:
-    def __init__(self, r: redis.Redis, keys: Keys, *, flush_ms: int = 50, maxlen: int = 10_000,
-                 check_every_s: float = 0.5):  # fmt: skip
+    def __init__(
+        self, r: redis.Redis, keys: Keys, *, flush_ms: int = 50, maxlen: int = 10_000, check_every_s: float = 0.5
+    ):
         self.r = r
         self.keys = keys
         self.flush_s = flush_ms / 1000

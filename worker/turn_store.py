@@ -1,11 +1,11 @@
 """The worker's side of a turn in Redis, each step one atomic Lua script.
 
-    begin   queued|running -> running, attempt += 1 (a fencing token), start marker on the stream;
-            a turn already done/failed is skipped (duplicate delivery); past max_attempts -> failed
-    commit  append the reply to the conversation and mark the turn done, only if this attempt
-            still owns it: a redelivered, duplicated or stale attempt never appends a second reply
-    fail    mark failed with a reason and take the user message back out (nothing half-stored)
-    dead    dead-letter a payload that cannot be served, with the reason
+begin   queued|running -> running, attempt += 1 (a fencing token), start marker on the stream;
+        a turn already done/failed is skipped (duplicate delivery); past max_attempts -> failed
+commit  append the reply to the conversation and mark the turn done, only if this attempt
+        still owns it: a redelivered, duplicated or stale attempt never appends a second reply
+fail    mark failed with a reason and take the user message back out (nothing half-stored)
+dead    dead-letter a payload that cannot be served, with the reason
 """
 
 from __future__ import annotations
@@ -76,8 +76,17 @@ class Lease:
 
 
 class TurnStore:
-    def __init__(self, r: redis.Redis, keys: Keys, *, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
-                 max_attempts: int = 3, worker: str = "", result_ttl_s: int = 86_400):  # fmt: skip
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        *,
+        stream_maxlen: int = 10_000,
+        stream_ttl_s: int = 3600,
+        max_attempts: int = 3,
+        worker: str = "",
+        result_ttl_s: int = 86_400,
+    ):
         self.r = r
         self.keys = keys
         self.maxlen = stream_maxlen
@@ -96,23 +105,47 @@ class TurnStore:
         )
         return Lease(status.decode() if isinstance(status, bytes) else status, int(attempt))
 
-    def commit(self, turn_id: str, conversation_id: str, attempt: int, tail: str, message_json: str,
-               result_json: str) -> int:  # fmt: skip
+    def commit(
+        self, turn_id: str, conversation_id: str, attempt: int, tail: str, message_json: str, result_json: str
+    ) -> int:
         """1 committed, 0 already committed by an earlier attempt, -1 this attempt no longer owns the turn."""
-        return int(self._commit(
-            keys=[self.keys.turn(turn_id), self.keys.messages(conversation_id), self.keys.stream(turn_id),
-                  self.keys.conv(conversation_id)],
-            args=[attempt, tail, message_json, result_json, self.maxlen, self.ttl, time.time(), turn_id,
-                  self.result_ttl],
-        ))  # fmt: skip
+        return int(
+            self._commit(
+                keys=[
+                    self.keys.turn(turn_id),
+                    self.keys.messages(conversation_id),
+                    self.keys.stream(turn_id),
+                    self.keys.conv(conversation_id),
+                ],
+                args=[
+                    attempt,
+                    tail,
+                    message_json,
+                    result_json,
+                    self.maxlen,
+                    self.ttl,
+                    time.time(),
+                    turn_id,
+                    self.result_ttl,
+                ],
+            )
+        )
 
     def fail(self, turn_id: str, conversation_id: str, attempt: int, error: str) -> int:
-        return int(self._fail(
-            keys=[self.keys.turn(turn_id), self.keys.messages(conversation_id), self.keys.stream(turn_id),
-                  self.keys.conv(conversation_id)],
-            args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
-        ))  # fmt: skip
+        return int(
+            self._fail(
+                keys=[
+                    self.keys.turn(turn_id),
+                    self.keys.messages(conversation_id),
+                    self.keys.stream(turn_id),
+                    self.keys.conv(conversation_id),
+                ],
+                args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
+            )
+        )
 
     def dead_letter(self, payload: object, reason: str) -> None:
-        self.r.lpush(self.keys.dead, json.dumps({"payload": payload, "reason": reason, "at": time.time(),
-                                                 "worker": self.worker}, default=str))  # fmt: skip
+        self.r.lpush(
+            self.keys.dead,
+            json.dumps({"payload": payload, "reason": reason, "at": time.time(), "worker": self.worker}, default=str),
+        )

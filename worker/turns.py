@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
+import redis
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
@@ -54,6 +56,32 @@ def parse_payload(rt: Runtime, payload: Any) -> GenerateTask | None:
 
 
 def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
+    """Serve one delivery. Redis errors hand the turn back (redelivered, counted as an attempt);
+    any other error fails the turn with the reason, so its caller always gets an answer."""
+    try:
+        return _serve(rt, payload)
+    except (Reject, redis.RedisError):
+        if not isinstance(sys.exc_info()[1], Reject):
+            rt.counters.add("handed_back")
+            log.exception("Redis error during a turn: handing it back")
+            raise Reject("Redis error", requeue=True) from None
+        raise
+    except Exception as e:
+        log.exception("turn failed")
+        if isinstance(payload, dict):
+            try:
+                rt.turns.fail(
+                    check_id(payload.get("turn_id")),
+                    check_id(payload.get("conversation_id")),
+                    0,
+                    f"internal error: {e}",
+                )
+            except (ValueError, TypeError, redis.RedisError):
+                pass
+        return {"status": "failed", "error": str(e)}
+
+
+def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
     t_pick = time.time()
     task = parse_payload(rt, payload)
     if task is None:
@@ -100,20 +128,35 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
         return {"status": "stale"}
     now = time.time()
     result = TurnResult(
-        turn_id=task.turn_id, conversation_id=task.conversation_id, text=ev.text,
+        turn_id=task.turn_id,
+        conversation_id=task.conversation_id,
+        text=ev.text,
         finish_reason=ev.reason if not signals else FinishReason.cancelled,
-        prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-        dropped_messages=prompt.dropped_messages, truncated_tokens=prompt.truncated_tokens,
-        worker=rt.hostname, attempt=lease.attempt,
-        timings=Timings(queued_s=max(0.0, t_pick - task.enqueued_at) if task.enqueued_at else 0.0,
-                        prefill_s=ev.prefill_s, decode_s=ev.decode_s,
-                        total_s=now - task.enqueued_at if task.enqueued_at else now - t_pick),
-    )  # fmt: skip
+        prompt_tokens=ev.prompt_tokens,
+        completion_tokens=ev.completion_tokens,
+        dropped_messages=prompt.dropped_messages,
+        truncated_tokens=prompt.truncated_tokens,
+        worker=rt.hostname,
+        attempt=lease.attempt,
+        timings=Timings(
+            queued_s=max(0.0, t_pick - task.enqueued_at) if task.enqueued_at else 0.0,
+            prefill_s=ev.prefill_s,
+            decode_s=ev.decode_s,
+            total_s=now - task.enqueued_at if task.enqueued_at else now - t_pick,
+        ),
+    )
     message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
-    code = rt.turns.commit(task.turn_id, task.conversation_id, lease.attempt, tail,
-                           message.model_dump_json(), result.model_dump_json())  # fmt: skip
+    code = rt.turns.commit(
+        task.turn_id, task.conversation_id, lease.attempt, tail, message.model_dump_json(), result.model_dump_json()
+    )
     rt.counters.add("finished")
     status = {1: "done", 0: "duplicate", -1: "stale"}[code]
-    log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, status, result.finish_reason.value,
-             result.completion_tokens, lease.attempt)  # fmt: skip
+    log.info(
+        "turn %s: %s (%s, %d tokens, attempt %d)",
+        task.turn_id,
+        status,
+        result.finish_reason.value,
+        result.completion_tokens,
+        lease.attempt,
+    )
     return {"status": status, **({"result": result.model_dump(mode="json")} if code == 1 else {})}

@@ -31,8 +31,9 @@ def encode_messages(codec: Codec, messages: list[ChatMessage]) -> list[list[int]
     return [codec.encode_segment(s) for s in codec.segments(messages)]
 
 
-def fit(codec: Codec, messages: list[ChatMessage], seq_len: int, output_length: int | None,
-        reserve: int | None = None) -> FittedPrompt:  # fmt: skip
+def fit(
+    codec: Codec, messages: list[ChatMessage], seq_len: int, output_length: int | None, reserve: int | None = None
+) -> FittedPrompt:
     """`reserve` is the room kept for output while choosing what to drop (default: a quarter of the
     sequence length, or output_length if smaller)."""
     if output_length is not None and output_length >= seq_len:

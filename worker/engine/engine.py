@@ -129,8 +129,7 @@ class Engine:
         self._thread.start()
         return self
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_new: int,
-               deadline: float | None = None) -> Handle:  # fmt: skip
+    def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None = None) -> Handle:
         if not prompt:
             raise ValueError("prompt: empty")
         if len(prompt) >= self.max_len:
@@ -141,8 +140,16 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = _Seq(next(self._ids), list(prompt), params, min(max_new, self.max_len - len(prompt)), deadline,
-                   queue.Queue(), Detokenizer(self.codec.decode, params.stop), gen)  # fmt: skip
+        seq = _Seq(
+            next(self._ids),
+            list(prompt),
+            params,
+            min(max_new, self.max_len - len(prompt)),
+            deadline,
+            queue.Queue(),
+            Detokenizer(self.codec.decode, params.stop),
+            gen,
+        )
         with self._cv:
             if self._stopping:
                 raise RuntimeError("engine is stopped")
@@ -224,8 +231,9 @@ class Engine:
         logits = self.backend.decode(ids, pos, mask)
         rows = torch.tensor([s.slot for s in active], device=logits.device)
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        tokens = sample(picked, [s.params for s in active], [s.generator for s in active],
-                        [s.prompt + s.generated for s in active])  # fmt: skip
+        tokens = sample(
+            picked, [s.params for s in active], [s.generator for s in active], [s.prompt + s.generated for s in active]
+        )
         for s, t in zip(active, tokens):
             s.pos += 1
             self._accept(s, t)
@@ -257,8 +265,14 @@ class Engine:
         if tail:
             seq.events.put(Token(tail, -1))
         now = time.perf_counter()
-        return Finished(reason, seq.detok.text, len(seq.prompt), len(seq.generated),
-                        (seq.t_first or now) - seq.t_start, now - (seq.t_first or now))  # fmt: skip
+        return Finished(
+            reason,
+            seq.detok.text,
+            len(seq.prompt),
+            len(seq.generated),
+            (seq.t_first or now) - seq.t_start,
+            now - (seq.t_first or now),
+        )
 
     def _finish(self, seq: _Seq, event: Event) -> None:
         with self._cv:

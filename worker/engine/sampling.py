@@ -14,7 +14,9 @@ import torch
 from shared.sampling import SamplingParams
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[Sequence[int]], penalties: Sequence[float]) -> None:
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: Sequence[Sequence[int]], penalties: Sequence[float]
+) -> None:
     """CTRL's penalty, in place: seen tokens' positive logits are divided, negative multiplied."""
     for i, (seen, p) in enumerate(zip(history, penalties)):
         if p == 1.0 or not seen:
@@ -38,8 +40,12 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.scatter(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           history: Sequence[Sequence[int]] | None = None) -> list[int]:  # fmt: skip
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    history: Sequence[Sequence[int]] | None = None,
+) -> list[int]:
     """One token per row. `logits` (rows, vocab) are already cut to the tokenizer's real ids."""
     logits = logits.float()
     if history is not None and any(p.repetition_penalty != 1.0 for p in params):

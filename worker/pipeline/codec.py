@@ -19,8 +19,13 @@ class Codec:
         ends = set(end_keys)
         if tokenizer.eos_token:
             ends.add(tokenizer.eos_token)
-        self.end_ids = {i for t in ends if (i := tokenizer.convert_tokens_to_ids(t)) is not None
-                        and i != tokenizer.unk_token_id and i < self.vocab_size}  # fmt: skip
+        self.end_ids = {
+            i
+            for t in ends
+            if (i := tokenizer.convert_tokens_to_ids(t)) is not None
+            and i != tokenizer.unk_token_id
+            and i < self.vocab_size
+        }
         if not self.end_ids:
             raise ValueError(f"none of the end keys {sorted(ends)} is a token of this tokenizer")
         self.special_ids = set(tokenizer.all_special_ids) | {

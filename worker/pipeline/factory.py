@@ -23,5 +23,11 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
 
     if device.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda': no CUDA GPU is visible to torch on this host")
-    return TorchBackend(loaded.model, slots=device.slots, max_len=max_len, device=device.device,
-                        quantize=device.quantize, cuda_graphs=device.cuda_graphs)  # fmt: skip
+    return TorchBackend(
+        loaded.model,
+        slots=device.slots,
+        max_len=max_len,
+        device=device.device,
+        quantize=device.quantize,
+        cuda_graphs=device.cuda_graphs,
+    )

@@ -152,8 +152,9 @@ def weights_fit_on_chip(model: nn.Module, stages: int) -> bool:
     return weight_bytes / stages <= IPU_SRAM_BYTES * WEIGHTS_ON_CHIP_SHARE
 
 
-def build_options(poptorch: ModuleType, device: DevicePreset, plan: IPUPlan, dtype: torch.dtype,
-                  weights_on_chip: bool) -> Any:  # fmt: skip
+def build_options(
+    poptorch: ModuleType, device: DevicePreset, plan: IPUPlan, dtype: torch.dtype, weights_on_chip: bool
+) -> Any:
     opts = poptorch.Options()
     opts.deviceIterations(plan.iterations)
     opts.replicationFactor(plan.replicas)
@@ -250,14 +251,16 @@ class StepModule(nn.Module):
         self.cache = cache
         self._cache_kw = cache_kw
 
-    def forward(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, cache_rows: torch.Tensor,
-                last: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, cache_rows: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
         self.cache.bind(cache_rows, write)
         cols = torch.arange(self.cache.max_len, dtype=rot.dtype)
         hidden_from = cols.view(1, 1, 1, -1) > rot.unsqueeze(1).unsqueeze(-1)  # (rows, 1, T, L): the future
         mask = hidden_from.to(self.cache.dtype) * MASKED
-        out = self.lm.base_model(input_ids=ids, position_ids=rot, attention_mask=mask, use_cache=True,
-                                 **{self._cache_kw: self.cache})  # fmt: skip
+        out = self.lm.base_model(
+            input_ids=ids, position_ids=rot, attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache}
+        )
         hidden = out.last_hidden_state  # (rows, T, H)
         pick = (torch.arange(ids.shape[1], dtype=last.dtype) == last.unsqueeze(-1)).to(hidden.dtype)
         return self.lm.get_output_embeddings()(pick.unsqueeze(1) @ hidden)[:, 0]
@@ -280,8 +283,16 @@ class IPUBackend:
     compiled in: changing any of them means a recompile at the next start.
     """
 
-    def __init__(self, model: Any, device: DevicePreset, *, slots: int, max_len: int,
-                 step_tokens: int = PREFILL_CHUNKS[0], pipelined: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        device: DevicePreset,
+        *,
+        slots: int,
+        max_len: int,
+        step_tokens: int = PREFILL_CHUNKS[0],
+        pipelined: bool = True,
+    ):
         poptorch = import_poptorch(device)
         self.device = device
         self.max_len = max_len
@@ -292,8 +303,9 @@ class IPUBackend:
         self.dtype = DTYPES[device.dtype]
         model = self._prepare(model)
         self.layer_ipus = annotate(poptorch, model, self.plan.stages)
-        self.cache = DeviceKVCache(model.config.num_hidden_layers, self.slots, *kv_dims(model.config), max_len,
-                                   self.dtype)  # fmt: skip
+        self.cache = DeviceKVCache(
+            model.config.num_hidden_layers, self.slots, *kv_dims(model.config), max_len, self.dtype
+        )
         opts = build_options(poptorch, device, self.plan, self.dtype, weights_fit_on_chip(model, self.plan.stages))
         self.options = opts
         self._cache_rows = torch.arange(self.slots, dtype=INDEX)
@@ -315,9 +327,17 @@ class IPUBackend:
 
     def _compile(self) -> None:
         p = self.plan
-        log.info("compiling the IPU step: %d rows x %d tokens, sequence length %d, %d stage(s) x %d replica(s), "
-                 "micro-batch %d; minutes on a first run, then loaded from %s", self.slots, self.step_tokens,
-                 self.max_len, p.stages, p.replicas, p.micro_batch, self.device.executable_cache)  # fmt: skip
+        log.info(
+            "compiling the IPU step: %d rows x %d tokens, sequence length %d, %d stage(s) x %d replica(s), "
+            "micro-batch %d; minutes on a first run, then loaded from %s",
+            self.slots,
+            self.step_tokens,
+            self.max_len,
+            p.stages,
+            p.replicas,
+            p.micro_batch,
+            self.device.executable_cache,
+        )
         t0 = time.perf_counter()
         inp = self._idle()
         self._exe.compile(inp.ids, inp.rot, inp.write, self._cache_rows, inp.last)
@@ -327,9 +347,12 @@ class IPUBackend:
     def _idle(self) -> StepInputs:
         """Inputs where every row is idle: token 0 at position 0, written to the scratch column."""
         shape = (self.slots, self.step_tokens)
-        return StepInputs(torch.zeros(shape, dtype=INDEX), torch.zeros(shape, dtype=INDEX),
-                          torch.full(shape, self.cache.scratch, dtype=INDEX),
-                          torch.zeros(self.slots, dtype=INDEX))  # fmt: skip
+        return StepInputs(
+            torch.zeros(shape, dtype=INDEX),
+            torch.zeros(shape, dtype=INDEX),
+            torch.full(shape, self.cache.scratch, dtype=INDEX),
+            torch.zeros(self.slots, dtype=INDEX),
+        )
 
     def _run(self, inp: StepInputs) -> torch.Tensor:
         return self._exe(inp.ids, inp.rot, inp.write, self._cache_rows, inp.last).float()

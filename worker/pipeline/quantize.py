@@ -30,7 +30,7 @@ class Int8WeightOnlyLinear(nn.Module):
 def quantize_int8(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every nn.Linear (the output head included) in place; the rest moves to act_dtype."""
     model.to(act_dtype)
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8WeightOnlyLinear(child, act_dtype))

@@ -12,8 +12,15 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<|padding|>", "<|prompter|>", "<|endoftext|>", "<|assistant|>", "<|system|>",
-                  "<|prefix_begin|>", "<|prefix_end|>"]  # fmt: skip
+SPECIAL_TOKENS = [
+    "<|padding|>",
+    "<|prompter|>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|prefix_begin|>",
+    "<|prefix_end|>",
+]
 SEED = 1234
 
 
@@ -23,18 +30,30 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|padding|>")  # fmt: skip
-    fast.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in
-                                                           ("<|endoftext|>", "<|padding|>")]})  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|padding|>"
+    )
+    fast.add_special_tokens(
+        {"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|padding|>")]}
+    )
     return fast
 
 
 def build_model(vocab: int, dtype: torch.dtype = torch.float32) -> GPTNeoXForCausalLM:
     padded = (vocab + 15) // 16 * 16  # like OASST's 50288: rows past the tokenizer exist but are not tokens
-    cfg = GPTNeoXConfig(vocab_size=padded, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, rotary_pct=0.25, max_position_embeddings=2048,
-                        use_parallel_residual=True, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    cfg = GPTNeoXConfig(
+        vocab_size=padded,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg._attn_implementation = "sdpa"
     gen = torch.random.fork_rng(devices=[])
     with gen:

@@ -28,8 +28,17 @@ def kv_dims(config: Any) -> tuple[int, int]:
 
 
 class TorchBackend:
-    def __init__(self, model: Any, *, slots: int, max_len: int, device: str = "cpu",
-                 quantize: str = "none", cuda_graphs: bool = False, kv_block: int = 32):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        *,
+        slots: int,
+        max_len: int,
+        device: str = "cpu",
+        quantize: str = "none",
+        cuda_graphs: bool = False,
+        kv_block: int = 32,
+    ):
         self.slots = slots
         self.max_len = max_len
         self.device = torch.device(device)
@@ -57,15 +66,17 @@ class TorchBackend:
         """Attention reads a bucketed prefix of the cache: fewer shapes, and not the whole max_len."""
         return min(self.max_len, -(-needed // self.kv_block) * self.kv_block)
 
-    def _forward(self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int,
-                 rows: slice) -> torch.Tensor:  # fmt: skip
+    def _forward(
+        self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int, rows: slice
+    ) -> torch.Tensor:
         """Hidden states (rows, tokens, hidden) for `ids` at rotary positions `rot_pos`."""
         self.cache.bind(rows, write_pos, kv_len)
         kv = torch.arange(kv_len, device=self.device)
         # (rows, 1, tokens, kv_len): a token sees cached positions up to its own.
-        mask = (kv.view(1, 1, 1, -1) <= rot_pos.unsqueeze(1).unsqueeze(-1))
-        out = self.base(input_ids=ids, position_ids=rot_pos, attention_mask=mask, use_cache=True,
-                        **{self._cache_kw: self.cache})  # fmt: skip
+        mask = kv.view(1, 1, 1, -1) <= rot_pos.unsqueeze(1).unsqueeze(-1)
+        out = self.base(
+            input_ids=ids, position_ids=rot_pos, attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache}
+        )
         return out.last_hidden_state
 
     def _check(self) -> None:
@@ -87,8 +98,9 @@ class TorchBackend:
             write = rot.clone()
             write[0, real:] = self.cache.scratch  # padding writes go to the scratch column
             rot = rot.clamp(max=self.max_len - 1)
-            hidden = self._forward(torch.tensor([chunk], device=self.device), rot, write,
-                                   self._kv_len(p0 + real), slice(slot, slot + 1))  # fmt: skip
+            hidden = self._forward(
+                torch.tensor([chunk], device=self.device), rot, write, self._kv_len(p0 + real), slice(slot, slot + 1)
+            )
             last = hidden[0, real - 1]
             done += real
         assert last is not None
@@ -103,14 +115,14 @@ class TorchBackend:
         kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
         if self._use_graphs:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
-        hidden = self._forward(ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device),
-                               kv_len, slice(0, n))  # fmt: skip
+        hidden = self._forward(
+            ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, slice(0, n)
+        )
         return self.head(hidden[:, -1]).float()
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _decode_graph(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int, n: int):
         """Decode always runs all slots on CUDA (idle rows are masked), one graph per kv bucket."""
-        S = self.slots
         if kv_len not in self._graphs:
             self._capture(kv_len)
         graph, io = self._graphs[kv_len]
@@ -126,9 +138,11 @@ class TorchBackend:
     def _capture(self, kv_len: int) -> None:
         t0 = time.perf_counter()
         S = self.slots
-        io = {"ids": torch.zeros(S, 1, dtype=torch.long, device=self.device),
-              "rot": torch.zeros(S, 1, dtype=torch.long, device=self.device),
-              "write": torch.full((S, 1), self.cache.scratch, dtype=torch.long, device=self.device)}  # fmt: skip
+        io = {
+            "ids": torch.zeros(S, 1, dtype=torch.long, device=self.device),
+            "rot": torch.zeros(S, 1, dtype=torch.long, device=self.device),
+            "write": torch.full((S, 1), self.cache.scratch, dtype=torch.long, device=self.device),
+        }
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
