@@ -45,6 +45,7 @@ class Finished:
     completion_tokens: int
     prefill_s: float
     decode_s: float
+    token_ids: list[int] = field(default_factory=list)  # the reply's ids (end key excluded)
 
 
 @dataclass
@@ -272,6 +273,7 @@ class Engine:
             len(seq.generated),
             (seq.t_first or now) - seq.t_start,
             now - (seq.t_first or now),
+            list(seq.generated),
         )
 
     def _finish(self, seq: _Seq, event: Event) -> None:

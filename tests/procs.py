@@ -1,0 +1,56 @@
+"""Worker processes for multi-process tests: `python -m worker` exactly as deployed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    def __init__(self, redis_url: str, name: str, log_dir: Path, **env: str):
+        self.name = name
+        self.redis_url = redis_url
+        self.log_path = log_dir / f"{name}.log"
+        full_env = {**os.environ, "CHAT_MODEL": "tiny-neox", "CHAT_DEVICE": "cpu-fp32", "CHAT_SLOTS": "4",
+                    "CHAT_THREADS": "1", "CHAT_STREAM_FLUSH_MS": "20", "PYTHONUNBUFFERED": "1", **env}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--redis", redis_url, "--hostname", name],
+                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        """Ready = the pipeline is attached and the consumer runs ('ready' in Celery's log)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if "ready." in self.log():
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+def served(r: redis.Redis, turn_hash_key: str) -> str:
+    return (r.hget(turn_hash_key, "worker") or b"").decode()
