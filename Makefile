@@ -32,5 +32,8 @@ bench: install  ## CPU + queue benchmarks -> docs/BENCHMARKS.md and docs/benchma
 worker: install  ## a worker on $$CHAT_REDIS_URL (see README)
 	$(VPY) -m worker $(ARGS)
 
+api: install  ## the HTTP API on $$CHAT_REDIS_URL (see docs/API.md)
+	$(VPY) -m producer.api $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

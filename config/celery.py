@@ -23,12 +23,27 @@ def queue_name(settings: Settings, model: str) -> str:
     return f"{settings.key_prefix}.{model}"
 
 
+def restore_interval_s(settings: Settings) -> int:
+    """Seconds between two sweeps for unacked turns whose visibility timeout has passed."""
+    return max(1, min(60, settings.visibility_timeout_s // 10))
+
+
 class CeleryConfig:
     def __init__(self, settings: Settings):
         transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
         self.broker_url = settings.redis_url
         self.result_backend = settings.redis_url
-        self.broker_transport_options = transport
+        # How soon a lost worker's turns come back: kombu's Redis transport sweeps its unacked index
+        # (restore_visible) every `unacked_restore_interval` s but scans only on every
+        # `unacked_restore_throttle`-th sweep (defaults 10 s x 10 = 100 s, whatever the timeout). Scan on
+        # every sweep, a tenth of the visibility timeout apart (1..60 s): a turn lost with its worker is
+        # redelivered between visibility_timeout and visibility_timeout + restore_interval_s(settings) after
+        # its delivery.
+        self.broker_transport_options = {
+            **transport,
+            "unacked_restore_interval": restore_interval_s(settings),
+            "unacked_restore_throttle": 1,
+        }
         self.result_backend_transport_options = dict(transport)
         self.broker_connection_retry_on_startup = True
         self.broker_connection_max_retries = None  # a Redis restart is waited out, not fatal

@@ -1,7 +1,13 @@
 """Start a worker: `python -m worker --redis redis://HOST:6379/0 --model smollm2-135m --device cpu`.
 
 Every option also reads from its CHAT_* variable (see config/settings.py). The process loads and
-attaches its pipeline, then consumes only its model's queue; SIGTERM/SIGINT stop it warm.
+attaches its pipeline, then consumes only its model's queue. SIGTERM/SIGINT stop it warm (turns in
+flight finish within CHAT_SHUTDOWN_GRACE_S); SIGQUIT or a second signal stops it cold (turns in
+flight go back to the queue). See worker/lifecycle.py and docs/GUARANTEES.md.
+
+Exit codes: 0 after a warm or cold shutdown, 2 bad configuration, 3 the pipeline could not be
+loaded or attached (nothing was consumed), 4 a signal during a cold shutdown forced the exit,
+1 any other failure (Celery's "Unrecoverable error").
 """
 
 from __future__ import annotations
@@ -32,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from worker.app import make_worker_app, worker_options
+    from worker.lifecycle import detach_installed
 
     app = make_worker_app(settings)
     hostname = args.hostname or f"{settings.model_preset().name}@{socket.gethostname()}"
     w = app.Worker(**worker_options(settings, hostname, args.loglevel.upper()))
-    w.start()
+    try:
+        w.start()
+    finally:
+        detach_installed()  # every path detaches, even one that never reached the step's stop
     return int(w.exitcode or 0)
 
 

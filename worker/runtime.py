@@ -17,7 +17,8 @@ import torch
 from config.presets import DevicePreset, ModelPreset
 from config.settings import Settings
 from shared.keys import Keys
-from worker.engine.engine import Engine
+from shared.sampling import SamplingParams
+from worker.engine.engine import Engine, Handle
 from worker.pipeline.backend import Backend
 from worker.pipeline.factory import backend_dtype, build_backend
 from worker.pipeline.loader import LoadedModel, load_model
@@ -25,6 +26,10 @@ from worker.stream import StreamPublisher
 from worker.turn_store import TurnStore
 
 log = logging.getLogger(__name__)
+
+
+class Abandoned(Exception):
+    """The worker is shutting down cold: the turn goes back to the queue, untouched."""
 
 
 @dataclass
@@ -53,6 +58,10 @@ class Runtime:
     hostname: str
     counters: Counters = field(default_factory=Counters)
     detached: bool = False
+    # Set once by a cold shutdown (or detach): no turn starts generating after it, and every turn in
+    # the engine is abandoned, so its task hands it back to the queue instead of failing it.
+    abandoning: bool = False
+    _gate: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, hostname: str) -> Runtime:
@@ -69,30 +78,57 @@ class Runtime:
         )
         loaded = load_model(model, backend_dtype(device))
         backend = build_backend(device, loaded, model.sequence_length)
-        if hasattr(backend, "warm_up"):
-            backend.warm_up()
-        engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu").start()
-        r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
-        keys = Keys(settings.key_prefix)
-        turns = TurnStore(
-            r,
-            keys,
-            stream_maxlen=settings.stream_maxlen,
-            stream_ttl_s=settings.stream_ttl_s,
-            max_attempts=settings.max_attempts,
-            worker=hostname,
-            result_ttl_s=settings.result_ttl_s,
-        )
-        r.sadd(keys.models, model.name)
-        publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen).start()
+        engine: Engine | None = None
+        try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
+            if hasattr(backend, "warm_up"):
+                backend.warm_up()
+            engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu")
+            engine.start()
+            r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
+            keys = Keys(settings.key_prefix)
+            turns = TurnStore(
+                r,
+                keys,
+                stream_maxlen=settings.stream_maxlen,
+                stream_ttl_s=settings.stream_ttl_s,
+                max_attempts=settings.max_attempts,
+                worker=hostname,
+                result_ttl_s=settings.result_ttl_s,
+            )
+            r.sadd(keys.models, model.name)
+            publisher = StreamPublisher(
+                r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen
+            ).start()
+        except BaseException:
+            if engine is not None:
+                engine.stop()
+            backend.detach()
+            log.info("start failed: released the device")
+            raise
         log.info("pipeline attached in %.1fs; serving %s", time.perf_counter() - t0, model.name)
         return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, hostname)
 
+    def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None) -> Handle:
+        """Start generating, unless the worker is abandoning its turns (then raise Abandoned)."""
+        with self._gate:
+            if self.abandoning:
+                raise Abandoned("worker shutting down")
+            return self.engine.submit(prompt, params, max_new, deadline)
+
+    def abandon(self, reason: str) -> int:
+        """Cold shutdown: refuse new turns and abandon those generating (each is handed back).
+        Safe from a signal handler and from any thread; returns how many were abandoned."""
+        with self._gate:
+            self.abandoning = True
+            return self.engine.abandon_all(reason)
+
     def detach(self) -> None:
         """Release the device. Idempotent; logs one summary line."""
-        if self.detached:
-            return
-        self.detached = True
+        with self._gate:
+            if self.detached:
+                return
+            self.detached = True
+            self.abandoning = True
         t0 = time.perf_counter()
         self.engine.stop()
         self.publisher.stop()
@@ -111,6 +147,10 @@ _current: Runtime | None = None
 def current() -> Runtime:
     if _current is None:
         raise RuntimeError("no pipeline is attached in this process (is this a worker started with its step?)")
+    return _current
+
+
+def installed() -> Runtime | None:
     return _current
 
 

@@ -2,7 +2,8 @@
 
 Every turn's new text is buffered, and one flusher thread writes all of this worker's buffers in a
 single script call every `flush_ms`: Redis sees one round trip per worker per interval, whatever
-the number of turns or tokens. The same call fences each write with the turn's attempt (a stale
+the number of turns or tokens. A turn's first text is the exception: it wakes the flusher at once,
+so time to first token does not wait for the interval. The same call fences each write with the turn's attempt (a stale
 attempt's text is refused) and reports producer cancellations back to the turn.
 """
 
@@ -46,6 +47,7 @@ class _Turn:
     on_signal: Callable[[int], None]  # called with CANCELLED or STALE
     buf: str = ""
     checked: float = 0.0
+    started: bool = False  # has any text been flushed yet
 
 
 class StreamPublisher:
@@ -62,6 +64,9 @@ class StreamPublisher:
         self._lock = threading.Lock()  # guards _turns and buffers
         self._io = threading.Lock()  # held during a flush: take() waits, so the commit comes last
         self._stop = threading.Event()
+        self._kick = threading.Event()  # flush now (a turn's first text)
+        self.heartbeat: Callable[[], None] | None = None  # called every `heartbeat_s` by the flusher
+        self.heartbeat_s = 5.0
         self._thread: threading.Thread | None = None
         self.flushes = 0
 
@@ -72,6 +77,7 @@ class StreamPublisher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._kick.set()
         if self._thread:
             self._thread.join(5)
 
@@ -82,10 +88,15 @@ class StreamPublisher:
     def append(self, turn_id: str, text: str) -> None:
         with self._lock:
             t = self._turns.get(turn_id)
-            if t is not None:
-                t.buf += text
+            if t is None:
+                return
+            t.buf += text
+            first = not t.started
+            t.started = True
         if self.flush_s == 0:
             self.flush()
+        elif first:
+            self._kick.set()
 
     def take(self, turn_id: str) -> str:
         """Unregister the turn and return its unflushed text (for the final commit)."""
@@ -94,9 +105,15 @@ class StreamPublisher:
             return t.buf if t else ""
 
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_s):
+        beat = 0.0
+        while not self._stop.is_set():
+            self._kick.wait(self.flush_s)
+            self._kick.clear()
             try:
                 self.flush()
+                if self.heartbeat is not None and time.monotonic() - beat >= self.heartbeat_s:
+                    beat = time.monotonic()
+                    self.heartbeat()
             except redis.RedisError as e:  # Redis restarting: keep the text, retry next interval
                 log.warning("stream flush failed (will retry): %s", e)
 

@@ -57,6 +57,7 @@ return 1
 
 FAIL = """
 local s = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'user_message')
+if not s[1] then return -2 end
 if s[1] == 'done' or s[1] == 'failed' then return 0 end
 if ARGV[1] ~= '0' and s[2] ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', ARGV[5])
@@ -132,6 +133,8 @@ class TurnStore:
         )
 
     def fail(self, turn_id: str, conversation_id: str, attempt: int, error: str) -> int:
+        """1 failed, 0 already finished, -1 this attempt no longer owns the turn, -2 no such turn (nothing
+        is created for an id no producer made)."""
         return int(
             self._fail(
                 keys=[

@@ -18,7 +18,7 @@ from shared.messages import ChatMessage, Role
 from shared.wire import MAX_PAYLOAD_BYTES, FinishReason, GenerateTask, Timings, TurnResult
 from worker.engine.context import ContextError, fit
 from worker.engine.engine import Failed, Finished, Token
-from worker.runtime import Runtime
+from worker.runtime import Abandoned, Runtime
 from worker.stream import STALE
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
     task = parse_payload(rt, payload)
     if task is None:
         return {"status": "dead-lettered"}
+    if rt.abandoning:  # cold shutdown under way: hand it back before claiming it (no attempt used)
+        raise Reject("worker shutting down", requeue=True)
     lease = rt.turns.begin(task.turn_id)
     if lease.status != "ok":
         if lease.status in ("missing", "poison"):
@@ -101,7 +103,11 @@ def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
         rt.counters.add("finished")
         return {"status": "failed", "error": str(e)}
     deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
-    handle = rt.engine.submit(prompt.ids, task.sampling, prompt.max_new, deadline)
+    try:
+        handle = rt.submit(prompt.ids, task.sampling, prompt.max_new, deadline)
+    except Abandoned as e:  # cold shutdown between begin and submit: the next attempt starts over
+        rt.counters.add("handed_back")
+        raise Reject(str(e), requeue=True) from None
     signals: list[int] = []
 
     def on_signal(code: int) -> None:

@@ -24,6 +24,8 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         """Add a token; returns the text that may be shown now ('' while it is unstable)."""
+        if self.stopped:
+            return ""
         self.ids.append(token)
         prefix_text = self.decode(self.ids[self._prefix : self._read])
         new_text = self.decode(self.ids[self._prefix :])

@@ -1,0 +1,122 @@
+"""Request and response bodies of the conversation routes (pydantic: a bad field is a 422 naming it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.sampling import SamplingParams
+from shared.wire import TurnResult
+
+
+def _not_blank(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+class SamplingFields(BaseModel):
+    """Sampling, by the names OpenAI and TGI use. Left out = the project's default (shared/sampling.py)."""
+
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | None = None  # a string or a list of up to 8
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v: object) -> list[str] | None:
+        if v is None:
+            return None
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > 8:
+            raise ValueError("at most 8 stop strings")
+        if any(not s or len(s) > 200 for s in items):
+            raise ValueError("stop strings must be 1 to 200 characters")
+        return items
+
+    def sampling(self, max_tokens: int | None = None) -> SamplingParams:
+        given: dict[str, Any] = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "output_length": max_tokens or self.max_tokens,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+
+
+class CreateConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=100)
+    system: str | None = None
+
+    _system = field_validator("system")(_not_blank)
+
+
+class ConversationOut(BaseModel):
+    id: str
+    model: str
+    system: str | None
+    busy_turn: str | None = None
+
+
+class PostMessage(SamplingFields):
+    model_config = ConfigDict(extra="forbid")
+    content: str
+
+    _content = field_validator("content")(_not_blank)
+
+
+class TurnCreated(BaseModel):
+    turn_id: str
+    conversation_id: str
+    status: str = "queued"
+    queue_position: int  # 1 = served next; 0 = a worker already holds it
+    events_url: str
+    turn_url: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TurnOut(BaseModel):
+    id: str
+    conversation_id: str
+    status: str  # queued | running | done | failed
+    attempt: int
+    queue_position: int | None = None  # while queued
+    worker: str | None = None
+    reply: str | None = None  # the full reply when done; what has streamed so far while running
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: dict[str, float] | None = None
+    error: str | None = None
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class MessageOut(BaseModel):
+    role: str  # system | user | assistant
+    content: str
+    turn_id: str | None = None
+
+
+def usage(res: TurnResult) -> Usage:
+    return Usage(
+        prompt_tokens=res.prompt_tokens,
+        completion_tokens=res.completion_tokens,
+        total_tokens=res.prompt_tokens + res.completion_tokens,
+    )

@@ -1,0 +1,375 @@
+"""The results as Markdown (docs/BENCHMARKS.md, also printed) and JSON (docs/benchmarks.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _f(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ✅" if ok else " ❌")
+
+
+def machine_md(res: dict[str, Any]) -> list[str]:
+    m = res["machine"]
+    rows = [
+        ["date (UTC)", m["date_utc"]],
+        ["git commit", m.get("git_commit") or "unknown"],
+        [
+            "CPU",
+            f"{m['cpu_model']} — {m['logical_cpus']} logical CPUs ({m.get('physical_cores')} cores), "
+            f"{m['usable_cpus']} usable, {m.get('memory_gb')} GB RAM",
+        ],
+        ["torch / transformers", f"{m['torch']} ({m['torch_threads']} threads) / {m['transformers']}"],
+        ["python / OS", f"{m['python']} / {m['os']}"],
+        ["GPU", m.get("gpu") or "none"],
+        ["load average (1/5/15 min) at start → end", f"{m.get('loadavg_start')} → {m.get('loadavg_end')}"],
+        ["wall time of this run", f"{res.get('wall_s')} s"],
+    ]
+    return _table(["", ""], rows)
+
+
+def cpu_md(c: dict[str, Any]) -> list[str]:
+    if "error" in c:
+        return [f"**Not measured: {c['error']}**"]
+    b = c.get("baseline", {})
+    eos = " (end keys ignored: the engine runs with a copy of the codec without end ids)" if c["ignore_eos"] else ""
+    lines = [
+        f"SmolLM2-135M-Instruct (`{c['model']}`), greedy, {c['new_tokens']} new tokens per stream{eos}; "
+        f"the baseline's 8 questions with the model's chat template (`context.fit`, role prompter). "
+        f"Random arrivals: 8 streams at seeded uniform offsets over {c['arrival_window_s']} s (seed {c['seed']}). "
+        "tok/s total = generated tokens ÷ (first submit → last end), prefill included, as the baseline's "
+        "`batch × new ÷ generate time`. TTFT = submit → first event read by the consumer thread. "
+        "ms/step = median engine decode step with all streams active. Warm-up excluded.",
+        "",
+    ]
+    if b.get("ran"):
+        lines.append(
+            f"Baseline: `{b['script']}` as a subprocess in this run (fp32 `generate`, padded batch, "
+            f"{b.get('threads')} threads, min_new_tokens = max_new_tokens = 128): "
+            f"1 stream {_f(b.get('batch1', {}).get('tok_s_total'))} tok/s, "
+            f"batch of 8 {_f(b.get('batch8', {}).get('tok_s_total'))} tok/s total."
+        )
+    else:
+        why = b.get("skipped") or b.get("error") or "not run"
+        lines.append(f"Baseline: **not run** ({why}); ratios not available.")
+    lines.append("")
+    head = [
+        "preset",
+        "scenario",
+        "tokens (got/asked)",
+        "wall s",
+        "tok/s total",
+        "tok/s per stream",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "ms/step",
+        "baseline tok/s",
+        "ratio (target)",
+    ]
+    rows = []
+    ratios = c.get("ratios", {})
+    for name, r in c.get("presets", {}).items():
+        for scen, label in (("1_stream", "1 stream"), ("8_together", "8 together"), ("8_random", "8 random arrivals")):
+            s = r[scen]
+            rt = ratios.get(name, {}).get(scen)
+            if rt:
+                ratio = f"{rt['ratio']:.2f}×"
+                if "target" in rt:
+                    ratio += f" (≥ {rt['target']}×){_mark(rt['meets_target'] if rt['comparable'] else None)}"
+                if not rt["comparable"]:
+                    ratio += " (not like-for-like)"
+                base = _f(rt["baseline_tok_s"])
+            else:
+                ratio, base = "–", "–"
+            rows.append(
+                [
+                    f"`{name}`",
+                    label,
+                    f"{s['tokens']}/{s['tokens_expected']}",
+                    s["wall_s"],
+                    s["tok_s_total"],
+                    s["tok_s_per_stream_median"],
+                    s["ttft_ms_p50"],
+                    s["ttft_ms_p95"],
+                    s["step_ms_all_active"],
+                    base,
+                    ratio,
+                ]
+            )
+    lines += _table(head, rows)
+    pt = c.get("prompt_tokens", {})
+    if pt:
+        lines += [
+            "",
+            f"Prompt tokens per question — ours (segment-wise, as the worker): {pt['ours']}; "
+            f"the baseline's tokenization of the same template: {pt['baseline_tokenization']}.",
+        ]
+    for name, r in c.get("presets", {}).items():
+        d = r["device_preset"]
+        lines.append(
+            f"`{name}`: {d['dtype']} weights, quantize={d['quantize']}, {r['slots']} slots, "
+            f"sequence length {r['sequence_length']}, warm-up {r['warm_up_s']} s (excluded)."
+        )
+    return lines
+
+
+def stack_md(s: dict[str, Any]) -> list[str]:
+    if "error" in s:
+        return [f"**Not measured: {s['error']}**"]
+    lines = [
+        f"Redis {s.get('redis_version')} at `{s['redis_url']}`"
+        f"{' (a private redis-server started for this run)' if s.get('private_redis') else ''}; "
+        f"one worker subprocess (`python -m worker`, model `{s['model']}`), "
+        "producer = `ChatClient` in the bench process.",
+        "",
+        "**Queue overhead** = first streamed text read by the client − `task.enqueued_at` − the engine's `prefill_s` "
+        "(from the turn's TurnResult); one turn at a time, each on a new conversation. pickup = enqueue → the worker "
+        "picked the task (`timings.queued_s`); after pickup = the rest (claim, context fit, engine admission, "
+        "waiting for the stream flusher, XREAD wake-up). send = enqueue → `send()` returned. "
+        '"with commit" counts turns whose first text only came with the final commit (a turn shorter than '
+        "the flush interval), which would hide the flusher's wait.",
+        "",
+    ]
+    head = [
+        "stream flush",
+        "turns",
+        "overhead p50 ms",
+        "overhead p95 ms",
+        "pickup p50/p95",
+        "after pickup p50/p95",
+        "send p50",
+        "prefill p50 (subtracted)",
+        "reply tokens",
+        "with commit",
+        "target p50 ≤ 10 ms",
+    ]
+    rows = []
+    for r in s["runs"]:
+        la = r["latency"]
+        rows.append(
+            [
+                f"{r['stream_flush_ms']} ms",
+                la["turns"],
+                la["overhead_ms"]["p50"],
+                la["overhead_ms"]["p95"],
+                f"{_f(la['pickup_ms']['p50'])} / {_f(la['pickup_ms']['p95'])}",
+                f"{_f(la['after_pickup_ms']['p50'])} / {_f(la['after_pickup_ms']['p95'])}",
+                la["send_ms"]["p50"],
+                la["prefill_ms"]["p50"],
+                "–".join(str(x) for x in sorted(set(la["turn_tokens_min_max"]))),
+                la["first_text_with_final_commit"],
+                _mark(la["meets_target"]).strip(),
+            ]
+        )
+    lines += _table(head, rows)
+    lp = s.get("lua_probe", {})
+    ev, mp = lp.get("eval_with_3_inner_commands", {}), lp.get("multi_exec_pipeline_of_2", {})
+    lines += [
+        "",
+        "**Redis commands per generated token** at concurrent streams (worker with CHAT_SLOTS = streams). "
+        "*Executed* = server side, `INFO` deltas of `total_commands_processed` (the bench's own INFO taken out); "
+        "it counts every command run inside a Lua script as well as the script call. *Sent* and *round trips* = "
+        "client side, redis-py instrumented in the bench process (producer and reader threads) and in the worker "
+        "(through `tests/bench/_site/sitecustomize.py`); a round trip is one socket write: one command, one "
+        "pipeline (MULTI…EXEC) or one script call. The window runs from just before the first send to 0.5 s after "
+        "the last reply (the worker's acks and result writes); the conversations are created before it.",
+        "",
+        f"Probe run in this invocation: one EVAL running 3 commands = {ev.get('client_round_trips')} round trip, "
+        f"{ev.get('server_total_commands_processed')} in `total_commands_processed`, "
+        f"{ev.get('server_commandstats_calls')} in commandstats (Lua-inner counted: "
+        f"{_f(ev.get('lua_inner_counted_by_total_commands_processed'))} / "
+        f"{_f(ev.get('lua_inner_counted_by_commandstats'))}); a MULTI/EXEC pipeline of 2 = "
+        f"{mp.get('client_round_trips')} round trip, {mp.get('client_commands')} commands sent, "
+        f"{mp.get('server_total_commands_processed')} executed.",
+        "",
+    ]
+    head = [
+        "stream flush",
+        "streams × tokens",
+        "tok/s",
+        "executed / token (incl. Lua)",
+        "sent / token",
+        "round trips / token",
+        "round trips / token: producer · reader · worker",
+        "per turn: executed · sent · round trips",
+        "inside Lua (executed − sent)",
+        "other clients active",
+    ]
+    rows = []
+    for r in s["runs"]:
+        c = r["commands"]
+        pt, pu = c["per_token"], c["per_turn"]
+        rr = pt["by_role_round_trips"]
+        lo, hi = c["completion_tokens_min_max"]
+        rows.append(
+            [
+                f"{r['stream_flush_ms']} ms",
+                f"{c['concurrent_turns']} × {lo if lo == hi else f'{lo}–{hi}'}",
+                c["tok_s_total"],
+                f"{pt['server_commands_executed_incl_lua']:.3f}",
+                f"{pt['client_commands_sent']:.3f}",
+                f"{pt['client_round_trips']:.3f}",
+                " · ".join(f"{rr.get(k, 0):.3f}" for k in ("producer", "reader", "worker")),
+                " · ".join(
+                    f"{pu[k]:.1f}"
+                    for k in ("server_commands_executed_incl_lua", "client_commands_sent", "client_round_trips")
+                ),
+                c["server_minus_client_commands"],
+                f"{len(c['foreign_clients_active'])}"
+                + (" (server counts include them)" if c["foreign_clients_active"] else ""),
+            ]
+        )
+    lines += _table(head, rows)
+    for r in s["runs"]:
+        c = r["commands"]
+        top = ", ".join(f"{k} {v}" for k, v in list(c["server"]["by_command"].items())[:12])
+        idle = c["idle_background"]
+        lines += [
+            "",
+            f"Flush {r['stream_flush_ms']} ms — executed by command (commandstats): {top}. "
+            f"Idle background (worker, nothing to serve): {idle['server']['total_commands_processed']} "
+            f"executed, {idle['client']['total']['round_trips']} round trips in {idle['seconds']} s. "
+            f"Window {c['window_s']} s.",
+        ]
+    return lines
+
+
+def gpu_md(g: dict[str, Any]) -> list[str]:
+    if "error" in g:
+        return [f"**Not measured: {g['error']}**"]
+    if not g.get("measured"):
+        lines = [f"**{g['note']}**"]
+        if g.get("smoke"):
+            lines += [
+                "",
+                f"Smoke check of this section's code on CPU ({g['config']}, {g['slots']} slots, "
+                f"concurrency {g['concurrency']}, {g['new_tokens']} tokens): "
+                f"{'ran' if g.get('rows') else 'did not run'}; "
+                f"gpu_baseline.py with SMALL=1: {'ran' if g.get('baseline', {}).get('ran') else 'did not run'}. "
+                "Its figures are in the JSON only and are not measurements.",
+            ]
+        return lines
+    b = g.get("baseline", {})
+    lines = [
+        f"{g['card']}; measured copy bandwidth {_f(g.get('copy_GBps_rw'))} GB/s (read+write; baseline's own "
+        f"measurement: {_f(b.get('copy_GBps_rw'))}). {g['config']}, random {g['dtype']} weights "
+        f"({g['weight_GB']} GB, {g['weight_GB_read_per_step']} GB read per decode step), prompt {g['prompt_tokens']}, "
+        f"{g['new_tokens']} new tokens, greedy. Ours: the engine, TorchBackend on cuda, CUDA graphs "
+        f"{_f(g['cuda_graphs'])}, {g['slots']} slots, max_len {g['max_len']}, warm-up {g['warm_up_s']} s (excluded). "
+        "Decode figures from the median engine step with all streams active (the baseline's tok/s are decode-only too: "
+        "(generate time − TTFT) ÷ (new − 1)).",
+        "",
+    ]
+    head = [
+        "streams",
+        "ms/step",
+        "decode tok/s per stream",
+        "decode tok/s total",
+        "weight GB/s",
+        "of copy BW",
+        "end-to-end tok/s",
+        "TTFT p50/p95 ms",
+        "baseline ms/step",
+        "baseline tok/s total",
+        "baseline GB/s",
+        "ratio",
+    ]
+    rows = []
+    for r in g["rows"]:
+        bb = r.get("baseline", {})
+        rows.append(
+            [
+                r["concurrency"],
+                f"{r['step_ms_all_active']:.2f}" if r["step_ms_all_active"] else "–",
+                r.get("decode_tok_s_per_stream"),
+                r.get("decode_tok_s_total"),
+                r.get("GBps_weights"),
+                f"{r['fraction_of_copy_bw'] * 100:.0f}%" if r.get("fraction_of_copy_bw") else "–",
+                r["tok_s_total"],
+                f"{_f(r['ttft_ms_p50'])} / {_f(r['ttft_ms_p95'])}",
+                bb.get("ms_per_step"),
+                bb.get("tok_s_total"),
+                bb.get("GBps_weights"),
+                f"{r['ratio_decode_tok_s_total']:.2f}×" if r.get("ratio_decode_tok_s_total") else "–",
+            ]
+        )
+    lines += _table(head, rows)
+    c1 = next((r for r in g["rows"] if r.get("baseline_compiled_static")), None)
+    if c1:
+        bc = c1["baseline_compiled_static"]
+        lines += [
+            "",
+            f"Baseline `generate` with static cache + auto-compile at 1 stream: {bc.get('tok_s_total')} tok/s, "
+            f"{bc.get('GBps_weights')} GB/s (ours / it: {_f(c1.get('ratio_vs_compiled_static'), 2)}×).",
+        ]
+    if not b.get("ran"):
+        lines += ["", f"Baseline not run: {b.get('skipped') or b.get('error')}."]
+    return lines
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Run: `make bench` (everything, a few minutes; on a quiet machine), `make bench ARGS=--quick` (smoke test, "
+        "about 2 minutes, no CPU baseline), `ARGS='--only cpu'` (or `queue`, `gpu`). The stack section uses "
+        "`$REDIS_URL` (default `redis://127.0.0.1:6379/13`) and FLUSHES that db; `--private-redis` starts a "
+        "throw-away redis-server instead. `python -m tests.bench.run --help` lists the sizes.",
+        "",
+        "Generated by `make bench` (`python -m tests.bench.run`); the same figures are in "
+        "`docs/benchmarks.json`. Every comparison is against a baseline run in the same invocation.",
+        "",
+    ]
+    if res.get("quick"):
+        lines += ["> **Quick mode (`--quick`)**: fewer tokens and turns, smoke-test settings; not for comparison.", ""]
+    if res.get("note"):
+        lines += [f"> {res['note']}", ""]
+    lines += ["## Machine", ""] + machine_md(res) + [""]
+    sections = res["sections"]
+    for key, title, fn in (
+        ("cpu", "1. CPU: engine vs plain transformers", cpu_md),
+        ("stack", "2. Whole stack on Redis", stack_md),
+        ("gpu", "3. GPU", gpu_md),
+    ):
+        lines += [f"## {title}", ""]
+        if key not in sections:
+            lines += (
+                ["Not run in this invocation (`--only`)."]
+                if key != "gpu"
+                else ["GPU: not measured (section not run in this invocation)"]
+            )
+        else:
+            lines += fn(sections[key])
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> str:
+    md = markdown(res)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(md)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return md
