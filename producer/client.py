@@ -75,9 +75,9 @@ class ChatClient:
                 task_id=task.turn_id,
                 queue=queue_name(self.settings, task.model),
                 # The reply comes through the turn's record and stream, never through Celery's result
-                # backend: not subscribing to it keeps a Redis outage from breaking this client for good
-                # ("Retry limit exceeded while trying to reconnect to the Celery result store backend")
-                # and lets a send fail in about a second instead of ~20.
+                # backend. Not subscribing to it means a send while the broker is down fails in about a
+                # second with the broker's error, instead of ~20 s of result-backend reconnects ending in
+                # "Retry limit exceeded while trying to reconnect to the Celery result store backend".
                 ignore_result=True,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},

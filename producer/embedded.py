@@ -45,6 +45,8 @@ class InProcessWorker:
     """A real Celery WorkController (threads pool) running in a background thread."""
 
     def __init__(self, settings: Settings, hostname: str = "embedded@localhost", loglevel: str = "WARNING"):
+        from celery.app import trace
+
         from worker import runtime
         from worker.app import make_worker_app, worker_options
 
@@ -52,6 +54,9 @@ class InProcessWorker:
         self.settings = settings
         self.app = make_worker_app(settings)
         opts: dict[str, Any] = worker_options(settings, hostname, loglevel)
+        # What `celery worker` does before it starts: point the pool threads' task lookup at this
+        # app (without it they look on Celery's default app and find no `generate` task).
+        trace.setup_worker_optimizations(self.app, hostname)
         self.controller = self.app.WorkController(**opts)
         self.thread = threading.Thread(target=self.controller.start, name="celery-worker", daemon=True)
 

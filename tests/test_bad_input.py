@@ -319,17 +319,18 @@ def test_queue_wrong_arguments_are_dead_lettered(client, args, kwargs, reason):
     still_serving(client)
 
 
-def test_queue_malformed_envelope_is_dead_lettered_not_a_dead_worker(client, worker):
+@pytest.mark.parametrize("body", [b"{}", b"5", b'"text"', b"[1, 2]", b"[[], {}]"])
+def test_queue_malformed_envelope_is_dead_lettered_not_a_dead_worker(client, worker, body):
     """A message whose body is not Celery's [args, kwargs, embed] makes Celery's consumer itself raise
     ("Unrecoverable error"), and kombu restores it at the stop, so it would kill every worker in turn."""
-    envelope = {"body": base64.b64encode(b"{}").decode(), "content-encoding": "utf-8",
+    envelope = {"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
                 "content-type": "application/json", "headers": {"task": GENERATE_TASK, "id": uuid.uuid4().hex},
                 "properties": {"delivery_tag": uuid.uuid4().hex, "body_encoding": "base64", "priority": 0,
                                "delivery_info": {"exchange": "chat.tiny-neox", "routing_key": "chat.tiny-neox"}}}
     n0 = dead_letters(client)
     client.r.lpush(queue_name(client.settings, "tiny-neox"), json.dumps(envelope))
     entry = dead_letter(client, n0, "malformed task message: the body is not [args, kwargs, embed]")
-    assert entry["payload"]["message_body"] == "{}"
+    assert entry["payload"]["message_body"] == body.decode()
     still_serving(client)
     assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
     assert not client.r.hexists("unacked", envelope["properties"]["delivery_tag"])  # rejected, not requeued

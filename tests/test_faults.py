@@ -165,6 +165,7 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
         client = ChatClient(tiny_settings(server.url, sequence_length=SEQ))
         n_conv, n_turns = 6, 3
         cids = [client.create_conversation("tiny-neox") for _ in range(n_conv)]
+        spare = client.create_conversation("tiny-neox")  # gets a send while Redis is down
         sampling = SamplingParams(temperature=1.0, top_k=2, output_length=500)
         sent: dict[str, list[str]] = {cid: [] for cid in cids}
         errors: list[str] = []
@@ -202,8 +203,13 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
         before = {c: r.lrange(KEYS.messages(c), 0, -1) for c in cids}
         running = [t for c in cids for t in sent[c] if r.hget(KEYS.turn(t), "status") in (b"running", b"queued")]
         r.close()
-        server.stop()  # ... and some in flight
-        time.sleep(1.0)
+        assert running  # ... and some in flight
+        server.stop()
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="Redis unreachable"):
+            client.send(spare, "while Redis is down", sampling)
+        assert time.monotonic() - t0 < 5
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         server.start()
         restarted = time.monotonic()
         for t in threads:
@@ -217,8 +223,10 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
             assert assistant_turns(client, c) == sent[c] and len(sent[c]) == n_turns  # every turn once, in order
             roles = [m.role for m in client.store.messages(c)]
             assert roles == [Role.prompter, Role.assistant] * n_turns
+        assert client.store.messages(spare) == [] and client.store.get(spare).busy is None  # nothing half-way
+        assert client.ask(spare, "after the restart", sampling, timeout=60).completion_tokens > 0
         assert r.llen("chat:dead") == 0
-        print(f"\nRedis restart: {len(running)} turn(s) in flight, {unavailable} send(s) refused while down, "
+        print(f"\nRedis restart: {len(running)} turn(s) in flight, {unavailable + 1} send(s) refused while down, "
               f"all {n_conv * n_turns} turns done {took:.1f}s after the restart")
         for w in ws:
             assert w.proc.poll() is None, w.log()  # the workers rode it out

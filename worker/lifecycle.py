@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from celery import platforms
+from celery import platforms, signals
 from celery.worker import state
 
 from config.settings import Settings
@@ -131,6 +131,10 @@ class Lifecycle:
     def _end_event_loop(self) -> None:
         if state.should_stop is None or state.should_stop is False:
             state.should_stop = EXIT_OK  # what Celery's own handler sets: the consumer loop ends warm
+            signals.worker_shutting_down.send(sender=getattr(self.worker, "hostname", None),
+                                              sig=self.stop_reason or self.cold_reason,
+                                              how="Cold" if self.phase == "cold" else "Warm",
+                                              exitcode=EXIT_OK)
         self._wake.set()
         hub = getattr(self.worker, "hub", None)
         waker = getattr(hub, "_waker", None)  # interrupt the poller now, not at its next timeout
@@ -246,30 +250,37 @@ def guard_task_messages(task: Any) -> None:
 def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     from celery.exceptions import InvalidTaskError
     from celery.worker.strategy import default
+    from kombu.exceptions import ContentDisallowed, DecodeError
 
     handler = default(task, app, consumer, **kwargs)
 
     def task_message_handler(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
-        problem = None
-        if body is None and "args" not in message.payload:  # protocol 2: the body is [args, kwargs, embed]
-            decoded = message.decode()
-            if not (isinstance(decoded, list | tuple) and len(decoded) == 3 and isinstance(decoded[0], list | tuple)
-                    and isinstance(decoded[1], dict) and isinstance(decoded[2], dict | None)):
-                problem = "malformed task message: the body is not [args, kwargs, embed]"
-            elif len(decoded[0]) != 1 or decoded[1]:
-                problem = (f"malformed task message: {task.name} takes exactly one payload argument, got "
-                           f"{len(decoded[0])} positional and {len(decoded[1])} keyword argument(s)")
-        if problem is None:
-            try:
+        try:
+            problem = _envelope_problem(task.name, message, body)
+            if problem is None:
                 return handler(message, body, *args, **kw)
-            except (InvalidTaskError, KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:  # what Celery itself would die of
-                problem = f"malformed task message: {type(e).__name__}: {e}"
+        except (InvalidTaskError, ContentDisallowed, DecodeError):
+            raise  # Celery's consumer handles these itself (logs, rejects)
+        except Exception as e:  # what Celery's consumer would die of
+            problem = f"malformed task message: {type(e).__name__}: {e}"
         _dead_letter_message(message, problem)
         raise InvalidTaskError(problem)
 
     return task_message_handler
+
+
+def _envelope_problem(name: str, message: Any, body: Any) -> str | None:
+    """What is wrong with a protocol-2 task message's body ([args, kwargs, embed]), if anything."""
+    payload = message.payload
+    if body is not None or (isinstance(payload, dict) and "args" in payload):
+        return None  # protocol 1 / hybrid: Celery converts it, the handler's guard covers the rest
+    if not (isinstance(payload, list | tuple) and len(payload) == 3 and isinstance(payload[0], list | tuple)
+            and isinstance(payload[1], dict) and isinstance(payload[2], dict | None)):
+        return "malformed task message: the body is not [args, kwargs, embed]"
+    if len(payload[0]) != 1 or payload[1]:
+        return (f"malformed task message: {name} takes exactly one payload argument, got "
+                f"{len(payload[0])} positional and {len(payload[1])} keyword argument(s)")
+    return None
 
 
 def _dead_letter_message(message: Any, reason: str) -> None:

@@ -8,15 +8,12 @@ joins its threads. The step also takes over the stop signals (see lifecycle.py f
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import bootsteps
 
 from config.celery import GENERATE_TASK
 from worker.lifecycle import Lifecycle, guard_task_messages, patch_kombu_reconnect
-
-log = logging.getLogger(__name__)
 
 
 class PipelineStep(bootsteps.StartStopStep):
@@ -29,7 +26,9 @@ class PipelineStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.lifecycle: Lifecycle | None = None
         patch_kombu_reconnect()
-        guard_task_messages(worker.app.tasks[GENERATE_TASK])  # before the consumer builds its strategies
+        task = worker.app.tasks.get(GENERATE_TASK)
+        if task is not None:
+            guard_task_messages(task)  # before the consumer builds its strategies
 
     def start(self, worker: Any) -> None:
         self.lifecycle = Lifecycle(worker, worker.app.chat_settings)

@@ -1,0 +1,61 @@
+"""worker/stream.py: coalesced deltas, first text at once, fencing by attempt, cancel signals."""
+
+import time
+
+from shared.keys import Keys
+from worker.stream import CANCELLED, STALE, StreamPublisher
+
+
+def running_turn(r, keys, tid, attempt=1):
+    r.hset(keys.turn(tid), mapping={"status": "running", "attempt": attempt})
+
+
+def texts(r, keys, tid):
+    return [e[1][b"t"].decode() for e in r.xrange(keys.stream(tid))]
+
+
+def test_deltas_are_coalesced_per_interval(r):
+    keys = Keys("t")
+    running_turn(r, keys, "a")
+    pub = StreamPublisher(r, keys, flush_ms=200).start()
+    try:
+        pub.register("a", 1, lambda code: None)
+        pub.append("a", "first")  # the first text goes out at once
+        time.sleep(0.05)
+        assert texts(r, keys, "a") == ["first"]
+        for ch in "abcdefghij":
+            pub.append("a", ch)
+        time.sleep(0.4)
+        assert texts(r, keys, "a") == ["first", "abcdefghij"]  # ten tokens, one entry
+        pub.append("a", "tail")
+        assert pub.take("a") == "tail"  # the unflushed rest goes with the commit
+    finally:
+        pub.stop()
+
+
+def test_one_round_trip_carries_every_turn(r):
+    keys = Keys("t")
+    pub = StreamPublisher(r, keys, flush_ms=10_000)
+    for i in range(5):
+        running_turn(r, keys, f"t{i}")
+        pub.register(f"t{i}", 1, lambda code: None)
+        pub.append(f"t{i}", f"text {i}")
+    pub.flush()
+    assert pub.flushes == 1
+    assert [texts(r, keys, f"t{i}") for i in range(5)] == [[f"text {i}"] for i in range(5)]
+
+
+def test_stale_attempt_is_refused_and_cancel_is_reported(r):
+    keys = Keys("t")
+    running_turn(r, keys, "old", attempt=2)  # a newer attempt owns it
+    running_turn(r, keys, "cut")
+    r.hset(keys.turn("cut"), "cancel", 1)
+    signals = {}
+    pub = StreamPublisher(r, keys, flush_ms=10_000)
+    pub.register("old", 1, lambda code: signals.setdefault("old", code))
+    pub.register("cut", 1, lambda code: signals.setdefault("cut", code))
+    pub.append("old", "late text")
+    pub.append("cut", "x")
+    pub.flush()
+    assert signals == {"old": STALE, "cut": CANCELLED}
+    assert texts(r, keys, "old") == []
