@@ -9,6 +9,8 @@
     {p}:turn:{tid}:stream     stream  {ev: start, a} then deltas {a, t} then {ev: done, result} or
                                       {ev: error, error}; a new attempt writes a new start marker
     {p}:models                set     model names that workers have served
+    {p}:workers               hash    worker -> {model, busy, slots, at}: busy slots, every few seconds
+    {p}:ratelimit:{key id}    hash    the HTTP API's token bucket per API key (with a TTL)
     {p}:dead                  list    dead-lettered payloads with the reason
 
 Ids are checked against ID_PATTERN before they are put into a key, so a crafted id cannot
@@ -45,6 +47,10 @@ class Keys:
 
     def stream(self, tid: str) -> str:
         return f"{self.turn(tid)}:stream"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     @property
     def models(self) -> str:

@@ -10,7 +10,11 @@ def test_presets_have_the_documented_models_and_devices():
     oasst = p.model("oasst-pythia-12b")
     assert oasst.source == "OpenAssistant/oasst-sft-4-pythia-12b-epoch-3.5"
     assert (oasst.prompt_format.value, oasst.end_keys, oasst.sequence_length, oasst.max_sequence_length) == (
-        "oasst", ["<|endoftext|>"], 512, 2048)
+        "oasst",
+        ["<|endoftext|>"],
+        512,
+        2048,
+    )
     assert p.model("smollm2-135m").prompt_format.value == "chat_template"
     assert p.model("tiny-neox").source == "builtin:tiny-neox"
     assert (p.device("ipu-pod4").ipus, p.device("ipu-pod4").slots) == (4, 1)
@@ -23,11 +27,17 @@ def test_any_hub_id_or_path_is_a_model():
 
 @pytest.mark.parametrize(
     "env,key",
-    [({"CHAT_SLOTS": "zero"}, "CHAT_SLOTS"), ({"CHAT_SLOTS": "0"}, "CHAT_SLOTS"),
-     ({"CHAT_DEVICE": "tpu"}, "CHAT_DEVICE"), ({"CHAT_MODEL": "no-such-model"}, "CHAT_MODEL"),
-     ({"CHAT_SEQUENCE_LENGTH": "99999"}, "CHAT_SEQUENCE_LENGTH"), ({"CHAT_SEQUENCE_LENGTH": "8"}, "CHAT_SEQUENCE_LENGTH"),
-     ({"CHAT_VISIBILITY_TIMEOUT_S": "-1"}, "CHAT_VISIBILITY_TIMEOUT_S"), ({"CHAT_KEY_PREFIX": "a:b"}, "CHAT_KEY_PREFIX"),
-     ({"CHAT_STREAM_FLUSH_MS": "soon"}, "CHAT_STREAM_FLUSH_MS")],
+    [
+        ({"CHAT_SLOTS": "zero"}, "CHAT_SLOTS"),
+        ({"CHAT_SLOTS": "0"}, "CHAT_SLOTS"),
+        ({"CHAT_DEVICE": "tpu"}, "CHAT_DEVICE"),
+        ({"CHAT_MODEL": "no-such-model"}, "CHAT_MODEL"),
+        ({"CHAT_SEQUENCE_LENGTH": "99999"}, "CHAT_SEQUENCE_LENGTH"),
+        ({"CHAT_SEQUENCE_LENGTH": "8"}, "CHAT_SEQUENCE_LENGTH"),
+        ({"CHAT_VISIBILITY_TIMEOUT_S": "-1"}, "CHAT_VISIBILITY_TIMEOUT_S"),
+        ({"CHAT_KEY_PREFIX": "a:b"}, "CHAT_KEY_PREFIX"),
+        ({"CHAT_STREAM_FLUSH_MS": "soon"}, "CHAT_STREAM_FLUSH_MS"),
+    ],
 )
 def test_bad_values_name_their_key(monkeypatch, env, key):
     for k, v in env.items():

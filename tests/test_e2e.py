@@ -78,3 +78,16 @@ def test_stream_read_late_yields_exactly_the_committed_reply(stack):
     mid = events[len(events) // 2]
     rest = list(client.events(task.turn_id, after=mid.id))
     assert rest == events[len(events) // 2 + 1 :]
+
+
+def test_worker_reports_its_busy_slots(stack):
+    import json
+    import time
+
+    client, _, rt = stack
+    end = time.monotonic() + 10
+    while not (raw := client.r.hget(client.keys.workers, rt.hostname)) and time.monotonic() < end:
+        time.sleep(0.1)
+    report = json.loads(raw)
+    assert report["model"] == "tiny-neox" and report["slots"] == 4 and 0 <= report["busy"] <= 4
+    assert time.time() - report["at"] < 10

@@ -6,6 +6,7 @@ Tasks run in the worker's threads and reach it through `current()`.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -96,9 +97,9 @@ class Runtime:
                 result_ttl_s=settings.result_ttl_s,
             )
             r.sadd(keys.models, model.name)
-            publisher = StreamPublisher(
-                r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen
-            ).start()
+            publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen)
+            publisher.heartbeat = lambda: report_busy(r, keys, hostname, model.name, engine)
+            publisher.start()
         except BaseException:
             if engine is not None:
                 engine.stop()
@@ -133,12 +134,22 @@ class Runtime:
         self.engine.stop()
         self.publisher.stop()
         self.backend.detach()
+        try:
+            self.redis.hdel(self.keys.workers, self.hostname)
+        except redis.RedisError:
+            pass  # the report expires by its timestamp anyway
         log.info(
             "detached pipeline: turns finished=%d, turns handed back=%d, detach took %.2fs",
             self.counters.finished,
             self.counters.handed_back,
             time.perf_counter() - t0,
         )
+
+
+def report_busy(r: redis.Redis, keys: Keys, hostname: str, model: str, engine: Engine) -> None:
+    """The worker's busy slots for /metrics (the flusher calls this every few seconds)."""
+    report = {"model": model, "busy": engine.busy, "slots": len(engine.slots), "at": time.time()}
+    r.hset(keys.workers, hostname, json.dumps(report))
 
 
 _current: Runtime | None = None
