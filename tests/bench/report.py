@@ -361,7 +361,24 @@ def markdown(res: dict[str, Any]) -> str:
         else:
             lines += fn(sections[key])
         lines.append("")
+    lines += ["## Reading these numbers", ""] + READING
     return "\n".join(lines).rstrip() + "\n"
+
+
+READING = [
+    "- **CPU, fp32 (`cpu-fp32`) is at parity with plain `generate`, by design of the hardware**: a decode step is "
+    "86% `aten::mm` (torch.profiler), i.e. reading 540 MB of fp32 weights per step at this VM's ~8-9 GB/s. No "
+    "scheduling removes that; the default `cpu` preset reads int8 weights (per-channel scales, bf16 activations, "
+    "`torch._weight_int8pack_mm`, rows independent of their batch mates) and is where the speed-up comes from. "
+    "Its replies differ from fp32 ones (greedy, near-ties), which is why batching-equivalence tests run in fp32.",
+    "- **Redis load**: the worker writes all of its streams in one script call per flush (`round trips / token: "
+    "worker`). *Executed* counts also each command run inside that script (an XADD and an HMGET per turn per "
+    "flush) and every reader's XREAD, so it grows with streams × flushes, not with tokens; a longer "
+    "`CHAT_STREAM_FLUSH_MS` trades streaming granularity for fewer commands. A turn's first text is flushed at "
+    "once, so time to first token does not pay the interval.",
+    "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True)`) has not run on a GPU yet; its "
+    "figures stay open until a session with a GPU runs `make bench`.",
+]
 
 
 def write(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> str:
