@@ -42,6 +42,16 @@ def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEvent:
     return StreamEvent(entry_id.decode(), kind, int(f.get("a", 0)), f.get("t", ""), result, f.get("error"))
 
 
+TERMINAL = ("done", "error")
+
+
+def stream_events(resp: list | None) -> Iterator[StreamEvent]:
+    """The events of an XREAD reply, in order."""
+    for _, entries in resp or []:
+        for entry_id, fields in entries:
+            yield _parse(entry_id, fields)
+
+
 class ChatClient:
     def __init__(self, settings: Settings, r: redis.Redis | None = None):
         self.settings = settings
@@ -97,27 +107,28 @@ class ChatClient:
         key = self.keys.stream(turn_id)
         end = None if timeout is None else time.monotonic() + timeout
         last = after
+        st = None  # the turn's record, read only when the stream has nothing new
         while True:
+            finished = st is not None and st.status in ("done", "failed")
             try:
-                resp = self.r.xread({key: last}, block=1000, count=256)
-                if not resp:
+                # Block only while the turn can still write: a finished turn's stream is read at once.
+                resp = self.r.xread({key: last}, block=None if finished else 1000, count=256)
+                if not resp and not finished:
                     st = self.store.turn(turn_id)
-                    if st.status == "done" and st.result is not None and last == after == "0-0":
-                        yield StreamEvent("", "done", st.attempt, result=st.result)
-                        return
-                    if st.status == "failed" and not self.r.exists(key):
-                        yield StreamEvent("", "error", st.attempt, error=st.error)
-                        return
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # Redis restarting: wait it out
                 time.sleep(0.5)
-                resp = None
-            for _, entries in resp or []:
-                for entry_id, fields in entries:
-                    ev = _parse(entry_id, fields)
-                    last = ev.id
-                    yield ev
-                    if ev.kind in ("done", "error"):
-                        return
+                continue
+            for ev in stream_events(resp):
+                last = ev.id
+                yield ev
+                if ev.kind in TERMINAL:
+                    return
+            if finished and not resp and st is not None:  # the stream expired or its end was read already
+                if st.status == "done" and st.result is not None:
+                    yield StreamEvent("", "done", st.attempt, result=st.result)
+                else:
+                    yield StreamEvent("", "error", st.attempt, error=st.error or "the turn failed")
+                return
             if end is not None and time.monotonic() > end:
                 raise TimeoutError(f"turn {turn_id} did not finish within {timeout}s")
 

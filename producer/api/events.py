@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from producer.api.service import ChatService
-from producer.client import StreamEvent, _parse
+from producer.client import TERMINAL, StreamEvent, stream_events
 from shared.wire import TurnResult
 
 BLOCK_MS = 1000
@@ -44,13 +44,11 @@ async def turn_events(
         # Blocking only while the turn can still write: a finished turn's stream is read without waiting.
         finished = st in ("done", "failed")
         resp = await ar.xread({key: last}, block=None if finished else BLOCK_MS, count=256)
-        for _, entries in resp or []:
-            for entry_id, fields in entries:
-                ev = _parse(entry_id, fields)
-                last = ev.id
-                yield ev
-                if ev.kind in ("done", "error"):
-                    return
+        for ev in stream_events(resp):
+            last = ev.id
+            yield ev
+            if ev.kind in TERMINAL:
+                return
         if not resp and not finished:
             yield None
         if finished and not resp:  # the stream expired, or its end was read before a reconnect
