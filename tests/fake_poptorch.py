@@ -16,12 +16,21 @@ relying on poptorch's implicit behaviour: calling an uncompiled wrapper compiles
 detached one re-attaches it (grabbing the IPUs again), in real poptorch; here both raise.
 
 Everything called on `Options` is recorded in `Options.calls` so tests can check IPU sizing.
+
+In a worker SUBPROCESS (tests/test_ipu_worker.py) the double is `poptorch` through the shim
+tests/fake_ipu_site/poptorch.py, configured from the environment (`configure_from_env`):
+FAKE_POPTORCH_IPUS is the host's IPU count, and FAKE_POPTORCH_LOG names a file that gets one JSON
+line per device event (compile with the recorded options, attach, detach, destroy), written and
+closed before the call returns, so the test reads the device's history after the process is gone.
 """
 
 from __future__ import annotations
 
 import copy
 import enum
+import json
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,15 +44,39 @@ ipu_count = 0  # IPUs this fake host has
 executables: list[PoplarExecutor] = []  # every wrapper created, in order
 blocks: list[tuple[torch.nn.Module, str | None, int | None]] = []  # BeginBlock calls
 _visited: list[int] | None = None  # ipu ids entered while tracing a compile
+event_log: str | None = None  # a file that gets one JSON line per device event (see configure_from_env)
 
 
-def reset(ipus: int = 16) -> None:
-    """Forget every executable and annotation; the host now has `ipus` IPUs."""
-    global ipu_count, _visited
+def reset(ipus: int = 16, log: str | None = None) -> None:
+    """Forget every executable and annotation; the host now has `ipus` IPUs; events go to `log`, if given."""
+    global ipu_count, _visited, event_log
     ipu_count = ipus
     executables.clear()
     blocks.clear()
     _visited = None
+    event_log = log
+
+
+def configure_from_env(environ: Any = None) -> None:
+    """A fresh host from FAKE_POPTORCH_IPUS (default 16) and FAKE_POPTORCH_LOG (default: no event log)."""
+    env = os.environ if environ is None else environ
+    reset(int(env.get("FAKE_POPTORCH_IPUS", "16")), env.get("FAKE_POPTORCH_LOG") or None)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, PipelinedExecution | TensorLocationSettings):
+        return {type(value).__name__: value.settings if isinstance(value, TensorLocationSettings) else []}
+    return str(value)  # torch dtypes, anything else
+
+
+def log_event(event: str, **data: Any) -> None:
+    """Append one event to the event log (a no-op without one). Opened and closed per event: a line is
+    on disk before the call that made it returns, whatever happens to the process after."""
+    if event_log is None:
+        return
+    line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **data}, default=_json_default)
+    with open(event_log, "a") as f:
+        f.write(line + "\n")
 
 
 class PoptorchError(RuntimeError):
@@ -226,6 +259,7 @@ class PoplarExecutor:
         self.stage_ipus: list[int] = []  # ipu ids in forward order, as traced at compile
         self.runs = 0
         self._replica_buffers: list[dict[str, torch.Tensor]] = []
+        self._index = len(executables)  # its position in `executables` (inferenceModel appends it)
 
     # sizing taken from the options
     @property
@@ -244,6 +278,14 @@ class PoplarExecutor:
         self._check_options()
         self._trace(inputs)
         self._compiled = True
+        log_event(
+            "compile",
+            exe=self._index,
+            ipus=self._ipus,
+            stage_ipus=self.stage_ipus,
+            inputs=[list(shape) for shape, _ in self._signature],
+            options=[[name, list(args)] for name, args in self.options.calls],
+        )
         if self.options.last("connectionType", ConnectionType.Always) == ConnectionType.Always:
             self.attachToDevice()
 
@@ -351,6 +393,7 @@ class PoplarExecutor:
         # poptorch copies the host weights and buffers to the device on every attach.
         host = {k: v.clone() for k, v in self.model.named_buffers()}
         self._replica_buffers = [{k: v.clone() for k, v in host.items()} for _ in range(self._replicas)]
+        log_event("attach", exe=self._index, ipus=self._ipus, in_use=ipus_in_use(), of=ipu_count)
 
     def detachFromDevice(self) -> None:
         if not self._compiled:
@@ -358,8 +401,10 @@ class PoplarExecutor:
         if not self._attached:
             raise PoptorchError("Device is not attached")
         self._attached = False
+        log_event("detach", exe=self._index, runs=self.runs, in_use=ipus_in_use(), of=ipu_count)
 
     def destroy(self) -> None:
         self._compiled = False
         self._attached = False
         self._replica_buffers = []
+        log_event("destroy", exe=self._index)

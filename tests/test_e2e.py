@@ -21,7 +21,7 @@ def stack(request, fake_redis_url, redis_url):
     url = fake_redis_url if request.param == "fakeredis" else redis_url
     r = redis.Redis.from_url(url)
     r.flushdb()
-    settings = tiny_settings(url, sequence_length=128)
+    settings = tiny_settings(url, sequence_length=1024)
     worker = InProcessWorker(settings).start()
     client = ChatClient(settings)
     prompts: list[list[int]] = []
@@ -91,3 +91,23 @@ def test_worker_reports_its_busy_slots(stack):
     report = json.loads(raw)
     assert report["model"] == "tiny-neox" and report["slots"] == 4 and 0 <= report["busy"] <= 4
     assert time.time() - report["at"] < 10
+
+
+def test_cancel_stops_the_turn_at_the_next_step_and_frees_its_slot(stack):
+    from shared.wire import FinishReason
+
+    client, _, rt = stack
+    rt.loaded.codec.end_ids, ends = set(), rt.loaded.codec.end_ids  # this turn can only end by the cut
+    try:
+        cid = client.create_conversation("tiny-neox")
+        task = client.send(cid, "go on forever", SamplingParams(temperature=1.0, top_k=0, seed=3))
+        events = client.events(task.turn_id, timeout=60)
+        assert next(e for e in events if e.kind == "delta")  # it is generating
+        client.store.cancel(task.turn_id)
+        done = next(e for e in events if e.kind == "done")
+        assert done.result.finish_reason is FinishReason.cancelled
+        assert done.result.completion_tokens < 1024 - done.result.prompt_tokens  # cut before the context filled
+        assert client.store.messages(cid)[-1].text == done.result.text  # the partial reply is committed
+        assert rt.engine.busy == 0
+    finally:
+        rt.loaded.codec.end_ids = ends

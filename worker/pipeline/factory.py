@@ -16,8 +16,9 @@ def backend_dtype(device: DevicePreset) -> torch.dtype:
 
 def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Backend:
     if device.backend == "ipu":
-        from worker.pipeline.ipu_backend import IPUBackend  # poptorch is optional: import only here
+        from worker.pipeline.ipu_backend import IPUBackend, resolve_device  # poptorch is optional: import only here
 
+        device = resolve_device(device)  # the auto preset `ipu`: ipu-pod4 or ipu-pod16 by the host's IPUs
         return IPUBackend(loaded.model, device, slots=device.slots, max_len=max_len)
     from worker.pipeline.torch_backend import TorchBackend
 

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from config.presets import DevicePreset
+from config.presets import DevicePreset, ModelPreset, load_presets
 from worker.pipeline.backend import PREFILL_CHUNKS, chunk_plan
-from worker.pipeline.loader import DTYPES
+from worker.pipeline.loader import DTYPES, resolve_source
 from worker.pipeline.torch_backend import kv_dims
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,65 @@ def detect_ipus(poptorch: ModuleType) -> int:
     while n < 1024 and poptorch.ipuHardwareIsAvailable(max(1, 2 * n)):
         n = max(1, 2 * n)
     return n
+
+
+def resolve_device(device: DevicePreset, announce: bool = True) -> DevicePreset:
+    """The auto preset `ipu` (an IPU preset with `ipus: 0`) becomes ipu-pod4 or ipu-pod16 by the IPUs
+    the host reports (`choose_preset`); any other preset comes back as it is. Fields set on the auto
+    entry itself or by CHAT_SLOTS (everything but name, backend, device and ipus) override the chosen
+    preset's. Needs poptorch (the same start-up error without it)."""
+    if device.backend != "ipu" or device.ipus:
+        return device
+    have = detect_ipus(import_poptorch(device))
+    name = choose_preset(have)
+    keep = device.model_fields_set - {"name", "backend", "device", "ipus"}
+    chosen = load_presets().device(name).model_copy(update={k: getattr(device, k) for k in keep})
+    if announce:
+        log.info(
+            "device %r: this host reports %d IPU(s): using preset %r (%d IPUs, micro-batch %d)",
+            device.name,
+            have,
+            chosen.name,
+            chosen.ipus,
+            chosen.slots,
+        )
+    return chosen
+
+
+def model_layers(model: ModelPreset) -> int | None:
+    """A model's decoder layer count from its config alone (no weights); None when it cannot be read."""
+    try:
+        if model.source == "builtin:tiny-neox":
+            from worker.pipeline import tiny_neox
+
+            return int(tiny_neox.build_model(16).config.num_hidden_layers)
+        from transformers import AutoConfig
+
+        kw: dict[str, Any] = {"gguf_file": model.gguf_file} if model.gguf_file else {}
+        cfg = AutoConfig.from_pretrained(resolve_source(model), **kw)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return int(cfg.num_hidden_layers)
+    except Exception as e:  # the load itself reports a bad source; here it only costs precision
+        log.warning("model %r: cannot read its layer count (%s)", model.name, e)
+        return None
+
+
+def engine_slots(device: DevicePreset, num_layers: int | None, pipelined: bool = True) -> int:
+    """The slots the engine over an IPUBackend gets (`IPUPlan.rows`), without compiling anything. With
+    the layer count unknown: micro-batch x IPUs, the most a plan can give (stages x replicas <= ipus)."""
+    if num_layers is None:
+        return device.slots * device.ipus
+    return plan_ipus(device.ipus, num_layers, device.slots, pipelined).rows
+
+
+def worker_slots(device: DevicePreset, model: ModelPreset) -> int:
+    """Celery's concurrency for an IPU worker: one task thread per engine slot. Without poptorch it is
+    the preset's micro-batch: the worker then fails at start anyway, with the clear error."""
+    try:
+        device = resolve_device(device, announce=False)
+    except RuntimeError:
+        return device.slots
+    return engine_slots(device, model_layers(model))
 
 
 @dataclass(frozen=True)
@@ -279,7 +338,8 @@ class IPUBackend:
     """The Backend protocol over one poptorch executable (see the module docstring for why one).
 
     `slots` is the preset's micro-batch; the engine gets `self.slots = micro-batch x stages x
-    replicas` rows. Sequence length (`max_len`), micro-batch, `step_tokens` and the IPU layout are
+    replicas` rows (`engine_slots()` tells that number before any model is loaded, for Celery's
+    concurrency). Sequence length (`max_len`), micro-batch, `step_tokens` and the IPU layout are
     compiled in: changing any of them means a recompile at the next start.
     """
 
