@@ -64,8 +64,10 @@ def configure_from_env(environ: Any = None) -> None:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, PipelinedExecution | TensorLocationSettings):
-        return {type(value).__name__: value.settings if isinstance(value, TensorLocationSettings) else []}
+    if isinstance(value, TensorLocationSettings):
+        return {type(value).__name__: value.settings}
+    if isinstance(value, PipelinedExecution):
+        return {type(value).__name__: list(value.args)}
     return str(value)  # torch dtypes, anything else
 
 

@@ -19,6 +19,7 @@ def test_presets_have_the_documented_models_and_devices():
     assert p.model("tiny-neox").source == "builtin:tiny-neox"
     assert (p.device("ipu-pod4").ipus, p.device("ipu-pod4").slots) == (4, 1)
     assert (p.device("ipu-pod16").ipus, p.device("ipu-pod16").slots) == (16, 4)
+    assert (p.device("ipu").backend, p.device("ipu").ipus) == ("ipu", 0)  # 0 = pick the pod by IPU count
 
 
 def test_any_hub_id_or_path_is_a_model():

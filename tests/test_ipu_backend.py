@@ -20,12 +20,15 @@ except ImportError:  # tests/ is not a package: pytest puts this directory on sy
     import fake_poptorch  # type: ignore[no-redef]
 
 from config.presets import DevicePreset, load_presets
+from config.settings import load_settings
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
+from worker.app import worker_options
 from worker.engine.context import fit
 from worker.engine.engine import Engine, Finished, Token
 from worker.pipeline import ipu_backend, tiny_neox
-from worker.pipeline.ipu_backend import IPUBackend, choose_preset, detect_ipus
+from worker.pipeline.factory import build_backend
+from worker.pipeline.ipu_backend import IPUBackend, choose_preset, detect_ipus, engine_slots, resolve_device
 from worker.pipeline.loader import LoadedModel, load_model
 from worker.pipeline.torch_backend import TorchBackend
 
@@ -207,9 +210,57 @@ def test_choose_preset_like_the_original(fake):
     assert detect_ipus(fake) == 0
 
 
+@pytest.mark.parametrize(("ipus", "chosen", "micro", "slots"), [(4, "ipu-pod4", 1, 4), (16, "ipu-pod16", 4, 64)])
+def test_auto_preset_ipu_picks_the_pod_by_the_ipus_the_host_reports(fake, tmp_path, caplog, ipus, chosen, micro, slots):
+    fake.reset(ipus=ipus)
+    auto = preset("ipu", tmp_path)  # dtype and executable_cache set on it: they override the chosen preset's
+    assert auto.ipus == 0
+    with caplog.at_level("INFO", logger=ipu_backend.__name__):
+        be = build_backend(auto, tiny(), MAX_LEN)
+    assert f"device 'ipu': this host reports {ipus} IPU(s): using preset {chosen!r}" in caplog.text
+    assert be.device.name == chosen and (be.device.ipus, be.plan.micro_batch) == (ipus, micro)
+    assert be.device.executable_cache == str(tmp_path / "poptorch-cache") and be.dtype == torch.float32
+    assert be.slots == slots and fake.ipus_in_use() == ipus  # tiny-neox: 2 stages x ipus/2 replicas
+    assert resolve_device(auto.model_copy(update={"slots": 2})).slots == 2  # CHAT_SLOTS still wins
+    assert resolve_device(load_presets().device("ipu-pod16")).name == "ipu-pod16"  # a named pod stays as it is
+
+
+def test_auto_preset_without_poptorch_gives_the_same_start_up_error(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "poptorch", None)
+    with pytest.raises(RuntimeError, match=r"device 'ipu' needs poptorch.*Poplar SDK"):
+        build_backend(preset("ipu", tmp_path), tiny(), MAX_LEN)
+
+
+@pytest.mark.parametrize("layers", [2, 3, 5, 16])
+@pytest.mark.parametrize("name", ["ipu-pod4", "ipu-pod16"])
+def test_engine_slots_without_compiling_equal_the_backends(fake, tmp_path, name, layers):
+    dev = preset(name, tmp_path)
+    expected = engine_slots(dev, layers)
+    assert expected <= engine_slots(dev, None) == dev.slots * dev.ipus  # unknown layer count: the upper bound
+    if layers in (3, 16):  # compile two of them to see the backend agree
+        assert IPUBackend(deep_model(layers), dev, slots=dev.slots, max_len=32).slots == expected
+
+
+@pytest.mark.parametrize(("device", "ipus", "concurrency"), [("ipu-pod4", 4, 4), ("ipu", 16, 64), ("cpu-fp32", 0, 3)])
+def test_celery_concurrency_is_the_engines_slot_count(fake, device, ipus, concurrency):
+    fake.reset(ipus=ipus)
+    settings = load_settings(model="tiny-neox", device=device, **({"slots": 3} if device == "cpu-fp32" else {}))
+    assert worker_options(settings)["concurrency"] == concurrency  # not the IPU micro-batch (1 or 4)
+
+
+def test_celery_concurrency_without_poptorch(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "poptorch", None)  # the worker then fails at start, with the clear error
+    assert worker_options(load_settings(model="tiny-neox", device="ipu-pod4"))["concurrency"] == 4  # counted anyway
+    auto = load_settings(model="tiny-neox", device="ipu")  # which pod is unknown: the entry's own slots
+    assert worker_options(auto)["concurrency"] == auto.device_preset().slots
+
+
 def test_too_few_ipus_names_the_preset_that_fits(fake, tmp_path):
     fake.reset(ipus=4)
     with pytest.raises(RuntimeError, match=r"needs 16 IPUs, this host has 4.*'ipu-pod4'"):
+        backend(tmp_path, name="ipu-pod16")
+    fake.reset(ipus=8)  # the notebook's rule gives ipu-pod16 here too: no hint that names the same preset
+    with pytest.raises(RuntimeError, match=r"needs 16 IPUs, this host has 8$"):
         backend(tmp_path, name="ipu-pod16")
 
 

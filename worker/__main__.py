@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__.split("\n")[0])
     ap.add_argument("--redis", dest="redis_url", help="Redis URL (broker, results, conversations)")
     ap.add_argument("--model", help="model preset, hub id or local path")
-    ap.add_argument("--device", help="device preset: cpu, cpu-fp32, cuda, ipu-pod4, ipu-pod16")
+    ap.add_argument(
+        "--device", help="device preset: cpu, cpu-fp32, cuda, ipu (pod4 or pod16 by IPU count), ipu-pod4, ipu-pod16"
+    )
     ap.add_argument("--slots", type=int, help="concurrent sequences (overrides the device preset)")
     ap.add_argument("--sequence-length", type=int, help="positions per sequence (overrides the model preset)")
     ap.add_argument("--hostname", help="worker name (default: MODEL@HOST)")

@@ -106,7 +106,12 @@ class Runtime:
             backend.detach()
             log.info("start failed: released the device")
             raise
-        log.info("pipeline attached in %.1fs; serving %s", time.perf_counter() - t0, model.name)
+        log.info(
+            "pipeline attached in %.1fs; serving %s with %d slots",
+            time.perf_counter() - t0,
+            model.name,
+            len(engine.slots),
+        )
         return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, hostname)
 
     def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None) -> Handle:

@@ -122,8 +122,9 @@ def engine_slots(device: DevicePreset, num_layers: int | None, pipelined: bool =
 
 
 def worker_slots(device: DevicePreset, model: ModelPreset) -> int:
-    """Celery's concurrency for an IPU worker: one task thread per engine slot. Without poptorch it is
-    the preset's micro-batch: the worker then fails at start anyway, with the clear error."""
+    """Celery's concurrency for an IPU worker: one task thread per engine slot. Only the auto preset
+    needs poptorch here; without it the count falls back to the preset's own slots, as the worker
+    then fails at start anyway, with the clear error."""
     try:
         device = resolve_device(device, announce=False)
     except RuntimeError:
@@ -202,7 +203,8 @@ def check_hardware(poptorch: ModuleType, device: DevicePreset, plan: IPUPlan) ->
         return
     if not poptorch.ipuHardwareIsAvailable(plan.ipus):
         have = detect_ipus(poptorch)
-        hint = f"; for {have} IPUs the preset is {choose_preset(have)!r}" if have else ""
+        fits = choose_preset(have)
+        hint = f"; for {have} IPUs the preset is {fits!r}" if have and fits != device.name else ""
         raise RuntimeError(f"device {device.name!r} needs {plan.ipus} IPUs, this host has {have}{hint}")
 
 
