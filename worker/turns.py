@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any
 
@@ -60,12 +59,12 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
     any other error fails the turn with the reason, so its caller always gets an answer."""
     try:
         return _serve(rt, payload)
-    except (Reject, redis.RedisError):
-        if not isinstance(sys.exc_info()[1], Reject):
-            rt.counters.add("handed_back")
-            log.exception("Redis error during a turn: handing it back")
-            raise Reject("Redis error", requeue=True) from None
+    except Reject:
         raise
+    except redis.RedisError:
+        rt.counters.add("handed_back")
+        log.exception("Redis error during a turn: handing it back")
+        raise Reject("Redis error", requeue=True) from None
     except Exception as e:
         log.exception("turn failed")
         if isinstance(payload, dict):
