@@ -19,11 +19,24 @@ class WorkerProcess:
         self.name = name
         self.redis_url = redis_url
         self.log_path = log_dir / f"{name}.log"
-        full_env = {**os.environ, "CHAT_MODEL": "tiny-neox", "CHAT_DEVICE": "cpu-fp32", "CHAT_SLOTS": "4",
-                    "CHAT_THREADS": "1", "CHAT_STREAM_FLUSH_MS": "20", "PYTHONUNBUFFERED": "1", **env}
+        full_env = {
+            **os.environ,
+            "CHAT_MODEL": "tiny-neox",
+            "CHAT_DEVICE": "cpu-fp32",
+            "CHAT_SLOTS": "4",
+            "CHAT_THREADS": "1",
+            "CHAT_STREAM_FLUSH_MS": "20",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--redis", redis_url, "--hostname", name],
-                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--redis", redis_url, "--hostname", name],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 60) -> WorkerProcess:
         """Ready = the pipeline is attached and the consumer runs ('ready' in Celery's log)."""
@@ -54,3 +67,12 @@ class WorkerProcess:
 
 def served(r: redis.Redis, turn_hash_key: str) -> str:
     return (r.hget(turn_hash_key, "worker") or b"").decode()
+
+
+def first_delta(client, turn_id: str, timeout: float = 30) -> str:
+    """Wait until the turn is generating; returns the worker serving it."""
+    for ev in client.events(turn_id, timeout=timeout):
+        if ev.kind == "delta" and ev.text:
+            return client.r.hget(client.keys.turn(turn_id), "worker").decode()
+        assert ev.kind != "done", "the turn finished before it could be interrupted"
+    raise AssertionError("no delta")

@@ -24,7 +24,7 @@ from producer.client import ChatClient
 from shared.keys import Keys
 from shared.sampling import SamplingParams
 from tests.conftest import tiny_settings
-from tests.procs import ROOT, WorkerProcess
+from tests.procs import ROOT, WorkerProcess, first_delta
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +80,6 @@ def client(r: redis.Redis, redis_url: str):
     c = ChatClient(tiny_settings(redis_url, sequence_length=SEQ))
     yield c
     c.close()
-
-
-def first_delta(client: ChatClient, turn_id: str, timeout: float = 30) -> str:
-    for ev in client.events(turn_id, timeout=timeout):
-        if ev.kind == "delta" and ev.text:
-            return client.r.hget(KEYS.turn(turn_id), "worker").decode()
-        assert ev.kind != "done", "the turn finished before it could be interrupted"
-    raise AssertionError("no delta")
 
 
 def wait_for(w: WorkerProcess, text: str, timeout: float = 10) -> None:

@@ -20,7 +20,7 @@ from shared.keys import Keys
 from shared.messages import Role
 from shared.sampling import SamplingParams
 from tests.conftest import tiny_settings
-from tests.procs import ROOT, WorkerProcess
+from tests.procs import ROOT, WorkerProcess, first_delta
 
 KEYS = Keys("chat")
 SEQ = 2048
@@ -58,15 +58,6 @@ def client(r: redis.Redis, redis_url: str):
     c.close()
 
 
-def first_delta(client: ChatClient, turn_id: str, timeout: float = 30) -> str:
-    """Wait until the turn is generating; returns the worker serving it."""
-    for ev in client.events(turn_id, timeout=timeout):
-        if ev.kind == "delta" and ev.text:
-            return client.r.hget(KEYS.turn(turn_id), "worker").decode()
-        assert ev.kind != "done", "the turn finished before it could be interrupted"
-    raise AssertionError("no delta")
-
-
 def by_host(ws: list[WorkerProcess], host: str) -> WorkerProcess:
     (w,) = [w for w in ws if host == f"celery@{w.name}"]
     return w
@@ -89,9 +80,11 @@ def starts(r: redis.Redis, turn_id: str) -> list[int]:
 
 def test_worker_that_cannot_load_fails_at_start_with_a_clear_error(r, redis_url, tmp_path):
     down = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-    cases = {"missing-model": (redis_url, {"CHAT_MODEL": "/nonexistent/path"}, "LoadError: model '/nonexistent/path'"),
-             "ipu-without-poptorch": (redis_url, {"CHAT_DEVICE": "ipu-pod4"}, "needs poptorch"),
-             "redis-down": (down, {}, "ConnectionError: Error 111 connecting to 127.0.0.1:1")}
+    cases = {
+        "missing-model": (redis_url, {"CHAT_MODEL": "/nonexistent/path"}, "LoadError: model '/nonexistent/path'"),
+        "ipu-without-poptorch": (redis_url, {"CHAT_DEVICE": "ipu-pod4"}, "needs poptorch"),
+        "redis-down": (down, {}, "ConnectionError: Error 111 connecting to 127.0.0.1:1"),
+    }
     procs = {name: WorkerProcess(url, name, tmp_path, **env) for name, (url, env, _) in cases.items()}
     try:
         codes = {name: w.wait(90) for name, w in procs.items()}
@@ -109,8 +102,13 @@ def test_worker_that_cannot_load_fails_at_start_with_a_clear_error(r, redis_url,
 
 
 def test_bad_configuration_exits_2_before_loading(redis_url):
-    p = subprocess.run([sys.executable, "-m", "worker", "--redis", redis_url, "--slots", "0"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "worker", "--redis", redis_url, "--slots", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "CHAT_SLOTS" in p.stderr
 
 
