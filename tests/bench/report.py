@@ -375,7 +375,12 @@ READING = [
     "worker`). *Executed* counts also each command run inside that script (an XADD and an HMGET per turn per "
     "flush) and every reader's XREAD, so it grows with streams × flushes, not with tokens; a longer "
     "`CHAT_STREAM_FLUSH_MS` trades streaming granularity for fewer commands. A turn's first text is flushed at "
-    "once, so time to first token does not pay the interval.",
+    "once, so time to first token does not pay the interval. A turn also has a fixed cost (Celery's publish, "
+    "ack and result, the conversation's writes: about 25 commands executed), 0.2 per token at 128-token "
+    "replies, so the goal of 0.1 executed per token is out of reach at this reply length whatever the flush; "
+    "at a 200 ms flush the whole stack measured 0.48 executed / 0.18 round trips per token "
+    "(`python -m tests.bench.run --only queue --private-redis --flush-ms 200 --turns 50`, 2026-11-27, same "
+    "machine).",
     "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True)`) has not run on a GPU yet; its "
     "figures stay open until a session with a GPU runs `make bench`.",
 ]
