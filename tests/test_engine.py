@@ -139,3 +139,28 @@ def test_rejects_prompts_that_leave_no_room(tiny):
             eng.submit([1, 2], SamplingParams(top_k=10_000), 1)
     finally:
         eng.stop()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
+    eng = engine_for(tiny.model, tiny.tokenizer, slots=2, max_len=2048)
+    eng.codec.end_ids = set()  # both run their full length
+    try:
+        short = prompts(eng.codec)[1]
+        long = fit(eng.codec, [ChatMessage(role=Role.prompter, text="long prompt " * 100)], 2048, None).ids
+        assert len(long) > 4 * 256
+        ref_short = final(eng.submit(short, GREEDY, 300)).token_ids
+        ref_long = final(eng.submit(long, GREEDY, 20)).token_ids
+        calls: list[str] = []
+        prefill, decode = eng.backend.prefill, eng.backend.decode
+        eng.backend.prefill = lambda *a: calls.append("prefill") or prefill(*a)
+        eng.backend.decode = lambda *a: calls.append("decode") or decode(*a)
+        first = eng.submit(short, GREEDY, 300)
+        while eng.tokens_generated < 3:
+            time.sleep(0.001)
+        second = eng.submit(long, GREEDY, 20)
+        assert final(first).token_ids == ref_short and final(second).token_ids == ref_long
+        chunks = [i for i, c in enumerate(calls) if c == "prefill"][1:]  # the long prompt's chunks
+        assert len(chunks) >= 5
+        assert all("decode" in calls[a:b] for a, b in zip(chunks, chunks[1:]))  # the short one kept decoding
+    finally:
+        eng.stop()

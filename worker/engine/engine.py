@@ -1,9 +1,11 @@
 """The engine: one per device, serving up to `slots` sequences at once.
 
 Iteration-level scheduling (Orca / vLLM / text-generation-inference): each loop iteration admits
-waiting requests into free slots (prefill, which also samples their first token), drops the
-cancelled and expired, then runs one decode step for every active slot together. Sequences join
-and leave between steps; each keeps its own sampling parameters inside the shared batch.
+waiting requests into free slots, prefills at most PREFILL_BUDGET prompt tokens (whole short
+prompts, or one chunk of a long one: a 2,000-token prompt never stalls the running streams for its
+whole prefill), drops the cancelled and expired, then runs one decode step for every slot that is
+decoding. A prefill that completes samples its sequence's first token. Sequences join and leave
+between steps; each keeps its own sampling parameters inside the shared batch.
 
 The engine thread is the only one touching the model. Callers (Celery task threads) `submit` a
 prompt and read events from the returned handle.
@@ -25,10 +27,12 @@ from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
 from worker.engine.sampling import sample
-from worker.pipeline.backend import Backend
+from worker.pipeline.backend import PREFILL_CHUNKS, Backend
 from worker.pipeline.codec import Codec
 
 log = logging.getLogger(__name__)
+
+PREFILL_BUDGET = PREFILL_CHUNKS[-1]  # prompt tokens prefilled per iteration, between decode steps
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Seq:
     detok: Detokenizer
     generator: torch.Generator | None
     slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
     pos: int = 0  # where the last sampled token will be written
     last: int = 0
     generated: list[int] = field(default_factory=list)
@@ -189,40 +194,53 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-                admitted = []
                 for i, s in enumerate(self.slots):
                     if s is None and self._waiting:
                         seq = self._waiting.popleft()
                         seq.slot = i
                         self.slots[i] = seq
-                        admitted.append(seq)
             try:
-                for seq in admitted:
-                    if not seq.cancelled:
-                        self._prefill(seq)
+                self._prefill_some()
                 self._reap()
-                if self.busy:
+                if any(s is not None and s.prefilled == len(s.prompt) for s in self.slots):
                     self._step()
             except Exception as e:  # a failing step fails its sequences, never the engine
                 log.exception("engine step failed")
                 for s in [s for s in self.slots if s is not None]:
                     self._finish(s, Failed(f"generation failed: {e}"))
 
-    def _prefill(self, seq: _Seq) -> None:
-        seq.t_start = time.perf_counter()
+    def _prefill_some(self) -> None:
+        """Prefill up to PREFILL_BUDGET prompt tokens, oldest admissions first (at least one chunk)."""
+        budget = PREFILL_BUDGET
+        pending = sorted((s for s in self.slots if s is not None and s.prefilled < len(s.prompt)), key=lambda s: s.id)
+        for seq in pending:
+            if budget <= 0:
+                break
+            if seq.cancelled:
+                continue
+            n = min(len(seq.prompt) - seq.prefilled, budget)
+            budget -= n
+            self._prefill(seq, n)
+
+    def _prefill(self, seq: _Seq, n: int) -> None:
+        if seq.prefilled == 0:
+            seq.t_start = time.perf_counter()
         try:
-            logits = self.backend.prefill(seq.slot, seq.prompt, 0)
+            logits = self.backend.prefill(seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n], seq.prefilled)
         except Exception as e:
             log.exception("prefill failed")
             self._finish(seq, Failed(f"prefill failed: {e}"))
             return
+        seq.prefilled += n
+        if seq.prefilled < len(seq.prompt):
+            return  # more chunks next iteration; running streams decode in between
         seq.pos = len(seq.prompt)
         token = sample(logits[None, : self.codec.vocab_size], [seq.params], [seq.generator], [seq.prompt])[0]
         seq.t_first = time.perf_counter()
         self._accept(seq, token)
 
     def _step(self) -> None:
-        active = [s for s in self.slots if s is not None]
+        active = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)]
         n = max(s.slot for s in active) + 1
         ids = torch.zeros(n, dtype=torch.long)
         pos = torch.zeros(n, dtype=torch.long)
@@ -271,7 +289,7 @@ class Engine:
             seq.detok.text,
             len(seq.prompt),
             len(seq.generated),
-            (seq.t_first or now) - seq.t_start,
+            (seq.t_first or now) - (seq.t_start or now),
             now - (seq.t_first or now),
             list(seq.generated),
         )
