@@ -88,11 +88,9 @@ class ConversationStore:
         if len(text) > self.max_chars:
             raise InvalidInput(f"{what}: {len(text)} characters exceeds the limit of {self.max_chars}")
         try:
-            text.encode("utf-8")
             return check_text(text, field=what)
-        except (UnicodeEncodeError, ValueError) as e:
-            msg = str(e) if isinstance(e, ValueError) and not isinstance(e, UnicodeEncodeError) else "invalid UTF-8"
-            raise InvalidInput(f"{what}: {msg}") from None
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
 
     # -- conversations -----------------------------------------------------------------------------
     def create(self, model: str, system: str | None = None, owner: str = "") -> str:

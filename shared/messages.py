@@ -25,8 +25,10 @@ def check_text(text: str, *, field: str = "text") -> str:
         if ch in "\t\n\r":
             continue
         cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cs"):
-            raise ValueError(f"{field} contains a control or invalid character (U+{ord(ch):04X})")
+        if cat == "Cs":  # a lone surrogate: no UTF-8 encoding exists for it
+            raise ValueError(f"{field}: invalid UTF-8 (lone surrogate U+{ord(ch):04X})")
+        if cat == "Cc":
+            raise ValueError(f"{field}: contains a control or invalid character (U+{ord(ch):04X})")
     return text
 
 

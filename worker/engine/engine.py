@@ -250,9 +250,13 @@ class Engine:
         logits = self.backend.decode(ids, pos, mask)
         rows = torch.tensor([s.slot for s in active], device=logits.device)
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        tokens = sample(
-            picked, [s.params for s in active], [s.generator for s in active], [s.prompt + s.generated for s in active]
+        # Token histories only matter to the repetition penalty: don't copy them every step otherwise.
+        history = (
+            [s.prompt + s.generated for s in active]
+            if any(s.params.repetition_penalty != 1.0 for s in active)
+            else None
         )
+        tokens = sample(picked, [s.params for s in active], [s.generator for s in active], history)
         for s, t in zip(active, tokens):
             s.pos += 1
             self._accept(s, t)
