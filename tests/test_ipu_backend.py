@@ -27,6 +27,7 @@ from worker.app import worker_options
 from worker.engine.context import fit
 from worker.engine.engine import Engine, Finished, Token
 from worker.pipeline import ipu_backend, tiny_neox
+from worker.pipeline.backend import Prefill
 from worker.pipeline.factory import build_backend
 from worker.pipeline.ipu_backend import IPUBackend, choose_preset, detect_ipus, engine_slots, resolve_device
 from worker.pipeline.loader import LoadedModel, load_model
@@ -282,7 +283,7 @@ def test_pod_presets_size_the_executable(fake, tmp_path, name, ipus, micro):
     assert opts.last("autoRoundNumIPUs") is None  # 4 and 16 are powers of two
     assert opts.last("TensorLocations.setWeightLocation") is None  # a tiny model's weights fit on chip
     assert fake.ipus_in_use() == ipus
-    assert be.prefill(0, [1, 2, 3], 0).dtype == torch.float32  # fp16 on the device, fp32 to the engine
+    assert be.prefill([Prefill(0, [1, 2, 3], 0)]).dtype == torch.float32  # fp16 on the device, fp32 to the engine
 
 
 def test_layers_are_split_evenly_over_the_ipus(fake, tmp_path):
@@ -370,20 +371,20 @@ def test_detach_is_idempotent_and_attach_brings_it_back(fake, tmp_path):
     loaded = tiny()
     be = backend(tmp_path, loaded)
     prompt = loaded.codec.encode_plain("Same answer after re-attaching?")
-    before = be.prefill(2, prompt, 0)
+    before = be.prefill([Prefill(2, prompt, 0)])[0]
     be.detach()
     be.detach()
     assert not be.attached
     assert fake.executables and not any(e.isAttachedToDevice() for e in fake.executables)
     assert fake.ipus_in_use() == 0
     with pytest.raises(RuntimeError, match="detached"):
-        be.prefill(0, prompt, 0)
+        be.prefill([Prefill(0, prompt, 0)])[0]
     with pytest.raises(RuntimeError, match="detached"):
         be.decode(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool))
     be.attach()
     be.attach()  # already attached: nothing to do
     assert be.attached
-    assert torch.equal(be.prefill(2, prompt, 0), before)
+    assert torch.equal(be.prefill([Prefill(2, prompt, 0)])[0], before)
     be.close()
     assert not be.attached and fake.ipus_in_use() == 0
 
@@ -396,4 +397,4 @@ def test_a_second_backend_needs_the_first_to_release_the_ipus(fake, tmp_path):
         backend(tmp_path, loaded)  # same model again: its blocks are re-annotated, but the IPUs are taken
     first.detach()
     second = backend(tmp_path, loaded)
-    assert second.attached and second.prefill(0, [5, 6, 7], 0).shape == (272,)
+    assert second.attached and second.prefill([Prefill(0, [5, 6, 7], 0)])[0].shape == (272,)

@@ -163,9 +163,9 @@ class TimedBackend:
     def attached(self) -> bool:
         return self.inner.attached
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> Any:
-        self.events.append(("p", time.perf_counter(), len(ids)))
-        return self.inner.prefill(slot, ids, start)
+    def prefill(self, prefills: Any) -> Any:
+        self.events.append(("p", time.perf_counter(), sum(len(p.ids) for p in prefills)))
+        return self.inner.prefill(prefills)
 
     def decode(self, ids: Any, positions: Any, active: Any) -> Any:
         self.events.append(("d", time.perf_counter(), int(active.sum())))

@@ -27,7 +27,7 @@ from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
 from worker.engine.sampling import sample
-from worker.pipeline.backend import PREFILL_CHUNKS, Backend
+from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Prefill
 from worker.pipeline.codec import Codec
 
 log = logging.getLogger(__name__)
@@ -210,34 +210,55 @@ class Engine:
                     self._finish(s, Failed(f"generation failed: {e}"))
 
     def _prefill_some(self) -> None:
-        """Prefill up to PREFILL_BUDGET prompt tokens, oldest admissions first (at least one chunk)."""
+        """Prefill up to PREFILL_BUDGET prompt tokens in one backend call, oldest admissions first:
+        prompts arriving together share one forward. Short prompts go whole or wait for the next
+        iteration (a split costs a second forward); a long one goes in chunks, alone if need be."""
         budget = PREFILL_BUDGET
         pending = sorted((s for s in self.slots if s is not None and s.prefilled < len(s.prompt)), key=lambda s: s.id)
+        batch: list[tuple[_Seq, int]] = []
         for seq in pending:
-            if budget <= 0:
-                break
             if seq.cancelled:
                 continue
-            n = min(len(seq.prompt) - seq.prefilled, budget)
+            left = len(seq.prompt) - seq.prefilled
+            if batch and left > budget:
+                continue  # the next iteration takes it first: whole, or its first chunk
+            n = min(left, budget)
             budget -= n
-            self._prefill(seq, n)
+            batch.append((seq, n))
+            if budget <= 0:
+                break
+        if batch:
+            self._prefill(batch)
 
-    def _prefill(self, seq: _Seq, n: int) -> None:
-        if seq.prefilled == 0:
-            seq.t_start = time.perf_counter()
+    def _prefill(self, batch: list[tuple[_Seq, int]]) -> None:
+        now = time.perf_counter()
+        for seq, _ in batch:
+            if seq.prefilled == 0:
+                seq.t_start = now
+        chunks = [Prefill(s.slot, s.prompt[s.prefilled : s.prefilled + n], s.prefilled) for s, n in batch]
         try:
-            logits = self.backend.prefill(seq.slot, seq.prompt[seq.prefilled : seq.prefilled + n], seq.prefilled)
+            logits = self.backend.prefill(chunks)
         except Exception as e:
             log.exception("prefill failed")
-            self._finish(seq, Failed(f"prefill failed: {e}"))
+            for seq, _ in batch:
+                self._finish(seq, Failed(f"prefill failed: {e}"))
             return
-        seq.prefilled += n
-        if seq.prefilled < len(seq.prompt):
-            return  # more chunks next iteration; running streams decode in between
-        seq.pos = len(seq.prompt)
-        token = sample(logits[None, : self.codec.vocab_size], [seq.params], [seq.generator], [seq.prompt])[0]
-        seq.t_first = time.perf_counter()
-        self._accept(seq, token)
+        done: list[tuple[int, _Seq]] = []
+        for row, (seq, n) in enumerate(batch):
+            seq.prefilled += n
+            if seq.prefilled == len(seq.prompt):  # else more chunks next iteration; running streams decode in between
+                seq.pos = len(seq.prompt)
+                done.append((row, seq))
+        if not done:
+            return
+        rows = torch.tensor([row for row, _ in done], device=logits.device)
+        seqs = [seq for _, seq in done]
+        picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
+        tokens = sample(picked, [s.params for s in seqs], [s.generator for s in seqs], [s.prompt for s in seqs])
+        now = time.perf_counter()
+        for seq, token in zip(seqs, tokens):
+            seq.t_first = now
+            self._accept(seq, token)
 
     def _step(self) -> None:
         active = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)]

@@ -1,4 +1,4 @@
-"""What the engine asks of a device: prefill one slot, decode a batch of slots, detach.
+"""What the engine asks of a device: prefill prompt pieces into slots, decode a batch of slots, detach.
 
 Every backend keeps a KV cache of `slots x max_len` positions on its device. Shapes are static:
 prefill runs in chunks from a fixed set of sizes, decode over a fixed row count per call site, so
@@ -7,11 +7,16 @@ compiled graphs (CUDA graphs, poptorch executables) are reused instead of rebuil
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-PREFILL_CHUNKS = (16, 32, 64, 128, 256)  # prompt chunk sizes; a prompt is cut into these
+# Prompt chunk sizes; a prompt is cut into these. Steps of 16 keep padding under 16 tokens a chunk
+# (prompts prefilled together share a chunk size, so padding is paid once per row), and 16 shapes
+# are few enough to warm up. The largest is also the engine's per-iteration prefill budget.
+PREFILL_CHUNKS = tuple(range(16, 257, 16))
 
 
 def chunk_plan(n: int, chunks: tuple[int, ...] = PREFILL_CHUNKS) -> list[tuple[int, int]]:
@@ -26,13 +31,56 @@ def chunk_plan(n: int, chunks: tuple[int, ...] = PREFILL_CHUNKS) -> list[tuple[i
     return plan
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """Prompt tokens `ids` to write into `slot` at positions start, start+1, ..."""
+
+    slot: int
+    ids: list[int]
+    start: int
+
+
+def check_prefills(prefills: Sequence[Prefill], slots: int, max_len: int) -> None:
+    """The contract every backend enforces before touching its cache."""
+    if not prefills:
+        raise ValueError("prefill: nothing to prefill")
+    seen: set[int] = set()
+    for p in prefills:
+        if not 0 <= p.slot < slots:
+            raise ValueError(f"prefill: slot {p.slot} outside 0..{slots - 1}")
+        if p.slot in seen:
+            raise ValueError(f"prefill: slot {p.slot} given twice")
+        seen.add(p.slot)
+        if not p.ids:
+            raise ValueError(f"prefill: no tokens for slot {p.slot}")
+        if p.start + len(p.ids) > max_len:
+            raise ValueError(f"prompt of {p.start + len(p.ids)} tokens exceeds the sequence length {max_len}")
+
+
+def prefill_rounds(prefills: Sequence[Prefill], chunks: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
+    """Cut every prefill into chunks (chunk_plan) and deal them into rounds: round k holds each
+    prefill's k-th chunk as (prefill index, offset into its ids, real tokens, padded size), so one
+    forward per round (and padded size) serves all slots at once, each slot's chunks in order."""
+    plans = [chunk_plan(len(p.ids), chunks) for p in prefills]
+    rounds: list[list[tuple[int, int, int, int]]] = []
+    for i, plan in enumerate(plans):
+        offset = 0
+        for k, (real, size) in enumerate(plan):
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append((i, offset, real, size))
+            offset += real
+    return rounds
+
+
 class Backend(Protocol):
     slots: int  # sequences decoded together (the micro-batch on IPU)
     max_len: int  # positions per slot (the compiled sequence length)
     attached: bool
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Write `ids` into `slot` at positions start.., return the last token's logits (vocab,) fp32."""
+    def prefill(self, prefills: Sequence[Prefill]) -> torch.Tensor:
+        """Write each prefill into its slot (distinct slots), batched where the device allows.
+        Returns the logits of each prefill's last token, (len(prefills), vocab) fp32, in order."""
         ...
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import inspect
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from config.presets import DevicePreset, ModelPreset, load_presets
-from worker.pipeline.backend import PREFILL_CHUNKS, chunk_plan
+from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, check_prefills, prefill_rounds
 from worker.pipeline.loader import DTYPES, resolve_source
 from worker.pipeline.torch_backend import kv_dims
 
@@ -428,27 +429,24 @@ class IPUBackend:
     def attached(self) -> bool:
         return self._exe.isAttachedToDevice()
 
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, prefills: Sequence[Prefill]) -> torch.Tensor:
+        """Each step carries one `step_tokens` chunk for every slot being prefilled (rows are slots)."""
         self._check()
-        if not 0 <= slot < self.slots:
-            raise ValueError(f"slot {slot} outside 0..{self.slots - 1}")
-        if not ids:
-            raise ValueError("prefill: no tokens")
-        if start + len(ids) > self.max_len:
-            raise ValueError(f"prompt of {start + len(ids)} tokens exceeds the sequence length {self.max_len}")
-        done = 0
-        logits = None
-        for real, size in chunk_plan(len(ids), (self.step_tokens,)):
+        check_prefills(prefills, self.slots, self.max_len)
+        logits: list[torch.Tensor | None] = [None] * len(prefills)
+        for round_ in prefill_rounds(prefills, (self.step_tokens,)):
             inp = self._idle()
-            pos = torch.arange(start + done, start + done + size, dtype=INDEX)
-            inp.ids[slot, :real] = torch.tensor(ids[done : done + real], dtype=INDEX)
-            inp.rot[slot] = pos.clamp(max=self.max_len - 1)
-            inp.write[slot, :real] = pos[:real]  # padding keeps writing to the scratch column
-            inp.last[slot] = real - 1
-            logits = self._run(inp)[slot]
-            done += real
-        assert logits is not None
-        return logits
+            for i, offset, real, size in round_:
+                slot, p0 = prefills[i].slot, prefills[i].start + offset
+                pos = torch.arange(p0, p0 + size, dtype=INDEX)
+                inp.ids[slot, :real] = torch.tensor(prefills[i].ids[offset : offset + real], dtype=INDEX)
+                inp.rot[slot] = pos.clamp(max=self.max_len - 1)
+                inp.write[slot, :real] = pos[:real]  # padding keeps writing to the scratch column
+                inp.last[slot] = real - 1
+            out = self._run(inp)
+            for i, *_ in round_:
+                logits[i] = out[prefills[i].slot]
+        return torch.stack(logits)  # type: ignore[arg-type]
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         self._check()

@@ -1,9 +1,10 @@
 """A KV cache preallocated for `slots x max_len` positions, written at per-row positions.
 
 transformers' attention modules call `cache.update(k, v, layer_idx)` and attend over what it
-returns. Before each forward the backend *binds* the cache to the rows it runs (a prefix of the
-slots, so reads are views, not gathers), the position each new token is written at, and how many
-positions attention reads (a bucketed length, so shapes repeat and graphs can be reused).
+returns. Before each forward the backend *binds* the cache to the rows it runs (decode: a prefix of
+the slots, so reads are views, not gathers; a batched prefill: any slots, gathered), the position
+each new token is written at, and how many positions attention reads (a bucketed length, so shapes
+repeat and graphs can be reused).
 
 Position `max_len` is a scratch column: padding tokens and idle rows write there, and no mask
 ever lets attention read it.
@@ -24,7 +25,7 @@ class SlotKVCache:
         self.device = device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self._rows = slice(0, 0)
+        self._rows: slice | torch.Tensor = slice(0, 0)
         self._row_idx = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(0, 0, dtype=torch.long, device=device)
         self._kv_len = 0
@@ -39,21 +40,27 @@ class SlotKVCache:
     def allocated(self) -> bool:
         return bool(self.k)
 
-    def bind(self, rows: slice, positions: torch.Tensor, kv_len: int) -> None:
-        """Set where the next forward writes: `positions` is (rows, tokens), `kv_len` what it reads."""
-        n = rows.stop - rows.start
+    def bind(self, rows: slice | torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """Set where the next forward writes: `rows` are slots (a slice, or a 1-d tensor of slot
+        indices), `positions` is (rows, tokens), `kv_len` how many positions attention reads."""
+        if isinstance(rows, slice):
+            idx = torch.arange(rows.start, rows.stop, device=self.device)
+        else:
+            idx = rows.to(self.device)
         self._rows = rows
-        self._row_idx = torch.arange(n, device=self.device).unsqueeze(1)
+        self._row_idx = idx.unsqueeze(1)
         self._pos = positions
         self._kv_len = kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key/value: (rows, kv_heads, tokens, head_dim), already rotated.
-        kc = self.k[layer_idx][self._rows]
-        vc = self.v[layer_idx][self._rows]
-        kc[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
-        vc[self._row_idx, :, self._pos] = value.transpose(1, 2).to(self.dtype)
-        return kc[:, :, : self._kv_len], vc[:, :, : self._kv_len]
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
+        v[self._row_idx, :, self._pos] = value.transpose(1, 2).to(self.dtype)
+        if isinstance(self._rows, slice):
+            return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
+        idx = self._row_idx.view(-1)
+        return k[:, :, : self._kv_len].index_select(0, idx), v[:, :, : self._kv_len].index_select(0, idx)
 
     # transformers asks these of any cache object in a few code paths.
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from worker.pipeline.backend import PREFILL_CHUNKS, chunk_plan
+from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, check_prefills, prefill_rounds
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.quantize import quantize_int8
 
@@ -46,7 +47,8 @@ class TorchBackend:
             if self.device.type != "cpu":
                 raise ValueError("quantize=int8 is a CPU option")
             # Weight-only int8 + bf16 activations: a quarter of fp32's bytes on a memory-bound CPU.
-            model = quantize_int8(model)
+            # Decode (at most `slots` rows) keeps int8pack_mm's per-row kernel; prompt chunks have more rows.
+            model = quantize_int8(model, gemv_rows=slots)
         self.model = model.to(self.device)
         self.base = model.base_model
         self.head = model.get_output_embeddings()
@@ -67,7 +69,7 @@ class TorchBackend:
         return min(self.max_len, -(-needed // self.kv_block) * self.kv_block)
 
     def _forward(
-        self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int, rows: slice
+        self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int, rows: slice | torch.Tensor
     ) -> torch.Tensor:
         """Hidden states (rows, tokens, hidden) for `ids` at rotary positions `rot_pos`."""
         self.cache.bind(rows, write_pos, kv_len)
@@ -85,26 +87,29 @@ class TorchBackend:
 
     # -- Backend -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+    def prefill(self, prefills: Sequence[Prefill]) -> torch.Tensor:
+        """All slots' chunks of a round in one forward per padded size: a GEMM of many rows instead
+        of one weight pass per prompt."""
         self._check()
-        if start + len(ids) > self.max_len:
-            raise ValueError(f"prompt of {start + len(ids)} tokens exceeds the sequence length {self.max_len}")
-        done = 0
-        last = None
-        for real, size in chunk_plan(len(ids), PREFILL_CHUNKS):
-            chunk = ids[done : done + real] + [0] * (size - real)
-            p0 = start + done
-            rot = torch.arange(p0, p0 + size, device=self.device).unsqueeze(0)
-            write = rot.clone()
-            write[0, real:] = self.cache.scratch  # padding writes go to the scratch column
-            rot = rot.clamp(max=self.max_len - 1)
-            hidden = self._forward(
-                torch.tensor([chunk], device=self.device), rot, write, self._kv_len(p0 + real), slice(slot, slot + 1)
-            )
-            last = hidden[0, real - 1]
-            done += real
-        assert last is not None
-        return self.head(last.unsqueeze(0))[0].float()
+        check_prefills(prefills, self.slots, self.max_len)
+        last: list[torch.Tensor | None] = [None] * len(prefills)
+        for round_ in prefill_rounds(prefills, PREFILL_CHUNKS):
+            for size in sorted({c[3] for c in round_}):
+                group = [c for c in round_ if c[3] == size]
+                ids = torch.zeros(len(group), size, dtype=torch.long)
+                rot = torch.zeros(len(group), size, dtype=torch.long)
+                write = torch.full((len(group), size), self.cache.scratch, dtype=torch.long)
+                for r, (i, offset, real, _) in enumerate(group):
+                    p0 = prefills[i].start + offset
+                    ids[r, :real] = torch.tensor(prefills[i].ids[offset : offset + real])
+                    rot[r] = torch.arange(p0, p0 + size).clamp(max=self.max_len - 1)
+                    write[r, :real] = rot[r, :real]  # padding writes go to the scratch column
+                kv_len = self._kv_len(max(prefills[i].start + offset + real for i, offset, real, _ in group))
+                slots = torch.tensor([prefills[i].slot for i, *_ in group])
+                hidden = self._forward(ids.to(self.device), rot.to(self.device), write.to(self.device), kv_len, slots)
+                for r, (i, _, real, _) in enumerate(group):
+                    last[i] = hidden[r, real - 1]
+        return self.head(torch.stack(last)).float()  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -160,7 +165,7 @@ class TorchBackend:
         """Run every shape once so no request pays for first-call costs (and graphs are captured)."""
         for size in PREFILL_CHUNKS:
             if size <= self.max_len:
-                self.prefill(0, [0] * size, 0)
+                self.prefill([Prefill(0, [0] * size, 0)])
         n = self.slots
         for kv in sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)}):
             pos = torch.full((n,), kv - 1, dtype=torch.long)
