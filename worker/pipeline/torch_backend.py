@@ -60,8 +60,12 @@ class TorchBackend:
         self.cache.allocate(*kv_dims(model.config))
         self.kv_block = kv_block if not cuda_graphs else 256
         self.attached = True
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
-        self._use_graphs = cuda_graphs and self.device.type == "cuda"
+        # Static decode: every step runs all slots from fixed input buffers, one set per kv bucket. On
+        # CUDA each is captured as a graph and replayed; elsewhere the same buffers run eagerly (what
+        # the tests check on CPU: everything but the capture itself).
+        self._static = cuda_graphs
+        self._capture_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     def _kv_len(self, needed: int) -> int:
@@ -118,7 +122,7 @@ class TorchBackend:
         rot = torch.where(active, positions, 0).view(n, 1)
         write = torch.where(active, positions, self.cache.scratch).view(n, 1)
         kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
-        if self._use_graphs:
+        if self._static:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
         hidden = self._forward(
             ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, slice(0, n)
@@ -127,7 +131,7 @@ class TorchBackend:
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _decode_graph(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int, n: int):
-        """Decode always runs all slots on CUDA (idle rows are masked), one graph per kv bucket."""
+        """Decode always runs all slots here (idle rows are masked), one graph per kv bucket."""
         if kv_len not in self._graphs:
             self._capture(kv_len)
         graph, io = self._graphs[kv_len]
@@ -137,8 +141,14 @@ class TorchBackend:
         io["ids"][:n].copy_(ids)
         io["rot"][:n].copy_(rot)
         io["write"][:n].copy_(write)
-        graph.replay()
+        if graph is not None:
+            graph.replay()
+        else:
+            io["logits"].copy_(self._static_step(io, kv_len))
         return io["logits"][:n].float()
+
+    def _static_step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
+        return self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, self.slots))[:, -1])
 
     def _capture(self, kv_len: int) -> None:
         t0 = time.perf_counter()
@@ -148,16 +158,21 @@ class TorchBackend:
             "rot": torch.zeros(S, 1, dtype=torch.long, device=self.device),
             "write": torch.full((S, 1), self.cache.scratch, dtype=torch.long, device=self.device),
         }
+        if not self._capture_graphs:
+            io["logits"] = self._static_step(io, kv_len)
+            self._graphs[kv_len] = (None, io)
+            return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up outside the graph (allocations, autotuning)
-                self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, S))[:, -1])
+                self._static_step(io, kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        pool = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
+        first = next(iter(self._graphs.values()), None)
+        pool = first[0].pool() if first is not None and first[0] is not None else None
         with torch.cuda.graph(graph, pool=pool):
-            io["logits"] = self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, S))[:, -1])
+            io["logits"] = self._static_step(io, kv_len)
         self._graphs[kv_len] = (graph, io)
         log.info("captured decode graph: %d slots x %d positions in %.2fs", S, kv_len, time.perf_counter() - t0)
 
@@ -170,7 +185,7 @@ class TorchBackend:
         for kv in sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)}):
             pos = torch.full((n,), kv - 1, dtype=torch.long)
             self.decode(torch.zeros(n, dtype=torch.long), pos, torch.ones(n, dtype=torch.bool))
-            if not self._use_graphs:
+            if not self._capture_graphs:
                 break  # eager: one pass is enough to fault in the weights
 
     def detach(self) -> None:
