@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: install chat test test-fast lint bench worker api clean
+.PHONY: install chat test test-fast lint bench gpu-bench-prep worker api clean
 
 $(STAMP): requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -37,3 +37,9 @@ api: install  ## the HTTP API on $$CHAT_REDIS_URL (see docs/API.md)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+gpu-bench-prep: install  ## what tests/bench/gpu_device.sh needs on a GPU machine (no registry there)
+	rm -rf .whl .baselines && mkdir -p .baselines && cp ../shared/bench/*.py .baselines/
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(grep -E '^(pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions)==' requirements.txt)

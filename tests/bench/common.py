@@ -18,7 +18,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 # The baselines live beside the repository (shared, read-only) and are always run from there.
-BASELINE_DIR = (ROOT / ".." / "shared" / "bench").resolve()
+# The reference scripts; CHAT_BENCH_BASELINES points elsewhere (a copy carried to a GPU machine).
+BASELINE_DIR = Path(os.environ.get("CHAT_BENCH_BASELINES") or ROOT / ".." / "shared" / "bench").resolve()
 
 
 def log(msg: str) -> None:

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
 
+    for name in res["sections"]:
+        res["sections"][name]["_machine"] = res["machine"]  # travels with the section into a merge (report.py)
     res["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     notes = [a.note] if a.note else []
     load = res["machine"].get("loadavg_start")

@@ -1,0 +1,32 @@
+"""tests/bench/report.py: merging a lent GPU machine's results into this machine's report."""
+
+from tests.bench.report import markdown, merge
+
+
+def results(machine: str, **sections):
+    return {"machine": {"date_utc": machine, "gpu": machine}, "sections": sections}
+
+
+def test_merge_takes_measured_sections_and_keeps_their_machine():
+    base = results("here", cpu={"error": "x"}, gpu={"measured": False})
+    gpu = {"measured": True, "rows": [1]}
+    merged = merge(base, results("h200", gpu=gpu, stack={"error": "no redis there"}))
+    assert merged["sections"]["gpu"]["rows"] == [1]
+    assert merged["sections"]["gpu"]["_machine"]["gpu"] == "h200"
+    assert "stack" not in merged["sections"]  # a section that failed elsewhere replaces nothing
+    assert base["sections"]["gpu"] == {"measured": False}  # the base itself is left as it was
+
+
+def test_an_unmeasured_gpu_section_replaces_nothing():
+    base = results("here", gpu={"measured": True, "rows": [2]})
+    merged = merge(base, results("laptop", gpu={"measured": False}))
+    assert merged["sections"]["gpu"]["rows"] == [2]
+
+
+def test_the_report_names_the_machine_a_merged_section_came_from():
+    res = results("here", cpu={"error": "not run"})
+    res["sections"]["stack"] = {"error": "boom", "_machine": {"date_utc": "elsewhere", "gpu": "H200"}}
+    res["machine"].update(git_commit="abc", cpu_model="c", logical_cpus=2, usable_cpus=2, torch="t",
+                          torch_threads=2, transformers="x", python="3", os="linux")
+    md = markdown(res)
+    assert "Merged from another run" in md and "GPU H200" in md
