@@ -406,8 +406,10 @@ READING = [
     "stack measured 0.48 executed / 0.18 round trips per token "
     "(`python -m tests.bench.run --only queue --private-redis --flush-ms 200 --turns 50`, 2026-11-27, same "
     "machine).",
-    "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True)`) has not run on a GPU yet; its "
-    "figures stay open until a session with a GPU runs `make bench`.",
+    "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True)`) has not run on a GPU yet (no GPU "
+    "was lent to the sessions so far). Its static shapes and buffers run eagerly off CUDA and are tested against "
+    "dynamic decode on CPU (`tests/test_torch_backend.py`); the capture itself is not. The GPU figures stay open "
+    "until a session with a GPU runs `tests/bench/gpu_device.sh`.",
 ]
 
 
