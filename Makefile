@@ -42,4 +42,4 @@ gpu-bench-prep: install  ## what tests/bench/gpu_device.sh needs on a GPU machin
 	rm -rf .whl .baselines && mkdir -p .baselines && cp ../shared/bench/*.py .baselines/
 	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-	  $$(grep -E '^(pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions)==' requirements.txt)
+	  $$(grep -E '^(pydantic|pydantic_core|pydantic-settings|python-dotenv|annotated-types|typing-inspection|typing_extensions)==' requirements.txt)
