@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -57,18 +57,26 @@ def check_prefills(prefills: Sequence[Prefill], slots: int, max_len: int) -> Non
             raise ValueError(f"prompt of {p.start + len(p.ids)} tokens exceeds the sequence length {max_len}")
 
 
-def prefill_rounds(prefills: Sequence[Prefill], chunks: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
+class Piece(NamedTuple):
+    """One chunk of prefill number `index`: ids[offset : offset + real], padded to `size`."""
+
+    index: int
+    offset: int
+    real: int
+    size: int
+
+
+def prefill_rounds(prefills: Sequence[Prefill], chunks: tuple[int, ...]) -> list[list[Piece]]:
     """Cut every prefill into chunks (chunk_plan) and deal them into rounds: round k holds each
-    prefill's k-th chunk as (prefill index, offset into its ids, real tokens, padded size), so one
-    forward per round (and padded size) serves all slots at once, each slot's chunks in order."""
-    plans = [chunk_plan(len(p.ids), chunks) for p in prefills]
-    rounds: list[list[tuple[int, int, int, int]]] = []
-    for i, plan in enumerate(plans):
+    prefill's k-th chunk, so one forward per round (and padded size) serves all slots at once,
+    each slot's chunks in order."""
+    rounds: list[list[Piece]] = []
+    for i, p in enumerate(prefills):
         offset = 0
-        for k, (real, size) in enumerate(plan):
+        for k, (real, size) in enumerate(chunk_plan(len(p.ids), chunks)):
             if k == len(rounds):
                 rounds.append([])
-            rounds[k].append((i, offset, real, size))
+            rounds[k].append(Piece(i, offset, real, size))
             offset += real
     return rounds
 

@@ -444,8 +444,8 @@ class IPUBackend:
                 inp.write[slot, :real] = pos[:real]  # padding keeps writing to the scratch column
                 inp.last[slot] = real - 1
             out = self._run(inp)
-            for i, *_ in round_:
-                logits[i] = out[prefills[i].slot]
+            for piece in round_:
+                logits[piece.index] = out[prefills[piece.index].slot]
         return torch.stack(logits)  # type: ignore[arg-type]
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:

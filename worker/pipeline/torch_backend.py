@@ -98,8 +98,8 @@ class TorchBackend:
         check_prefills(prefills, self.slots, self.max_len)
         last: list[torch.Tensor | None] = [None] * len(prefills)
         for round_ in prefill_rounds(prefills, PREFILL_CHUNKS):
-            for size in sorted({c[3] for c in round_}):
-                group = [c for c in round_ if c[3] == size]
+            for size in sorted({piece.size for piece in round_}):
+                group = [piece for piece in round_ if piece.size == size]
                 ids = torch.zeros(len(group), size, dtype=torch.long)
                 rot = torch.zeros(len(group), size, dtype=torch.long)
                 write = torch.full((len(group), size), self.cache.scratch, dtype=torch.long)
@@ -108,11 +108,11 @@ class TorchBackend:
                     ids[r, :real] = torch.tensor(prefills[i].ids[offset : offset + real])
                     rot[r] = torch.arange(p0, p0 + size).clamp(max=self.max_len - 1)
                     write[r, :real] = rot[r, :real]  # padding writes go to the scratch column
-                kv_len = self._kv_len(max(prefills[i].start + offset + real for i, offset, real, _ in group))
-                slots = torch.tensor([prefills[i].slot for i, *_ in group])
+                kv_len = self._kv_len(max(prefills[p.index].start + p.offset + p.real for p in group))
+                slots = torch.tensor([prefills[p.index].slot for p in group])
                 hidden = self._forward(ids.to(self.device), rot.to(self.device), write.to(self.device), kv_len, slots)
-                for r, (i, _, real, _) in enumerate(group):
-                    last[i] = hidden[r, real - 1]
+                for r, p in enumerate(group):
+                    last[p.index] = hidden[r, p.real - 1]
         return self.head(torch.stack(last)).float()  # type: ignore[arg-type]
 
     @torch.inference_mode()
