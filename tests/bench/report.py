@@ -389,7 +389,7 @@ READING = [
     "multiple of 16), and under int8 a prompt chunk runs as a bf16 GEMM over the dequantized weight "
     "(`int8pack_mm` is a per-row kernel: 64 rows cost it more than fp32). Eight 38-token prompts: 1.47 s "
     "one by one through `int8pack_mm` before, 0.53 s in one call now (same machine, 2026-11-27); `8 together` TTFT "
-    "fell from ~0.9 s to ~0.55 s. The first arrival is prefilled alone (the engine starts at once), the "
+    "p50 fell from ~0.9 s to 0.55-0.65 s. The first arrival is prefilled alone (the engine starts at once), the "
     "others join it in the next iteration.",
     "- **Noise**: this VM's speed drifts by 20-30% within minutes (the baseline's own batch-of-8 figure "
     "ranged 62-81 tok/s across runs on one day), which is why every ratio is against a baseline measured "
