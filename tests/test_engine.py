@@ -1,5 +1,6 @@
 """worker/engine/engine.py: continuous batching. Batched greedy output equals solo output; joins
-and leaves at step boundaries disturb no one; each row keeps its own sampling; slots come back."""
+and leaves at step boundaries disturb no one; each row keeps its own sampling; slots come back;
+prompts arriving together are prefilled together."""
 
 import time
 
@@ -10,7 +11,9 @@ from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.models import engine_for, tiny_llama
 from worker.engine.context import fit
-from worker.engine.engine import Failed, Finished, Token
+from worker.engine.engine import PREFILL_BUDGET, Engine, Failed, Finished, Token
+from worker.pipeline.codec import Codec
+from worker.pipeline.torch_backend import TorchBackend
 
 GREEDY = SamplingParams(temperature=0)
 TEXTS = ["hi", "Hello there, how are you?", "x" * 50, "abc def", "A much longer prompt " * 6, "q", "12345", "zz top"]
@@ -163,5 +166,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
         chunks = [i for i, c in enumerate(calls) if c == "prefill"][1:]  # the long prompt's chunks
         assert len(chunks) >= 5
         assert all("decode" in calls[a:b] for a, b in zip(chunks, chunks[1:]))  # the short one kept decoding
+    finally:
+        eng.stop()
+
+
+def test_prompts_arriving_together_share_one_prefill_and_short_ones_are_never_split(tiny):
+    codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
+    eng = Engine(TorchBackend(tiny.model, slots=4, max_len=512), codec)  # not started: all four wait together
+    calls: list[list[tuple[int, int]]] = []
+    prefill = eng.backend.prefill
+    eng.backend.prefill = lambda ps: calls.append([(p.slot, len(p.ids)) for p in ps]) or prefill(ps)
+    size = PREFILL_BUDGET // 2 - 10  # two fit in one iteration's budget, a third does not
+    ps = [[(7 * i + j) % 200 + 1 for i in range(size)] for j in range(3)] + [[5, 6, 7]]
+    handles = [eng.submit(p, GREEDY, 2) for p in ps]
+    eng.start()
+    try:
+        assert all(isinstance(final(h), Finished) for h in handles)
+        assert calls[0] == [(0, size), (1, size), (3, 3)]  # the third waits whole; the short fourth fits
+        assert calls[1] == [(2, size)]
+        assert len(calls) == 2
     finally:
         eng.stop()
