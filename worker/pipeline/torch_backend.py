@@ -178,9 +178,11 @@ class TorchBackend:
 
     def warm_up(self) -> None:
         """Run every shape once so no request pays for first-call costs (and graphs are captured)."""
-        for size in PREFILL_CHUNKS:
-            if size <= self.max_len:
-                self.prefill([Prefill(0, [0] * size, 0)])
+        # On CUDA every chunk size once (kernel selection per shape); elsewhere one prompt faults the
+        # weights in, and batched prompts make too many shapes to pre-run anyway.
+        sizes = PREFILL_CHUNKS if self.device.type == "cuda" else (PREFILL_CHUNKS[-1],)
+        for size in sizes:
+            self.prefill([Prefill(0, [0] * min(size, self.max_len), 0)])
         n = self.slots
         for kv in sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)}):
             pos = torch.full((n,), kv - 1, dtype=torch.long)
