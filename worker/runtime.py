@@ -20,6 +20,7 @@ from config.settings import Settings
 from shared.keys import Keys
 from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
+from worker.engine.own_thread import start_on_own_thread
 from worker.pipeline.backend import Backend
 from worker.pipeline.factory import backend_dtype, build_backend
 from worker.pipeline.loader import LoadedModel, load_model
@@ -77,14 +78,23 @@ class Runtime:
             device.slots,
             model.sequence_length,
         )
-        loaded = load_model(model, backend_dtype(device))
-        backend = build_backend(device, loaded, model.sequence_length)
-        engine: Engine | None = None
+
+        def attach() -> tuple[Engine, tuple[LoadedModel, Backend]]:
+            """On the engine's own thread: all tensor work on one thread (own_thread.py)."""
+            loaded = load_model(model, backend_dtype(device))
+            backend = build_backend(device, loaded, model.sequence_length)
+            try:
+                if hasattr(backend, "warm_up"):
+                    backend.warm_up()
+                engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu")
+                return engine, (loaded, backend)
+            except BaseException:
+                backend.detach()
+                log.info("start failed: released the device")
+                raise
+
+        engine, (loaded, backend) = start_on_own_thread(attach)
         try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
-            if hasattr(backend, "warm_up"):
-                backend.warm_up()
-            engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu")
-            engine.start()
             r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
             keys = Keys(settings.key_prefix)
             turns = TurnStore(
@@ -101,8 +111,7 @@ class Runtime:
             publisher.heartbeat = lambda: report_busy(r, keys, hostname, model.name, engine)
             publisher.start()
         except BaseException:
-            if engine is not None:
-                engine.stop()
+            engine.stop()
             backend.detach()
             log.info("start failed: released the device")
             raise

@@ -105,6 +105,7 @@ def run(
     from config.presets import load_presets
     from shared.sampling import SamplingParams
     from worker.engine.engine import Engine
+    from worker.engine.own_thread import start_on_own_thread
     from worker.pipeline.factory import backend_dtype, build_backend
     from worker.pipeline.loader import load_model
 
@@ -138,19 +139,24 @@ def run(
     for name in PRESETS:
         dev = presets.device(name)
         dtype = backend_dtype(dev)
-        if dtype not in loaded_by_dtype:
-            t0 = time.perf_counter()
-            loaded_by_dtype[dtype] = load_model(mp, dtype)
-            log(f"loaded {MODEL} ({dtype}) in {time.perf_counter() - t0:.1f}s")
-        loaded = loaded_by_dtype[dtype]
-        # quantize=int8 converts the model in place: give it a copy.
-        mine = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if dev.quantize != "none" else loaded
         t0 = time.perf_counter()
-        inner = build_backend(dev, mine, seq_len)
-        inner.warm_up()
-        backend = TimedBackend(inner)
-        codec = bench_codec(loaded.codec, ignore_eos)
-        engine = Engine(backend, codec, device=dev.device).start()
+
+        def setup(dev: Any = dev, dtype: Any = dtype) -> Any:
+            """As the worker does it: load, build and warm up on the engine's own thread (own_thread.py)."""
+            if dtype not in loaded_by_dtype:
+                t1 = time.perf_counter()
+                loaded_by_dtype[dtype] = load_model(mp, dtype)
+                log(f"loaded {MODEL} ({dtype}) in {time.perf_counter() - t1:.1f}s")
+            loaded = loaded_by_dtype[dtype]
+            # quantize=int8 converts the model in place: give it a copy.
+            mine = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model)) if dev.quantize != "none" else loaded
+            inner = build_backend(dev, mine, seq_len)
+            inner.warm_up()
+            backend = TimedBackend(inner)
+            engine = Engine(backend, bench_codec(loaded.codec, ignore_eos), device=dev.device)
+            return engine, (loaded, inner, backend)
+
+        engine, (loaded, inner, backend) = start_on_own_thread(setup)
         prompts = prompts_for(loaded.codec, seq_len, new)
         # Warm-up outside the timings: every batch width the runs below use, a few tokens each.
         run_streams(engine, prompts, 4, params)
@@ -178,7 +184,7 @@ def run(
         engine.stop()
         inner.detach()
         out["presets"][name] = res
-        del engine, backend, inner, mine
+        del engine, backend, inner
         gc.collect()
 
     any_loaded = next(iter(loaded_by_dtype.values()))

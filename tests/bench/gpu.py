@@ -115,6 +115,7 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
     from config.presets import load_presets
     from shared.sampling import SamplingParams
     from worker.engine.engine import Engine
+    from worker.engine.own_thread import start_on_own_thread
     from worker.pipeline.torch_backend import TorchBackend
 
     cuda = torch.cuda.is_available()
@@ -155,7 +156,17 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
         log(f"gpu: {out['card']}, copy bandwidth {out['copy_GBps_rw']} GB/s (read+write)")
 
     t0 = time.perf_counter()
-    model = build_model(small, device, dtype)
+
+    def setup() -> Any:
+        """As the worker does it: everything on the engine's own thread (own_thread.py)."""
+        model = build_model(small, device, dtype)
+        init_s = time.perf_counter() - t0
+        inner = TorchBackend(model, slots=slots, max_len=max_len, device=device, cuda_graphs=bool(preset.cuda_graphs))
+        inner.warm_up()  # captures the decode graphs on CUDA
+        backend = TimedBackend(inner)
+        return Engine(backend, StubCodec(), device=device), (model, inner, backend, init_s)
+
+    engine, (model, inner, backend, init_s) = start_on_own_thread(setup)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     emb = model.gpt_neox.embed_in.weight
     read_bytes = nbytes - emb.numel() * emb.element_size()  # as the baseline: embedding rows are gathered
@@ -163,13 +174,8 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
         params=sum(p.numel() for p in model.parameters()),
         weight_GB=round(nbytes / 1e9, 2),
         weight_GB_read_per_step=round(read_bytes / 1e9, 2),
-        init_s=round(time.perf_counter() - t0, 1),
+        init_s=round(init_s, 1),
     )
-    t0 = time.perf_counter()
-    inner = TorchBackend(model, slots=slots, max_len=max_len, device=device, cuda_graphs=bool(preset.cuda_graphs))
-    inner.warm_up()  # captures the decode graphs on CUDA
-    backend = TimedBackend(inner)
-    engine = Engine(backend, StubCodec(), device=device).start()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 50000, (max(conc), PROMPT), generator=gen).tolist()
     params = SamplingParams(temperature=0.0)

@@ -131,9 +131,15 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def start(self) -> Engine:
+        """Run the loop on a new thread."""
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until stop() (own_thread.py says why)."""
+        self._thread = threading.current_thread()
+        self._run()
 
     def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None = None) -> Handle:
         if not prompt:
@@ -179,7 +185,7 @@ class Engine:
             self._stopping = True
             self._cv.notify_all()
         self.abandon_all("engine stopped")
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # -- loop --------------------------------------------------------------------------------------
