@@ -136,9 +136,13 @@ class Engine:
         self._thread.start()
         return self
 
+    def bind_thread(self) -> None:
+        """Make the calling thread the engine's: stop() joins it from now on."""
+        self._thread = threading.current_thread()
+
     def run(self) -> None:
         """Run the loop on the calling thread until stop() (own_thread.py says why)."""
-        self._thread = threading.current_thread()
+        self.bind_thread()
         self._run()
 
     def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None = None) -> Handle:

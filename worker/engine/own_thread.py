@@ -31,6 +31,7 @@ def start_on_own_thread(setup: Callable[[], tuple[Engine, T]], name: str = "engi
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             ready.set_exception(e)
             return
+        out[0].bind_thread()  # before the caller sees the engine: its stop() joins this thread
         ready.set_result(out)
         out[0].run()
 
