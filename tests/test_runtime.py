@@ -1,0 +1,32 @@
+"""worker/runtime.py: a worker process's pipeline. The model is loaded, built and warmed up on the
+engine's own thread (one OpenMP team for all tensor work), and detach ends that thread."""
+
+import threading
+
+from shared.sampling import SamplingParams
+from tests.conftest import tiny_settings
+from worker import runtime as runtime_module
+from worker.engine.engine import Finished
+from worker.runtime import Runtime
+
+
+def test_the_model_is_loaded_on_the_engine_thread_and_detach_ends_it(r, redis_url, monkeypatch):
+    loaded_on: list[int] = []
+    real_load = runtime_module.load_model
+
+    def load_model(*a, **kw):
+        loaded_on.append(threading.get_ident())
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(runtime_module, "load_model", load_model)
+    rt = Runtime.open(tiny_settings(redis_url), "runtime-test")
+    try:
+        thread = rt.engine._thread
+        assert thread is not None and thread.is_alive()
+        assert loaded_on == [thread.ident] and thread.ident != threading.get_ident()
+        events = list(rt.submit(rt.loaded.codec.encode_plain("hi"), SamplingParams(temperature=0), 4, None))
+        assert isinstance(events[-1], Finished)
+    finally:
+        rt.detach()
+    thread.join(5)
+    assert not thread.is_alive()
