@@ -4,7 +4,7 @@ GNU OpenMP (torch's CPU thread pool) keeps a team of worker threads for every th
 a parallel region. Load the model on the main thread and decode on the engine thread, and there are
 two teams: more OpenMP threads than CPUs, so OpenMP stops spinning between parallel regions and each
 one pays a futex wake-up. On this project's 2-core VM one int8 matmul took 92 us on the engine
-thread against 31 us on the loading thread, and a SmolLM2 decode step ~50 ms against ~30 ms.
+thread against 31 us on the loading thread; a SmolLM2 int8 decode step took ~50 ms, 23 ms once fixed.
 Building the pipeline on the thread that then runs the engine loop leaves a single team.
 """
 
