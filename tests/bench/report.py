@@ -389,9 +389,9 @@ READING = [
     "- **One thread for all tensor work** (`worker/engine/own_thread.py`): the pipeline is loaded, built and "
     "warmed up on the thread that then runs the engine loop. Loaded on the main thread, the process had two "
     "OpenMP teams (3 threads on 2 CPUs), OpenMP stopped spinning between parallel regions, and the engine "
-    "thread's decode step took ~50 ms instead of ~23 ms (`cpu`, one stream). Fixing that took the `cpu` preset "
-    "from 1.46x to 2.96x (1 stream) and 1.77x to 2.17x (8 together), `cpu-fp32` from 1.01x to 1.18x (1 stream), "
-    "same machine, 2026-11-27.",
+    "thread's decode step took ~50 ms instead of 23-33 ms (`cpu`, one stream). Fixing that took the `cpu` preset "
+    "from 1.46x to 2.52-2.96x (1 stream) and from 1.77x to 1.89-2.17x (8 together) over two full runs, "
+    "`cpu-fp32` from 1.01x to 1.14-1.18x (1 stream), same machine, 2026-11-27.",
     "- **Prefill**: prompts admitted together are prefilled in one forward (rows = prompts, padded to a "
     "multiple of 16), and under int8 a prompt chunk runs as a bf16 GEMM over the dequantized weight "
     "(`int8pack_mm` is a per-row kernel: 64 rows cost it more than fp32). Eight 38-token prompts: 1.47 s "
