@@ -43,10 +43,17 @@ class DevicePreset(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     slots: int = Field(8, ge=1, le=1024)  # concurrent sequences (the IPU micro-batch)
     quantize: Literal["none", "int8"] = "none"
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
+    compile_decode: bool = False  # torch.compile that step first (fuses small ops; a minute or two at start)
     ipus: int = Field(0, ge=0)
     available_memory_proportion: float = Field(0.4, gt=0, le=1)
     executable_cache: str = ".cache/poptorch"
+
+    @model_validator(mode="after")
+    def _compile_needs_graphs(self) -> DevicePreset:
+        if self.compile_decode and not self.cuda_graphs:
+            raise ValueError("compile_decode compiles the static decode step: set cuda_graphs too")
+        return self
 
 
 class Presets(BaseModel):

@@ -30,3 +30,23 @@ def test_the_report_names_the_machine_a_merged_section_came_from():
                           torch_threads=2, transformers="x", python="3", os="linux")
     md = markdown(res)
     assert "Merged from another run" in md and "GPU H200" in md
+
+
+def test_a_measured_gpu_section_renders_a_row_per_variant_and_stream_count():
+    """The section's real structure (its CPU smoke run, no compile, no baseline) rendered as a GPU run
+    would be: a rendering bug must not wait for a lent GPU to show."""
+    from tests.bench import gpu
+    from tests.bench.report import gpu_md
+
+    g = gpu.run(smoke=True, baseline=False, compile_baseline=False, max_len=256, variants=["graphs"])
+    assert [(r["variant"], r["concurrency"]) for r in g["rows"]] == [("graphs", 1), ("graphs", 4)]
+    g.update(measured=True, card="H200", copy_GBps_rw=4230)
+    g["variants"].append({**g["variants"][0], "variant": "compiled", "compile_decode": True, "compiled": False})
+    md = "\n".join(gpu_md(g))
+    assert "H200; measured copy bandwidth 4,230 GB/s" in md
+    assert [line.split("|")[1:3] for line in md.splitlines() if line.startswith("| graphs")] == [
+        [" graphs ", " 1 "],
+        [" graphs ", " 4 "],
+    ]
+    assert "`compiled`: " in md and "torch.compile failed; this ran uncompiled" in md
+    assert "Baseline not run: --no-baseline." in md

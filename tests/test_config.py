@@ -20,6 +20,14 @@ def test_presets_have_the_documented_models_and_devices():
     assert (p.device("ipu-pod4").ipus, p.device("ipu-pod4").slots) == (4, 1)
     assert (p.device("ipu-pod16").ipus, p.device("ipu-pod16").slots) == (16, 4)
     assert (p.device("ipu").backend, p.device("ipu").ipus) == ("ipu", 0)  # 0 = pick the pod by IPU count
+    assert (p.device("cuda").cuda_graphs, p.device("cuda").compile_decode) == (True, True)
+
+
+def test_compile_without_graphs_is_refused_naming_both_keys(tmp_path):
+    bad = tmp_path / "presets.yaml"
+    bad.write_text("models: {}\ndevices:\n  gpu: {device: cuda, compile_decode: true}\n")
+    with pytest.raises(ValueError, match=r"presets.yaml: devices.gpu: .*compile_decode .* set cuda_graphs too"):
+        load_presets(bad)
 
 
 def test_any_hub_id_or_path_is_a_model():

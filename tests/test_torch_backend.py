@@ -1,12 +1,17 @@
 """worker/pipeline/torch_backend.py (+ backend.py, kv_cache.py): batched prefill over a slot KV
-cache. Prompts prefilled together leave exactly what each leaves alone; bad prefills write nothing."""
+cache. Prompts prefilled together leave exactly what each leaves alone; bad prefills write nothing.
+The static decode path (CUDA graphs, torch.compile) equals dynamic decode and never touches the host."""
+
+import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tests.models import tiny_llama
 from worker.pipeline.backend import Prefill, chunk_plan, prefill_rounds
-from worker.pipeline.torch_backend import TorchBackend
+from worker.pipeline.torch_backend import TorchBackend, row_buckets
 
 LENGTHS = [5, 20, 40, 300]  # chunk plans 16 / 32 / 48 / 256+48: several rounds and padded sizes
 
@@ -72,32 +77,101 @@ def test_a_bad_prefill_is_refused_before_anything_is_written(tiny, prefills, err
     assert all(torch.equal(a, b) for a, b in zip(before, be.cache.k + be.cache.v))
 
 
-def test_static_decode_equals_dynamic(model):
-    """The CUDA-graph path's static shapes (all slots every step, fixed input buffers, one set per kv
-    bucket), run eagerly on CPU: everything but the capture itself."""
-    static = TorchBackend(model, slots=4, max_len=512, cuda_graphs=True)
-    dynamic = TorchBackend(model, slots=4, max_len=512)
-    prompts = {0: prompt(9, 0), 2: prompt(30, 1), 3: prompt(17, 2)}  # slot 1 stays idle
-    first = {}
-    for be in (static, dynamic):
-        logits = be.prefill([Prefill(s, p, 0) for s, p in prompts.items()])
-        first[be] = logits.argmax(-1)
-    assert torch.equal(first[static], first[dynamic])
-    ids = {s: int(t) for s, t in zip(prompts, first[static])}
+def decode_steps(backends: list[TorchBackend], prompts: dict[int, list[int]], widths: list[int]) -> None:
+    """Prefill `prompts` into their slots, then one greedy decode step per width n (rows past n are
+    not passed at all; a slot < n without a prompt is idle): every backend gives the same logits."""
+    first = [be.prefill([Prefill(s, p, 0) for s, p in prompts.items()]).argmax(-1) for be in backends]
+    assert all(torch.equal(f, first[0]) for f in first)
+    ids = {s: int(t) for s, t in zip(prompts, first[0])}
     pos = {s: len(p) for s, p in prompts.items()}
-    for step in range(6):
-        n = 3 if step % 2 else 4  # slot 3 sits out every other step (rows past n are not passed at all)
-        active = torch.tensor([s in prompts and s < n for s in range(n)])
-        args = (
-            torch.tensor([ids.get(s, 0) for s in range(n)]),
-            torch.tensor([pos.get(s, 0) for s in range(n)]),
-            active,
-        )
-        a, b = static.decode(*args), dynamic.decode(*args)
-        assert a.shape == b.shape == (n, b.shape[1])
-        torch.testing.assert_close(a[active], b[active], rtol=1e-4, atol=1e-4)
+    for n in widths:
+        active = torch.tensor([s in prompts for s in range(n)])
+        tokens, positions = ([d.get(s, 0) for s in range(n)] for d in (ids, pos))
+        args = (torch.tensor(tokens), torch.tensor(positions), active)
+        out = [be.decode(*args) for be in backends]
+        for o in out:
+            assert o.shape == out[0].shape == (n, out[0].shape[1])
+            torch.testing.assert_close(o[active], out[0][active], rtol=1e-4, atol=1e-4)
         for s in range(n):
             if active[s]:
-                ids[s], pos[s] = int(b[s].argmax()), pos[s] + 1
-    assert list(static._graphs) == [256]  # one buffer set (one graph on CUDA), reused by every step
+                ids[s], pos[s] = int(out[0][s].argmax()), pos[s] + 1
+
+
+def test_row_buckets_hold_every_batch_width():
+    assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert row_buckets(12) == [1, 2, 4, 8, 12] and row_buckets(1) == [1]
+
+
+def test_static_decode_equals_dynamic(model):
+    """The CUDA-graph path's static shapes (a bucket of rows every step, fixed input buffers, one set
+    per (rows, kv bucket)), run eagerly on CPU: everything but the capture itself."""
+    dynamic = TorchBackend(model, slots=4, max_len=512)
+    static = TorchBackend(model, slots=4, max_len=512, cuda_graphs=True)
+    # Slot 1 stays idle; slot 3 sits out the width-3 steps, slots 2 and 3 the width-1 steps.
+    decode_steps([dynamic, static], {0: prompt(9, 0), 2: prompt(30, 1), 3: prompt(17, 2)}, [4, 3, 1, 4, 3, 1])
+    assert sorted(static._graphs) == [(1, 256), (4, 256)]  # one buffer set (a graph on CUDA) per shape
     assert not dynamic._graphs
+
+
+def test_compiled_static_decode_equals_dynamic_with_two_compiles(tiny):
+    """torch.compile (inductor, on CPU here) of the static step: the same logits at every row bucket
+    and kv bucket, and the rows and kv length stay symbolic, so rows == 1 and the rest compile once each."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    dynamic = TorchBackend(tiny.model, slots=8, max_len=512)
+    compiled = TorchBackend(tiny.model, slots=8, max_len=512, cuda_graphs=True, compile_decode=True)
+    # Slot 0's prompt ends at 252: after four steps it crosses from the 256 into the 512 kv bucket.
+    decode_steps([dynamic, compiled], {0: prompt(252, 0), 1: prompt(12, 1), 5: prompt(40, 2)}, [1, 2, 6, 8] * 2)
+    assert compiled.compiled
+    assert sorted(compiled._graphs) == [(1, 256), (1, 512), (2, 256), (2, 512), (8, 256), (8, 512)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
+
+
+def test_a_failed_compile_falls_back_to_the_uncompiled_step(tiny, caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    be = TorchBackend(tiny.model, slots=2, max_len=64, cuda_graphs=True, compile_decode=True)
+    be._step_fn = torch.compile(be._step, backend=broken_backend, dynamic=True, fullgraph=True)
+    ref = TorchBackend(tiny.model, slots=2, max_len=64)
+    decode_steps([ref, be], {0: prompt(9, 0), 1: prompt(5, 1)}, [2, 2, 1])
+    assert not be.compiled and be._step_fn == be._step
+    assert "torch.compile of the decode step failed, decoding uncompiled" in caplog.text
+
+
+def test_compile_needs_the_static_path(tiny):
+    with pytest.raises(ValueError, match="compile_decode .* needs cuda_graphs"):
+        TorchBackend(tiny.model, slots=2, max_len=64, compile_decode=True)
+
+
+class HostTraffic(TorchDispatchMode):
+    """Fails any op that reads a device tensor back to the host or takes a host tensor: what CUDA
+    graph capture can't hold (a sync, or a pageable copy baked in at capture time)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = tree_leaves((args, kwargs or {}))
+        host = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim()]
+        if host or func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            raise AssertionError(f"host traffic in {func}: host tensors {host}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_guard_sees_host_reads_and_host_tensors():
+    x = torch.ones(3, device="meta")
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), HostTraffic():
+        x.sum().item()
+    with pytest.raises(AssertionError, match=r"host tensors \[\(2,\)\]"), HostTraffic():
+        x[:2] + torch.ones(2)
+
+
+def test_the_static_step_never_touches_the_host(model):
+    """Run on the meta device (no data anywhere), the step reads nothing back and takes no host
+    tensor, at every row bucket: so capturing it as a CUDA graph can't fail on a sync."""
+    be = TorchBackend(copy.deepcopy(model), slots=4, max_len=512, device="meta", cuda_graphs=True)  # .to() is in place
+    for rows in be.row_buckets:
+        io = {k: torch.zeros(rows, 1, dtype=torch.long, device="meta") for k in ("ids", "rot", "write")}
+        with torch.inference_mode(), HostTraffic():
+            logits = be._step(io, 256)
+        assert logits.shape == (rows, model.get_output_embeddings().weight.shape[0]) and logits.device.type == "meta"

@@ -1,7 +1,8 @@
-"""Section 3 (only with CUDA): the engine (TorchBackend on cuda, CUDA graphs, the `cuda` device preset's
-slots) on a Pythia-12B-shaped GPT-NeoX with random fp16 weights (speed does not depend on weight values),
-prompt 128, 128 new tokens, at 1/8/32/64 concurrent streams, beside ../shared/bench/gpu_baseline.py run
-in the same invocation; weight bytes read per decode step against the card's measured copy bandwidth.
+"""Section 3 (only with CUDA): the engine (TorchBackend on cuda, CUDA graphs without and with
+torch.compile, the `cuda` device preset's slots) on a Pythia-12B-shaped GPT-NeoX with random fp16
+weights (speed does not depend on weight values), prompt 128, 128 new tokens, at 1/8/32/64
+concurrent streams, beside ../shared/bench/gpu_baseline.py run in the same invocation; weight bytes
+read per decode step against the card's measured copy bandwidth.
 
 Without a GPU nothing is measured. `smoke=True` runs the same code on CPU with gpu_baseline.py's SMALL
 config (and the baseline with SMALL=1), to check the code path, never as a measurement.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tests.bench.common import TimedBackend, log, measure, rnd, run_baseline, run_streams
@@ -20,6 +22,9 @@ PROMPT = 128
 NEW = 128
 CONCURRENCY = (1, 8, 32, 64)
 SMOKE_CONCURRENCY = (1, 4)
+# Ours, each measured over the same weights: the static decode step captured as CUDA graphs, without
+# and with torch.compile first (compile_decode, the `cuda` preset's default).
+VARIANTS = {"graphs": False, "compiled": True}
 # As gpu_baseline.py: pythia-12b / oasst-sft-4-pythia-12b-epoch-3.5, and its SMALL=1 smoke config.
 PYTHIA_12B = dict(
     hidden_size=5120,
@@ -109,14 +114,19 @@ def parse_baseline(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) -> dict[str, Any]:
+def run(
+    *,
+    smoke: bool,
+    baseline: bool,
+    compile_baseline: bool,
+    max_len: int,
+    variants: Sequence[str] = tuple(VARIANTS),
+    partial: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """The section's results; `partial` gets them so far after the baseline and after each variant."""
     import torch
 
     from config.presets import load_presets
-    from shared.sampling import SamplingParams
-    from worker.engine.engine import Engine
-    from worker.engine.own_thread import start_on_own_thread
-    from worker.pipeline.torch_backend import TorchBackend
 
     cuda = torch.cuda.is_available()
     if not cuda and not smoke:
@@ -141,6 +151,7 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
         "slots": slots,
         "max_len": max_len,
         "cuda_graphs": bool(preset.cuda_graphs and cuda),
+        "preset_compile_decode": preset.compile_decode,
         "concurrency": conc,
     }
     if baseline:
@@ -155,18 +166,11 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
         out["copy_GBps_rw"] = copy_bandwidth_gbps()
         log(f"gpu: {out['card']}, copy bandwidth {out['copy_GBps_rw']} GB/s (read+write)")
 
+    if partial:
+        partial(out)
     t0 = time.perf_counter()
-
-    def setup() -> Any:
-        """As the worker does it: everything on the engine's own thread (own_thread.py)."""
-        model = build_model(small, device, dtype)
-        init_s = time.perf_counter() - t0
-        inner = TorchBackend(model, slots=slots, max_len=max_len, device=device, cuda_graphs=bool(preset.cuda_graphs))
-        inner.warm_up()  # captures the decode graphs on CUDA
-        backend = TimedBackend(inner)
-        return Engine(backend, StubCodec(), device=device), (model, inner, backend, init_s)
-
-    engine, (model, inner, backend, init_s) = start_on_own_thread(setup)
+    model = build_model(small, device, dtype)
+    out["init_s"] = round(time.perf_counter() - t0, 1)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     emb = model.gpt_neox.embed_in.weight
     read_bytes = nbytes - emb.numel() * emb.element_size()  # as the baseline: embedding rows are gathered
@@ -174,48 +178,94 @@ def run(*, smoke: bool, baseline: bool, compile_baseline: bool, max_len: int) ->
         params=sum(p.numel() for p in model.parameters()),
         weight_GB=round(nbytes / 1e9, 2),
         weight_GB_read_per_step=round(read_bytes / 1e9, 2),
-        init_s=round(init_s, 1),
     )
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 50000, (max(conc), PROMPT), generator=gen).tolist()
-    params = SamplingParams(temperature=0.0)
-    run_streams(engine, prompts, 4, params)  # warm-up: every batch width, first-call costs
-    run_streams(engine, prompts[:1], 4, params)
-    out["warm_up_s"] = round(time.perf_counter() - t0, 1)
-    if cuda:
-        out["memory_GB_after_warm_up"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
-    log(f"gpu: engine ready in {out['warm_up_s']}s; measuring {conc}")
-
     base_rows = {
         r["batch"]: r for r in out["baseline"].get("rows", []) if r["label"] == "hf_generate_eager_dynamic_cache"
     }
     compiled = [r for r in out["baseline"].get("rows", []) if r["label"] == "hf_generate_static_cache_autocompile"]
-    out["rows"] = []
-    for c in conc:
-        res = measure(engine, backend, prompts[:c], new, params)
-        step = res["step_ms_all_active"]
-        row: dict[str, Any] = {"concurrency": c, **res}
-        if step:
-            row["decode_tok_s_per_stream"] = rnd(1e3 / step, 1)
-            row["decode_tok_s_total"] = rnd(c * 1e3 / step, 1)
-            row["GBps_weights"] = round(read_bytes / (step / 1e3) / 1e9)
-            if out.get("copy_GBps_rw"):
-                row["fraction_of_copy_bw"] = rnd(row["GBps_weights"] / out["copy_GBps_rw"], 3)
-        b = base_rows.get(c)
-        if b:
-            row["baseline"] = b
+    out["variants"], out["rows"] = [], []
+    for name in variants:
+        opts = dict(slots=slots, max_len=max_len, device=device, prompts=prompts, conc=conc, new=new)
+        info, rows = measure_variant(model, name, VARIANTS[name], **opts)
+        out["variants"].append(info)
+        for row in rows:
+            step = row["step_ms_all_active"]
             if step:
-                row["ratio_decode_tok_s_total"] = rnd(row["decode_tok_s_total"] / b["tok_s_total"], 2)
-        if c == 1 and compiled:
-            row["baseline_compiled_static"] = compiled[0]
-            if step:
-                row["ratio_vs_compiled_static"] = rnd(row["decode_tok_s_total"] / compiled[0]["tok_s_total"], 2)
-        out["rows"].append(row)
-        log(f"gpu: {c} streams: step {step} ms, {row.get('decode_tok_s_total')} tok/s decode total")
-    engine.stop()
-    inner.detach()
-    del engine, backend, inner, model
+                row["GBps_weights"] = round(read_bytes / (step / 1e3) / 1e9)
+                if out.get("copy_GBps_rw"):
+                    row["fraction_of_copy_bw"] = rnd(row["GBps_weights"] / out["copy_GBps_rw"], 3)
+            b = base_rows.get(row["concurrency"])
+            if b:
+                row["baseline"] = b
+                if step:
+                    row["ratio_decode_tok_s_total"] = rnd(row["decode_tok_s_total"] / b["tok_s_total"], 2)
+            if row["concurrency"] == 1 and compiled:
+                row["baseline_compiled_static"] = compiled[0]
+                if step:
+                    row["ratio_vs_compiled_static"] = rnd(row["decode_tok_s_total"] / compiled[0]["tok_s_total"], 2)
+            out["rows"].append(row)
+        if partial:
+            partial(out)
+    del model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return out
+
+
+def measure_variant(
+    model: Any, name: str, compile_decode: bool, *, slots: int, max_len: int, device: str, prompts, conc, new
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One engine over `model` (the static decode path, compiled or not), measured at each concurrency,
+    then detached so the next variant has the memory."""
+    import torch
+
+    from shared.sampling import SamplingParams
+    from worker.engine.engine import Engine
+    from worker.engine.own_thread import start_on_own_thread
+    from worker.pipeline.torch_backend import TorchBackend
+
+    t0 = time.perf_counter()
+
+    def setup() -> Any:
+        """As the worker does it: everything on the engine's own thread (own_thread.py)."""
+        inner = TorchBackend(
+            model, slots=slots, max_len=max_len, device=device, cuda_graphs=True, compile_decode=compile_decode
+        )
+        inner.warm_up()  # compiles, and captures the decode graphs on CUDA
+        backend = TimedBackend(inner)
+        return Engine(backend, StubCodec(), device=device), (inner, backend)
+
+    engine, (inner, backend) = start_on_own_thread(setup)
+    params = SamplingParams(temperature=0.0)
+    run_streams(engine, prompts, 4, params)  # warm-up: every batch width, first-call costs
+    run_streams(engine, prompts[:1], 4, params)
+    info: dict[str, Any] = {
+        "variant": name,
+        "compile_decode": compile_decode,
+        "compiled": inner.compiled,  # False after a failed compile fell back
+        "graphs": len(inner._graphs),
+        "warm_up_s": round(time.perf_counter() - t0, 1),
+    }
+    if device == "cuda":
+        info["memory_GB_peak"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+    log(f"gpu [{name}]: ready in {info['warm_up_s']}s (compiled: {inner.compiled}); measuring {conc}")
+    rows = []
+    for c in conc:
+        res = measure(engine, backend, prompts[:c], new, params)
+        step = res["step_ms_all_active"]
+        row: dict[str, Any] = {"variant": name, "concurrency": c, **res}
+        if step:
+            row["decode_tok_s_per_stream"] = rnd(1e3 / step, 1)
+            row["decode_tok_s_total"] = rnd(c * 1e3 / step, 1)
+        rows.append(row)
+        log(f"gpu [{name}]: {c} streams: step {step} ms, {row.get('decode_tok_s_total')} tok/s decode total")
+    engine.stop()
+    inner.detach()
+    del engine, backend, inner
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return info, rows

@@ -13,5 +13,8 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 CHAT_BENCH_BASELINES="$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 out="${OUT:-/tmp/out}"
 mkdir -p "$out"
-# Extra arguments go to the bench (e.g. --no-gpu-compile when device time is short).
-python3 -m tests.bench.run --only gpu --out "$out/BENCHMARKS.gpu.md" --json "$out/benchmarks.json" "$@" 2>&1 | tee "$out/log"
+# Extra arguments go to the bench (e.g. --no-gpu-compile to skip the baseline's compiled row, or
+# --gpu-variants graphs to skip our compiled variant, when device time is short). gpu_partial.json holds
+# what was measured so far, so a run cut short by its timeout still merges (report --merge takes it too).
+python3 -m tests.bench.run --only gpu --out "$out/BENCHMARKS.gpu.md" --json "$out/benchmarks.json" \
+  --gpu-partial "$out/gpu_partial.json" "$@" 2>&1 | tee "$out/log"

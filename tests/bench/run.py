@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from tests.bench import report
@@ -87,6 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     g.add_argument("--no-gpu-compile", dest="gpu_compile", action="store_false")
     g.add_argument("--no-gpu-smoke", action="store_true", help="without a GPU, skip the tiny CPU smoke run")
+    g.add_argument(
+        "--gpu-partial",
+        type=Path,
+        help="also write the GPU section's results so far to this JSON after each part (a run cut short keeps them)",
+    )
+    g.add_argument(
+        "--gpu-variants",
+        default="graphs,compiled",
+        help="engine variants to measure: graphs (CUDA graphs), compiled (torch.compile + CUDA graphs); default both",
+    )
     return ap.parse_args(argv)
 
 
@@ -96,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         print(f"--only: unknown section(s) {bad}; expected {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    from tests.bench.gpu import VARIANTS
+
+    bad = [v for v in a.gpu_variants.split(",") if v.strip() not in VARIANTS]
+    if bad:
+        print(f"--gpu-variants: unknown {bad}; expected {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars
     q = a.quick
@@ -165,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 baseline=a.baseline if a.baseline is not None else True,
                 compile_baseline=a.gpu_compile if a.gpu_compile is not None else not q,
                 max_len=a.gpu_max_len,
+                variants=[v.strip() for v in a.gpu_variants.split(",")],
+                partial=(lambda sec: report.write({**res, "sections": {"gpu": sec}}, None, a.gpu_partial))
+                if a.gpu_partial
+                else None,
             ),
         )
 

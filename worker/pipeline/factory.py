@@ -31,4 +31,5 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
         device=device.device,
         quantize=device.quantize,
         cuda_graphs=device.cuda_graphs,
+        compile_decode=device.compile_decode,
     )

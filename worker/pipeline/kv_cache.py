@@ -1,8 +1,8 @@
 """A KV cache preallocated for `slots x max_len` positions, written at per-row positions.
 
 transformers' attention modules call `cache.update(k, v, layer_idx)` and attend over what it
-returns. Before each forward the backend *binds* the cache to the rows it runs (decode: a prefix of
-the slots, so reads are views, not gathers; a batched prefill: any slots, gathered), the position
+returns. Before each forward the backend *binds* the cache to the rows it runs (decode: the first n
+slots, so reads are views, not gathers; a batched prefill: any slots, gathered), the position
 each new token is written at, and how many positions attention reads (a bucketed length, so shapes
 repeat and graphs can be reused).
 
@@ -25,7 +25,7 @@ class SlotKVCache:
         self.device = device
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._rows: int | torch.Tensor = 0
         self._row_idx = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(0, 0, dtype=torch.long, device=device)
         self._kv_len = 0
@@ -40,13 +40,11 @@ class SlotKVCache:
     def allocated(self) -> bool:
         return bool(self.k)
 
-    def bind(self, rows: slice | torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
-        """Set where the next forward writes: `rows` are slots (a slice, or a 1-d tensor of slot
-        indices), `positions` is (rows, tokens), `kv_len` how many positions attention reads."""
-        if isinstance(rows, slice):
-            idx = torch.arange(rows.start, rows.stop, device=self.device)
-        else:
-            idx = rows.to(self.device)
+    def bind(self, rows: int | torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """Set where the next forward writes: `rows` are slots (an int n: the first n slots; or a 1-d
+        tensor of slot indices), `positions` is (rows, tokens), `kv_len` how many positions attention
+        reads. (An int, not a slice: torch.compile keeps an int symbolic, one compile for every n.)"""
+        idx = rows.to(self.device) if isinstance(rows, torch.Tensor) else torch.arange(rows, device=self.device)
         self._rows = rows
         self._row_idx = idx.unsqueeze(1)
         self._pos = positions
@@ -57,8 +55,8 @@ class SlotKVCache:
         k, v = self.k[layer_idx], self.v[layer_idx]
         k[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
         v[self._row_idx, :, self._pos] = value.transpose(1, 2).to(self.dtype)
-        if isinstance(self._rows, slice):
-            return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
+        if not isinstance(self._rows, torch.Tensor):
+            return k[: self._rows, :, : self._kv_len], v[: self._rows, :, : self._kv_len]
         idx = self._row_idx.view(-1)
         return k[:, :, : self._kv_len].index_select(0, idx), v[:, :, : self._kv_len].index_select(0, idx)
 

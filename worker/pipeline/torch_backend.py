@@ -1,7 +1,8 @@
 """The torch backend (CPU and CUDA): transformers' model modules over a slot KV cache.
 
 Weights and modules are transformers' own; what is ours is the cache layout (kv_cache.py), the
-masks, chunked prefill, and on CUDA one captured graph per decode shape, replayed every step.
+masks, chunked prefill, and on CUDA one captured graph per decode shape, replayed every step
+(optionally over a torch.compile'd step, which fuses the many small ops between the matmuls).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from worker.pipeline.quantize import quantize_int8
 log = logging.getLogger(__name__)
 
 
+def row_buckets(slots: int) -> list[int]:
+    """Decode batch widths that get their own graph: 1, 2, 4, 8, then every multiple of 8, and `slots`.
+    A step runs the smallest that holds its rows, so one stream never pays for 64 slots' KV reads."""
+    return sorted({w for w in (1, 2, 4, *range(8, slots + 1, 8)) if w < slots} | {slots})
+
+
 def kv_dims(config: Any) -> tuple[int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -38,6 +45,7 @@ class TorchBackend:
         device: str = "cpu",
         quantize: str = "none",
         cuda_graphs: bool = False,
+        compile_decode: bool = False,
         kv_block: int = 32,
     ):
         self.slots = slots
@@ -60,12 +68,19 @@ class TorchBackend:
         self.cache.allocate(*kv_dims(model.config))
         self.kv_block = kv_block if not cuda_graphs else 256
         self.attached = True
-        # Static decode: every step runs all slots from fixed input buffers, one set per kv bucket. On
-        # CUDA each is captured as a graph and replayed; elsewhere the same buffers run eagerly (what
-        # the tests check on CPU: everything but the capture itself).
+        # Static decode: a step runs a bucket of rows (row_buckets) from fixed input buffers, one set
+        # per (rows, kv length). On CUDA each is captured as a graph and replayed; elsewhere the same
+        # buffers run eagerly (what the tests check on CPU: everything but the capture itself).
+        if compile_decode and not cuda_graphs:
+            raise ValueError("compile_decode compiles the static decode step: it needs cuda_graphs")
         self._static = cuda_graphs
         self._capture_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
+        self.row_buckets = row_buckets(slots)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
+        # dynamic=True: the rows and kv length stay symbolic, so two compiles (rows == 1 is always
+        # specialized) serve every graph; fullgraph: a graph break would mean host work inside the step.
+        self.compiled = compile_decode
+        self._step_fn = torch.compile(self._step, dynamic=True, fullgraph=True) if compile_decode else self._step
 
     # -- helpers -----------------------------------------------------------------------------------
     def _kv_len(self, needed: int) -> int:
@@ -73,7 +88,7 @@ class TorchBackend:
         return min(self.max_len, -(-needed // self.kv_block) * self.kv_block)
 
     def _forward(
-        self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int, rows: slice | torch.Tensor
+        self, ids: torch.Tensor, rot_pos: torch.Tensor, write_pos: torch.Tensor, kv_len: int, rows: int | torch.Tensor
     ) -> torch.Tensor:
         """Hidden states (rows, tokens, hidden) for `ids` at rotary positions `rot_pos`."""
         self.cache.bind(rows, write_pos, kv_len)
@@ -124,17 +139,17 @@ class TorchBackend:
         kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
         if self._static:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
-        hidden = self._forward(
-            ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, slice(0, n)
-        )
+        hidden = self._forward(ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, n)
         return self.head(hidden[:, -1]).float()
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _decode_graph(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int, n: int):
-        """Decode always runs all slots here (idle rows are masked), one graph per kv bucket."""
-        if kv_len not in self._graphs:
-            self._capture(kv_len)
-        graph, io = self._graphs[kv_len]
+        """Decode runs the smallest row bucket that holds n rows (the rest idle, masked), one graph per
+        (rows, kv bucket)."""
+        rows = next(w for w in self.row_buckets if w >= n)
+        if (rows, kv_len) not in self._graphs:
+            self._capture(rows, kv_len)
+        graph, io = self._graphs[rows, kv_len]
         io["ids"].zero_()
         io["rot"].zero_()
         io["write"].fill_(self.cache.scratch)
@@ -144,37 +159,50 @@ class TorchBackend:
         if graph is not None:
             graph.replay()
         else:
-            io["logits"].copy_(self._static_step(io, kv_len))
+            io["logits"].copy_(self._run_step(io, kv_len))
         return io["logits"][:n].float()
 
-    def _static_step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
-        return self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, slice(0, self.slots))[:, -1])
+    def _step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
+        """The static decode step: logits for io's rows (the first rows slots), nothing read back to the
+        host (tests/test_torch_backend.py runs it on the meta device to check)."""
+        rows = io["ids"].shape[0]
+        return self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, rows)[:, -1])
 
-    def _capture(self, kv_len: int) -> None:
+    def _run_step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
+        """The step, compiled if asked; a compile that fails costs speed, not the worker."""
+        try:
+            return self._step_fn(io, kv_len)
+        except Exception as e:
+            if not self.compiled:
+                raise
+            log.warning("torch.compile of the decode step failed, decoding uncompiled: %s", e)
+            self.compiled, self._step_fn = False, self._step
+            return self._step(io, kv_len)
+
+    def _capture(self, rows: int, kv_len: int) -> None:
         t0 = time.perf_counter()
-        S = self.slots
         io = {
-            "ids": torch.zeros(S, 1, dtype=torch.long, device=self.device),
-            "rot": torch.zeros(S, 1, dtype=torch.long, device=self.device),
-            "write": torch.full((S, 1), self.cache.scratch, dtype=torch.long, device=self.device),
+            "ids": torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+            "rot": torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+            "write": torch.full((rows, 1), self.cache.scratch, dtype=torch.long, device=self.device),
         }
         if not self._capture_graphs:
-            io["logits"] = self._static_step(io, kv_len)
-            self._graphs[kv_len] = (None, io)
+            io["logits"] = self._run_step(io, kv_len)
+            self._graphs[rows, kv_len] = (None, io)
             return
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph (allocations, autotuning)
-                self._static_step(io, kv_len)
+            for _ in range(2):  # warm-up outside the graph (compile, allocations, autotuning)
+                self._run_step(io, kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         first = next(iter(self._graphs.values()), None)
         pool = first[0].pool() if first is not None and first[0] is not None else None
         with torch.cuda.graph(graph, pool=pool):
-            io["logits"] = self._static_step(io, kv_len)
-        self._graphs[kv_len] = (graph, io)
-        log.info("captured decode graph: %d slots x %d positions in %.2fs", S, kv_len, time.perf_counter() - t0)
+            io["logits"] = self._step_fn(io, kv_len)
+        self._graphs[rows, kv_len] = (graph, io)
+        log.debug("captured decode graph: %d rows x %d positions in %.2fs", rows, kv_len, time.perf_counter() - t0)
 
     def warm_up(self) -> None:
         """Run every shape once so no request pays for first-call costs (and graphs are captured)."""
@@ -183,12 +211,19 @@ class TorchBackend:
         sizes = PREFILL_CHUNKS if self.device.type == "cuda" else (PREFILL_CHUNKS[-1],)
         for size in sizes:
             self.prefill([Prefill(0, [0] * min(size, self.max_len), 0)])
-        n = self.slots
-        for kv in sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)}):
-            pos = torch.full((n,), kv - 1, dtype=torch.long)
-            self.decode(torch.zeros(n, dtype=torch.long), pos, torch.ones(n, dtype=torch.bool))
-            if not self._capture_graphs:
-                break  # eager: one pass is enough to fault in the weights
+        t0 = time.perf_counter()
+        kvs = sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)})
+        widths = self.row_buckets if self._capture_graphs else [self.slots]
+        for n in widths:
+            for kv in kvs:
+                pos = torch.full((n,), kv - 1, dtype=torch.long)
+                self.decode(torch.zeros(n, dtype=torch.long), pos, torch.ones(n, dtype=torch.bool))
+                if not self._capture_graphs:
+                    return  # eager: one pass is enough to fault in the weights
+        log.info(
+            "captured %d decode graphs (rows %s x kv %s, %s) in %.1fs",
+            len(self._graphs), widths, kvs, "compiled" if self.compiled else "eager modules", time.perf_counter() - t0,
+        )
 
     def detach(self) -> None:
         if not self.attached:
