@@ -11,6 +11,7 @@ from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.models import engine_for, tiny_llama
 from worker.engine.context import fit
+from worker.engine.detok import Detokenizer
 from worker.engine.engine import PREFILL_BUDGET, Engine, Failed, Finished, Token
 from worker.pipeline.codec import Codec
 from worker.pipeline.torch_backend import TorchBackend
@@ -185,5 +186,80 @@ def test_prompts_arriving_together_share_one_prefill_and_short_ones_are_never_sp
         assert calls[0] == [(0, size), (1, size), (3, 3)]  # the third waits whole; the short fourth fits
         assert calls[1] == [(2, size)]
         assert len(calls) == 2
+    finally:
+        eng.stop()
+
+
+def replay(codec, ids: list[int], stop: list[str]) -> tuple[str, int]:
+    """What the reply should be: `ids` through a fresh Detokenizer, up to the token that completes a
+    stop string. Returns (text, tokens used)."""
+    d = Detokenizer(codec.decode, stop)
+    for n, t in enumerate(ids, 1):
+        d.push(t)
+        if d.stopped:
+            return d.text, n
+    d.flush()
+    return d.text, len(ids)
+
+
+def test_streamed_text_is_the_final_text_whatever_ends_the_turn(tiny):
+    """A token's text is emitted one step late (while the next step runs): the deltas still add up to
+    the committed text when the turn ends by length, by a stop string (found in a late-emitted token),
+    or by a cancel that lands with a token's text still to emit."""
+    eng = engine_for(tiny.model, tiny.tokenizer, slots=2, max_len=512)
+    eng.codec.end_ids = set()
+    try:
+        p = prompts(eng.codec)[4]
+        ref = final(eng.submit(p, GREEDY, 60))
+        assert ref.reason is FinishReason.length and len(ref.token_ids) == 60
+        stop = ref.text[len(ref.text) // 2 :][:3]  # from the middle of the reply: reached mid-decode
+        ends = {
+            "length": eng.submit(p, GREEDY, 60),
+            "stop": eng.submit(p, SamplingParams(temperature=0, stop=[stop]), 60),
+        }
+        for how, h in ends.items():
+            events = list(h)
+            fin = events[-1]
+            assert "".join(e.text for e in events[:-1]) == fin.text, how
+            text, used = replay(eng.codec, ref.token_ids, [stop] if how == "stop" else [])
+            assert (fin.text, fin.completion_tokens, fin.token_ids) == (text, used, ref.token_ids[:used]), how
+        assert fin.reason is FinishReason.stop and fin.completion_tokens < 60
+        h = eng.submit(p, GREEDY, 400)
+        deltas = [h.get(timeout=10) for _ in range(5)]
+        h.cancel()
+        events = deltas + list(h)
+        fin = events[-1]
+        assert fin.reason is FinishReason.cancelled and 5 <= fin.completion_tokens < 400
+        assert "".join(e.text for e in events[:-1]) == fin.text == replay(eng.codec, fin.token_ids, [])[0]
+        assert eng.busy == 0
+    finally:
+        eng.stop()
+
+
+def test_a_tokens_text_goes_out_while_the_next_step_runs(tiny):
+    """The engine emits step k's text after launching step k + 1 (on CUDA the host work then overlaps
+    the device's): at each decode call, the newest sampled token's text is not out yet."""
+
+    class OneCharCodec:  # every id is one character: one Token event per token
+        vocab_size = tiny.codec.vocab_size
+        end_ids: set[int] = set()
+
+        @staticmethod
+        def decode(ids: list[int]) -> str:
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    eng = Engine(TorchBackend(tiny.model, slots=1, max_len=256), OneCharCodec())  # started below
+    seen: list[int] = []
+    decode = eng.backend.decode
+    h = eng.submit(prompts(tiny.codec)[1], GREEDY, 12)
+    eng.backend.decode = lambda *a: seen.append(h._seq.events.qsize()) or decode(*a)
+    eng.start()
+    try:
+        while eng.finished == 0:  # read nothing until the end: the queue's size counts what was emitted
+            time.sleep(0.001)
+        events = list(h)
+        assert [type(e) for e in events] == [Token] * 12 + [Finished]
+        # The prefill's token goes out at once; then each decode call finds the last token pending.
+        assert seen == [1, *range(1, 11)]
     finally:
         eng.stop()

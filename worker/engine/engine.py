@@ -7,6 +7,11 @@ whole prefill), drops the cancelled and expired, then runs one decode step for e
 decoding. A prefill that completes samples its sequence's first token. Sequences join and leave
 between steps; each keeps its own sampling parameters inside the shared batch.
 
+A decoded token's text (detokenizing, its event, the stop-string check) is emitted one step late,
+right after the next step is launched: on CUDA, where launching returns before the device is done,
+that host work overlaps the device's instead of adding to every step. A stop string found that way
+voids the one extra token its sequence got meanwhile.
+
 The engine thread is the only one touching the model. Callers (Celery task threads) `submit` a
 prompt and read events from the returned handle.
 """
@@ -68,13 +73,14 @@ class _Seq:
     params: SamplingParams
     max_new: int
     deadline: float | None
-    events: queue.Queue[Event]
+    events: queue.SimpleQueue[Event]  # C-implemented: a put per token costs the engine thread ~0.3 us
     detok: Detokenizer
     generator: torch.Generator | None
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     pos: int = 0  # where the last sampled token will be written
     last: int = 0
+    pending: int | None = None  # sampled, text not yet emitted (Engine._emit_pending)
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
@@ -117,6 +123,7 @@ class Engine:
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
+        self._pending: list[_Seq] = []
         self._thread: threading.Thread | None = None
         self.tokens_generated = 0
         self.finished = 0
@@ -162,7 +169,7 @@ class Engine:
             params,
             min(max_new, self.max_len - len(prompt)),
             deadline,
-            queue.Queue(),
+            queue.SimpleQueue(),
             Detokenizer(self.codec.decode, params.stop),
             gen,
         )
@@ -253,6 +260,7 @@ class Engine:
             for seq, _ in batch:
                 self._finish(seq, Failed(f"prefill failed: {e}"))
             return
+        self._emit_pending()  # while an asynchronous device (CUDA) runs the prefill
         done: list[tuple[int, _Seq]] = []
         for row, (seq, n) in enumerate(batch):
             seq.prefilled += n
@@ -273,12 +281,13 @@ class Engine:
     def _step(self) -> None:
         active = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)]
         n = max(s.slot for s in active) + 1
-        ids = torch.zeros(n, dtype=torch.long)
-        pos = torch.zeros(n, dtype=torch.long)
-        mask = torch.zeros(n, dtype=torch.bool)
-        for s in active:
+        ids, pos, mask = [0] * n, [0] * n, [False] * n
+        for s in active:  # lists, then one tensor each: per-element tensor writes cost ~3 us apiece
             ids[s.slot], pos[s.slot], mask[s.slot] = s.last, s.pos, True
-        logits = self.backend.decode(ids, pos, mask)
+        logits = self.backend.decode(torch.tensor(ids), torch.tensor(pos), torch.tensor(mask))
+        # The previous step's text (detokenizing, events, stop strings) while an asynchronous device
+        # runs this one: before anything below copies to the device and so waits for it.
+        self._emit_pending()
         rows = torch.tensor([s.slot for s in active], device=logits.device)
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
         # Token histories only matter to the repetition penalty: don't copy them every step otherwise.
@@ -289,24 +298,44 @@ class Engine:
         )
         tokens = sample(picked, [s.params for s in active], [s.generator for s in active], history)
         for s, t in zip(active, tokens):
+            if self.slots[s.slot] is not s:
+                continue  # its previous token completed a stop string while this step ran: this one is void
             s.pos += 1
-            self._accept(s, t)
+            self._accept(s, t, defer=True)
 
-    def _accept(self, seq: _Seq, token: int) -> None:
-        """Record a sampled token; finish the sequence when it ends."""
+    def _accept(self, seq: _Seq, token: int, defer: bool = False) -> None:
+        """Record a sampled token; finish the sequence when it ends. With `defer`, a token that doesn't
+        end it by id or length leaves its text (and a stop string's check) to _emit_pending."""
         self.tokens_generated += 1
         if token in self.codec.end_ids:
             self._finish(seq, self._result(seq, FinishReason.end_key))
             return
         seq.generated.append(token)
         seq.last = token
+        if len(seq.generated) >= seq.max_new or seq.pos >= self.max_len:
+            if not self._emit(seq, token):
+                self._finish(seq, self._result(seq, FinishReason.length))
+        elif defer:
+            seq.pending = token
+            self._pending.append(seq)
+        else:
+            self._emit(seq, token)
+
+    def _emit(self, seq: _Seq, token: int) -> bool:
+        """A token's text to the handle; True if it completed a stop string (the sequence is finished)."""
         delta = seq.detok.push(token)
         if delta:
             seq.events.put(Token(delta, token))
         if seq.detok.stopped:
             self._finish(seq, self._result(seq, FinishReason.stop))
-        elif len(seq.generated) >= seq.max_new or seq.pos >= self.max_len:
-            self._finish(seq, self._result(seq, FinishReason.length))
+        return seq.detok.stopped
+
+    def _emit_pending(self) -> None:
+        for seq in self._pending:
+            token, seq.pending = seq.pending, None
+            if token is not None:  # None: finished meanwhile, its token already emitted (_result)
+                self._emit(seq, token)
+        self._pending.clear()
 
     def _reap(self) -> None:
         now = time.time()
@@ -315,6 +344,11 @@ class Engine:
                 self._finish(s, self._result(s, FinishReason.cancelled))
 
     def _result(self, seq: _Seq, reason: FinishReason) -> Finished:
+        if seq.pending is not None:  # finished (cancelled, expired) with a token's text still to emit
+            token, seq.pending = seq.pending, None
+            delta = seq.detok.push(token)
+            if delta:
+                seq.events.put(Token(delta, token))
         tail = seq.detok.flush()
         if tail:
             seq.events.put(Token(tail, -1))
