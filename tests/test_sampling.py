@@ -18,3 +18,28 @@ def test_top_k_and_top_p_keep_each_rows_own_set():
     assert torch.isfinite(out).tolist() == [[True, True, False, False], [True, True, False, False]]
     out = filter_top_k_top_p(logits, torch.tensor([0, 0]), torch.tensor([1.0, 0.4]))
     assert torch.isfinite(out).sum(dim=1).tolist() == [4, 1]
+
+
+def test_each_row_draws_from_its_own_distribution_and_seed():
+    """Unseeded rows draw together, seeded ones from their own generator, greedy ones take the argmax:
+    every row lands in its own allowed set, and a seeded row's draws ignore its batch mates."""
+    vocab = 50
+    logits = torch.zeros(5, vocab)
+    for r in range(4):
+        logits[r, 10 * r : 10 * r + 3] = 20.0  # row r's likely tokens: 10r .. 10r+2
+    logits[1] = 0.0  # row 1 (seeded): flat over the whole vocabulary
+    logits[4, 7] = 30.0  # the greedy row's argmax
+    params = [SamplingParams(temperature=1.0, top_k=0 if r == 1 else 3) for r in range(4)]
+    params.append(SamplingParams(temperature=0))
+
+    def draws(batch: torch.Tensor, n: int = 12) -> list[list[int]]:
+        gens: list[torch.Generator | None] = [None, torch.Generator().manual_seed(7), None, None, None]
+        return [sample(batch.clone(), params, gens) for _ in range(n)]
+
+    got = draws(logits)
+    for out in got:
+        assert all(10 * r <= out[r] < 10 * r + 3 for r in (0, 2, 3)) and out[4] == 7
+    noisy = logits.clone()
+    noisy[[0, 2, 3]] = torch.randn(3, vocab)  # other batch mates, same row 1
+    assert [out[1] for out in draws(noisy)] == [out[1] for out in got]
+    assert len({out[1] for out in got}) > 3  # row 1 really draws (flat over 50 tokens)

@@ -61,6 +61,13 @@ def sample(
             torch.tensor([params[i].top_p for i in rows], device=logits.device),
         )
         probs = torch.softmax(sub, dim=-1)
+        # Unseeded rows draw together (one kernel, not one per row); a seeded row draws from its own
+        # generator, so its reply doesn't depend on its batch mates.
+        free = [j for j, i in enumerate(rows) if generators[i] is None]
+        if free:
+            draws = torch.multinomial(probs[torch.tensor(free, device=logits.device)], 1).view(-1)
+            out[torch.tensor([rows[j] for j in free], device=logits.device)] = draws
         for j, i in enumerate(rows):
-            out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+            if generators[i] is not None:
+                out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
     return out.tolist()
