@@ -78,9 +78,10 @@ class TorchBackend:
         self.row_buckets = row_buckets(slots)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph | None, dict[str, torch.Tensor]]] = {}
         # dynamic=True: the rows and kv length stay symbolic, so two compiles (rows == 1 is always
-        # specialized) serve every graph; fullgraph: a graph break would mean host work inside the step.
+        # specialized) serve every graph. Graph breaks are tolerated (another transformers version may
+        # have one): inside a CUDA graph the Python between the pieces runs once, at capture.
         self.compiled = compile_decode
-        self._step_fn = torch.compile(self._step, dynamic=True, fullgraph=True) if compile_decode else self._step
+        self._step_fn = torch.compile(self._step, dynamic=True) if compile_decode else self._step
 
     # -- helpers -----------------------------------------------------------------------------------
     def _kv_len(self, needed: int) -> int:
