@@ -1,5 +1,7 @@
 """tests/bench/report.py: merging a lent GPU machine's results into this machine's report."""
 
+import re
+
 from tests.bench.report import markdown, merge
 
 
@@ -50,3 +52,5 @@ def test_a_measured_gpu_section_renders_a_row_per_variant_and_stream_count():
     ]
     assert "`compiled`: " in md and "torch.compile failed; this ran uncompiled" in md
     assert "Baseline not run: --no-baseline." in md
+    assert re.search(r"Decode check on the card .*: `graphs` max \|Δlogit\| [-+.e\d]+ \(logits up to [.\d]+\), "
+                     r"same argmax \d+/25 steps, 3 graphs, uncompiled", md)

@@ -100,6 +100,60 @@ def build_model(small: bool, device: str, dtype: Any) -> Any:
     return model
 
 
+def decode_check(device: str, dtype: Any, variants: Sequence[str]) -> dict[str, Any]:
+    """On the device itself, SMALL config: each variant's decode (graphs captured on CUDA, compiled or
+    not) against eager dynamic decode from the same cache state. The capture is the one thing CPU
+    tests can't run; recorded, not asserted (a failure here must not cost the measurements)."""
+    import torch
+
+    try:
+        model = build_model(True, device, dtype)
+        gen = torch.Generator().manual_seed(1)
+        prompts = {s: torch.randint(10, 50000, (n,), generator=gen).tolist() for s, n in ((0, 40), (2, 90), (3, 7))}
+        out = {name: _check_variant(model, device, VARIANTS[name], prompts) for name in variants}
+        log(f"gpu decode check: {out}")
+        return out
+    except Exception as e:
+        log(f"gpu decode check failed: {e!r}")
+        return {"error": repr(e)[:500]}
+
+
+def _check_variant(model: Any, device: str, compile_decode: bool, prompts: dict[int, list[int]]) -> dict[str, Any]:
+    """Greedy steps at widths that change every step (row buckets 1, 2, 4; slot 1 idle)."""
+    import torch
+
+    from worker.pipeline.backend import Prefill
+    from worker.pipeline.torch_backend import TorchBackend
+
+    ref = TorchBackend(model, slots=4, max_len=256, device=device)
+    be = TorchBackend(model, slots=4, max_len=256, device=device, cuda_graphs=True, compile_decode=compile_decode)
+    be.warm_up()
+    first = [b.prefill([Prefill(s, p, 0) for s, p in prompts.items()]).argmax(-1).tolist() for b in (ref, be)]
+    ids, pos = dict(zip(prompts, first[0])), {s: len(p) for s, p in prompts.items()}
+    diff, scale, agree, steps = 0.0, 0.0, int(first[0] == first[1]), 24
+    for k in range(steps):
+        n = (4, 3, 2, 1)[k % 4]
+        active = torch.tensor([s in prompts for s in range(n)])
+        tokens, positions = (torch.tensor([d.get(s, 0) for s in range(n)]) for d in (ids, pos))
+        a, b = ref.decode(tokens, positions, active), be.decode(tokens, positions, active)
+        diff = max(diff, float((a[active] - b[active]).abs().max()))
+        scale = max(scale, float(a[active].abs().max()))
+        agree += int(torch.equal(a[active].argmax(-1), b[active].argmax(-1)))
+        for s in range(n):
+            if active[s]:
+                ids[s], pos[s] = int(a[s].argmax()), pos[s] + 1
+    res = {
+        "max_abs_logit_diff": float(f"{diff:.3g}"),
+        "max_abs_logit": float(f"{scale:.3g}"),  # the scale the difference is read against
+        "steps_same_argmax": f"{agree}/{steps + 1}",
+        "compiled": be.compiled,
+        "graphs": len(be._graphs),
+    }
+    be.detach()
+    ref.detach()
+    return res
+
+
 def parse_baseline(res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: v for k, v in res.items() if k != "lines"}
     out["raw"] = res.get("lines", [])
@@ -154,6 +208,9 @@ def run(
         "preset_compile_decode": preset.compile_decode,
         "concurrency": conc,
     }
+    out["decode_check"] = decode_check(device, dtype, variants)  # first: quick, and what CPU tests can't show
+    if partial:
+        partial(out)
     if baseline:
         env = {"SMALL": "1"} if small else {}
         env["COMPILE"] = "1" if (compile_baseline and cuda) else "0"

@@ -284,6 +284,17 @@ def gpu_md(g: dict[str, Any]) -> list[str]:
         "(generate time − TTFT) ÷ (new − 1)).",
         "",
     ]
+    check = g.get("decode_check", {})
+    if "error" in check:
+        lines += [f"Decode check on the card (SMALL config, ours vs eager decode): **failed: {check['error']}**", ""]
+    elif check:
+        parts = [
+            f"`{name}` max |Δlogit| {c['max_abs_logit_diff']} (logits up to {c['max_abs_logit']}), same argmax "
+            f"{c['steps_same_argmax']} steps, {c['graphs']} graphs{'' if c['compiled'] else ', uncompiled'}"
+            for name, c in check.items()
+        ]
+        lines += ["Decode check on the card (SMALL config, each variant vs eager dynamic decode): " + "; ".join(parts)]
+        lines.append("")
     for v in g.get("variants", []):
         failed = v["compile_decode"] and not v["compiled"]
         fell_back = " — **torch.compile failed; this ran uncompiled**" if failed else ""
