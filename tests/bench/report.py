@@ -424,7 +424,11 @@ READING = [
     "others join it in the next iteration.",
     "- **Noise**: this VM's speed drifts by 20-30% within minutes (the baseline's own batch-of-8 figure "
     "ranged 62-81 tok/s across runs on one day), which is why every ratio is against a baseline measured "
-    "in the same invocation, and why a ratio near its target can flip between runs.",
+    "in the same invocation, and why a ratio near its target can flip between runs. On 2026-11-30 the baseline "
+    "ran 16.3 / 90.5 tok/s (1 stream / batch of 8; 12.0 / 61.1 on 2026-11-27) and `cpu`'s 8-together ratio came "
+    "out at 1.69-1.71× in two runs (1.89-2.17× on 2026-11-27). The engine itself had not slowed: the same "
+    "script run alternately on that day's and the 2026-11-27 code (`cpu`, 8 streams × 128 tokens, twice each) "
+    "gave 138-166 vs 130-142 tok/s; the baseline gains more than the engine when the VM is fast.",
     "- **Redis load**: the worker writes all of its streams in one script call per flush (`round trips / token: "
     "worker`), which is what the goal counts: the load each worker adds, so that one Redis serves a hundred "
     "busy workers. *Executed* also counts each command run inside that script (an XADD and an HMGET per turn "
