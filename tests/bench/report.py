@@ -447,9 +447,12 @@ READING = [
     "bucket) equals dynamic decode, eagerly and "
     "torch.compile'd (inductor on CPU, two compiles for every shape); on the meta device it reads nothing back to "
     "the host and takes no host tensor, which is what capture needs; a failed compile falls back to the eager step. "
-    "The capture itself is not tested. Row buckets matter at one stream: a 64-slot step would read every slot's "
-    "KV cache (~12 GB at 256 positions on Pythia-12B, half the weights' bytes). The GPU figures stay open until "
-    "a session with a GPU runs `tests/bench/gpu_device.sh`.",
+    "These tests and the section's CPU smoke run also pass under the GPU machine's transformers 5.17 (2026-11-30: "
+    "`pip install --no-deps --target /tmp/tf517 transformers==5.17.0 huggingface_hub==1.33.0`, then "
+    "`PYTHONPATH=/tmp/tf517:.`). The capture itself is not tested; the section starts with a decode check on the "
+    "card (each variant vs eager dynamic decode). Row buckets matter at one stream: a 64-slot step would read "
+    "every slot's KV cache (~12 GB at 256 positions on Pythia-12B, half the weights' bytes). The GPU figures "
+    "stay open until a session with a GPU runs `tests/bench/gpu_device.sh`.",
 ]
 
 
