@@ -364,6 +364,7 @@ class Engine:
         )
 
     def _finish(self, seq: _Seq, event: Event) -> None:
+        seq.pending = None  # a failed sequence's last text is moot (a result already took it: _result)
         with self._cv:
             if seq.slot >= 0 and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
