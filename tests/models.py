@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.prompts import PromptFormat
 from worker.engine.engine import Engine
+from worker.pipeline.backend import Prefill
 from worker.pipeline.codec import Codec
 from worker.pipeline.tiny_neox import build_tokenizer
 from worker.pipeline.torch_backend import TorchBackend
@@ -29,3 +30,21 @@ def tiny_llama():
 def engine_for(model, tokenizer, *, slots: int = 8, max_len: int = 256) -> Engine:
     codec = Codec(tokenizer, PromptFormat.oasst, ["<|endoftext|>"])  # a fresh codec: tests may edit it
     return Engine(TorchBackend(model, slots=slots, max_len=max_len), codec).start()
+
+
+def lockstep_decode(backends: list[TorchBackend], prompts: dict[int, list[int]], widths: list[int]):
+    """Prefill `prompts` into their slots on every backend, then one greedy decode step per width n
+    (rows past n are not passed at all; a slot < n without a prompt is idle), all fed the first
+    backend's tokens. Yields (rows that count, each backend's logits): the prefill, then each step."""
+    out = [be.prefill([Prefill(s, p, 0) for s, p in prompts.items()]) for be in backends]
+    yield torch.ones(len(prompts), dtype=torch.bool), out
+    ids = {s: int(t) for s, t in zip(prompts, out[0].argmax(-1))}
+    pos = {s: len(p) for s, p in prompts.items()}
+    for n in widths:
+        active = torch.tensor([s in prompts for s in range(n)])
+        tokens, positions = (torch.tensor([d.get(s, 0) for s in range(n)]) for d in (ids, pos))
+        out = [be.decode(tokens, positions, active) for be in backends]
+        yield active, out
+        for s in range(n):
+            if active[s]:
+                ids[s], pos[s] = int(out[0][s].argmax()), pos[s] + 1

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tests.models import tiny_llama
+from tests.models import lockstep_decode, tiny_llama
 from worker.pipeline.backend import Prefill, chunk_plan, prefill_rounds
 from worker.pipeline.torch_backend import TorchBackend, row_buckets
 
@@ -78,23 +78,14 @@ def test_a_bad_prefill_is_refused_before_anything_is_written(tiny, prefills, err
 
 
 def decode_steps(backends: list[TorchBackend], prompts: dict[int, list[int]], widths: list[int]) -> None:
-    """Prefill `prompts` into their slots, then one greedy decode step per width n (rows past n are
-    not passed at all; a slot < n without a prompt is idle): every backend gives the same logits."""
-    first = [be.prefill([Prefill(s, p, 0) for s, p in prompts.items()]).argmax(-1) for be in backends]
-    assert all(torch.equal(f, first[0]) for f in first)
-    ids = {s: int(t) for s, t in zip(prompts, first[0])}
-    pos = {s: len(p) for s, p in prompts.items()}
-    for n in widths:
-        active = torch.tensor([s in prompts for s in range(n)])
-        tokens, positions = ([d.get(s, 0) for s in range(n)] for d in (ids, pos))
-        args = (torch.tensor(tokens), torch.tensor(positions), active)
-        out = [be.decode(*args) for be in backends]
+    """lockstep_decode, asserting every backend gives the first one's logits at every step."""
+    for k, (active, out) in enumerate(lockstep_decode(backends, prompts, widths)):
         for o in out:
-            assert o.shape == out[0].shape == (n, out[0].shape[1])
-            torch.testing.assert_close(o[active], out[0][active], rtol=1e-4, atol=1e-4)
-        for s in range(n):
-            if active[s]:
-                ids[s], pos[s] = int(out[0][s].argmax()), pos[s] + 1
+            assert o.shape == out[0].shape == (len(active), out[0].shape[1])
+            if k == 0:
+                assert torch.equal(o.argmax(-1), out[0].argmax(-1))  # the prefill's first tokens
+            else:
+                torch.testing.assert_close(o[active], out[0][active], rtol=1e-4, atol=1e-4)
 
 
 def test_row_buckets_hold_every_batch_width():

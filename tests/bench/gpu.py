@@ -122,30 +122,22 @@ def _check_variant(model: Any, device: str, compile_decode: bool, prompts: dict[
     """Greedy steps at widths that change every step (row buckets 1, 2, 4; slot 1 idle)."""
     import torch
 
-    from worker.pipeline.backend import Prefill
+    from tests.models import lockstep_decode
     from worker.pipeline.torch_backend import TorchBackend
 
     ref = TorchBackend(model, slots=4, max_len=256, device=device)
     be = TorchBackend(model, slots=4, max_len=256, device=device, cuda_graphs=True, compile_decode=compile_decode)
     be.warm_up()
-    first = [b.prefill([Prefill(s, p, 0) for s, p in prompts.items()]).argmax(-1).tolist() for b in (ref, be)]
-    ids, pos = dict(zip(prompts, first[0])), {s: len(p) for s, p in prompts.items()}
-    diff, scale, agree, steps = 0.0, 0.0, int(first[0] == first[1]), 24
-    for k in range(steps):
-        n = (4, 3, 2, 1)[k % 4]
-        active = torch.tensor([s in prompts for s in range(n)])
-        tokens, positions = (torch.tensor([d.get(s, 0) for s in range(n)]) for d in (ids, pos))
-        a, b = ref.decode(tokens, positions, active), be.decode(tokens, positions, active)
+    diff, scale, agree, total = 0.0, 0.0, 0, 0
+    for active, (a, b) in lockstep_decode([ref, be], prompts, [4, 3, 2, 1] * 6):
         diff = max(diff, float((a[active] - b[active]).abs().max()))
         scale = max(scale, float(a[active].abs().max()))
         agree += int(torch.equal(a[active].argmax(-1), b[active].argmax(-1)))
-        for s in range(n):
-            if active[s]:
-                ids[s], pos[s] = int(a[s].argmax()), pos[s] + 1
+        total += 1
     res = {
         "max_abs_logit_diff": float(f"{diff:.3g}"),
         "max_abs_logit": float(f"{scale:.3g}"),  # the scale the difference is read against
-        "steps_same_argmax": f"{agree}/{steps + 1}",
+        "steps_same_argmax": f"{agree}/{total}",
         "compiled": be.compiled,
         "graphs": len(be._graphs),
     }

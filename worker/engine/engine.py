@@ -321,11 +321,15 @@ class Engine:
         else:
             self._emit(seq, token)
 
-    def _emit(self, seq: _Seq, token: int) -> bool:
-        """A token's text to the handle; True if it completed a stop string (the sequence is finished)."""
+    @staticmethod
+    def _push_text(seq: _Seq, token: int) -> None:
         delta = seq.detok.push(token)
         if delta:
             seq.events.put(Token(delta, token))
+
+    def _emit(self, seq: _Seq, token: int) -> bool:
+        """A token's text to the handle; True if it completed a stop string (the sequence is finished)."""
+        self._push_text(seq, token)
         if seq.detok.stopped:
             self._finish(seq, self._result(seq, FinishReason.stop))
         return seq.detok.stopped
@@ -346,9 +350,7 @@ class Engine:
     def _result(self, seq: _Seq, reason: FinishReason) -> Finished:
         if seq.pending is not None:  # finished (cancelled, expired) with a token's text still to emit
             token, seq.pending = seq.pending, None
-            delta = seq.detok.push(token)
-            if delta:
-                seq.events.put(Token(delta, token))
+            self._push_text(seq, token)
         tail = seq.detok.flush()
         if tail:
             seq.events.put(Token(tail, -1))
