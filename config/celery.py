@@ -1,21 +1,25 @@
-"""Celery configuration as one object, shared by producers (which only publish) and workers.
+"""Celery configuration as one object. Only workers run Celery: producers push the task message onto the
+model's queue list themselves, atomically with storing the turn (shared/task_message.py).
 
-The delivery settings are what make "never lose a turn" hold (see README, Guarantees):
-acks_late + reject_on_worker_lost keep a turn in Redis until its worker is done with it;
-prefetch 1 per slot means a worker reserves no more turns than it can start; the visibility
-timeout (broker and result backend alike) is how long an unacked turn waits before Redis hands it
-to another worker, so it must exceed the longest turn.
+What makes "never lose a turn" hold (see docs/GUARANTEES.md): acks_late + reject_on_worker_lost
+keep a delivery in kombu's unacked hash until its worker is done with it; prefetch 1 per slot means a
+worker reserves no more turns than it can start; every delivery is screened and gets its own tag
+(worker/celery_workarounds.py); and, independently of kombu's bookkeeping, a running turn holds a
+lease that its worker renews, so the watchdog queues it again when the worker is gone. kombu's own
+visibility timeout stays as a second net behind the lease (an unacked delivery older than it is
+delivered again; a duplicate delivery of a live or finished turn is skipped, so it only costs a skip).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
 
 from config.settings import Settings
+from shared.task_message import GENERATE_TASK
 
-GENERATE_TASK = "generate"
+__all__ = ["GENERATE_TASK", "CeleryConfig", "make_celery", "queue_name", "restore_interval_s"]
+
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"  # kombu's Redis transport defaults
 
 
 def queue_name(settings: Settings, model: str) -> str:
@@ -30,41 +34,40 @@ def restore_interval_s(settings: Settings) -> int:
 
 class CeleryConfig:
     def __init__(self, settings: Settings):
-        transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
         self.broker_url = settings.redis_url
-        self.result_backend = settings.redis_url
-        # How soon a lost worker's turns come back: kombu's Redis transport sweeps its unacked index
-        # (restore_visible) every `unacked_restore_interval` s but scans only on every
-        # `unacked_restore_throttle`-th sweep (defaults 10 s x 10 = 100 s, whatever the timeout). Scan on
-        # every sweep, a tenth of the visibility timeout apart (1..60 s): a turn lost with its worker is
-        # redelivered between visibility_timeout and visibility_timeout + restore_interval_s(settings) after
-        # its delivery.
+        # How soon kombu itself redelivers an unacked message: it sweeps its unacked index every
+        # `unacked_restore_interval` s but scans only on every `unacked_restore_throttle`-th sweep (defaults
+        # 10 s x 10 = 100 s, whatever the timeout). Scan on every sweep, a tenth of the visibility timeout
+        # apart (1..60 s).
         self.broker_transport_options = {
-            **transport,
+            "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": restore_interval_s(settings),
             "unacked_restore_throttle": 1,
+            "unacked_key": UNACKED_KEY,
+            "unacked_index_key": UNACKED_INDEX_KEY,
         }
-        self.result_backend_transport_options = dict(transport)
         self.broker_connection_retry_on_startup = True
         self.broker_connection_max_retries = None  # a Redis restart is waited out, not fatal
         self.task_serializer = "json"
-        self.result_serializer = "json"
         self.accept_content = ["json"]
         self.task_acks_late = True
         self.task_reject_on_worker_lost = True
-        self.task_acks_on_failure_or_timeout = True
+        self.task_ignore_result = True  # a turn's result lives in its own record and stream
         self.worker_prefetch_multiplier = 1
         self.worker_cancel_long_running_tasks_on_connection_loss = False
         self.worker_send_task_events = True  # Flower can show workers and tasks
-        self.task_send_sent_event = True
         self.task_time_limit = int(settings.turn_timeout_s) + 60  # a safety net behind the engine's deadline
-        self.result_expires = settings.result_ttl_s
         self.worker_hijack_root_logger = False
         self.task_default_queue = f"{settings.key_prefix}.default"
 
 
-def make_celery(settings: Settings, name: str = "chat") -> Celery:
+def make_celery(settings: Settings, name: str = "chat", *, worker: bool = False) -> Celery:
+    """The app; `worker=True` adds what only a consuming worker uses: screened deliveries with a tag each and
+    malformed messages answered (worker/celery_workarounds.py, which registers the `chat-redis` transport)."""
     app = Celery(name, set_as_current=False)
     app.config_from_object(CeleryConfig(settings))
+    if worker:
+        app.conf.broker_transport = "chat-redis"
+        app.conf.worker_consumer = "worker.celery_workarounds:GuardedConsumer"
     app.chat_settings = settings  # type: ignore[attr-defined]
     return app

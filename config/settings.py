@@ -23,11 +23,24 @@ class Settings(BaseSettings):
     sequence_length: int | None = Field(None, ge=16)  # overrides the model preset
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU
 
-    # Delivery: a turn unacked this long is handed to another worker, so it must exceed the longest turn.
+    # Delivery. A running turn holds a lease its worker renews every half second; a turn whose lease is
+    # older than this is queued again by the other workers' watchdog (its worker died or froze).
+    lease_s: float = Field(10.0, ge=2, le=600)
+    # kombu's own net behind the lease: an unacked delivery this old is delivered again (a duplicate of a
+    # live or finished turn is skipped).
     visibility_timeout_s: int = Field(3600, ge=10)
     turn_timeout_s: float = Field(600.0, gt=0)  # a turn running longer is cut (finish_reason cancelled)
     shutdown_grace_s: float = Field(30.0, ge=0)  # warm shutdown waits this long for turns in flight
-    max_attempts: int = Field(3, ge=1)  # deliveries of one turn before it is dead-lettered
+    max_attempts: int = Field(3, ge=1)  # attempts whose worker vanished before a turn is given up (poison)
+    # A queued turn whose message no queue and no live delivery holds after this long is queued again.
+    lost_after_s: float = Field(30.0, ge=1)
+
+    # Producers: refuse a turn at once (503) when no live worker serves its model; true = queue it anyway
+    # (for deployments whose workers start after the producers).
+    queue_without_workers: bool = False
+    # Messages kept per conversation in Redis; older ones are dropped (counted in the conversation's
+    # `trimmed` field). 0 = keep everything. What a turn sends the model is bounded by its context anyway.
+    max_history_messages: int = Field(10_000, ge=0)
 
     # Streaming: deltas are coalesced and flushed at most this often, so Redis load follows turns, not tokens.
     stream_flush_ms: int = Field(50, ge=0, le=5000)

@@ -3,8 +3,11 @@
     python -m producer.chat                       # embedded: fakeredis + an in-process worker, offline
     python -m producer.chat --redis redis://host:6379/0 --model oasst-pythia-12b
 
-`Prompter:` reads a line; an empty line ends the chat. EXAMPLE_PROMPTS (a JSON list) replaces
-typed input and echoes `Prompter: AUTO <text>`. Replies stream as they are generated.
+`Prompter:` reads a line (with line editing and history on a terminal); an empty line, Ctrl-D or Ctrl-C
+at the prompt ends the chat. Ctrl-C during a reply cancels that turn (the worker stops at its next step)
+and returns to the prompt. EXAMPLE_PROMPTS (a JSON list) replaces typed input and echoes
+`Prompter: AUTO <text>`. Replies stream as they are generated; a reply that stopped for any reason
+but its end key says why.
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ import sys
 from collections.abc import Iterator
 
 from config.settings import ConfigError, load_settings
-from producer.client import ChatClient, StreamEvent
+from producer.client import ChatClient
+from producer.reader import Append, Done, Error, ReplyAssembler, Restart
 from shared.errors import ChatError
 from shared.sampling import SamplingParams
+from shared.wire import FinishReason, TurnResult
+
+DEFAULT_OUTPUT_LENGTH = 512  # tokens: a greedy reply that loops stops here rather than filling the context
+NOTES = {FinishReason.length: "stopped at the output length", FinishReason.stop: "stopped at a stop string",
+         FinishReason.cancelled: "cancelled"}
 
 
 def prompts() -> Iterator[str]:
@@ -32,25 +41,60 @@ def prompts() -> Iterator[str]:
             print(f"Prompter: AUTO {text}", flush=True)
             yield text
         return
+    read = input
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        from prompt_toolkit import PromptSession  # line editing (arrows, Ctrl-A/E...) and history (Up)
+
+        read = PromptSession().prompt
     while True:
         try:
-            yield input("Prompter: ")
-        except EOFError:
+            yield read("Prompter: ")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave cleanly
+            print(flush=True)
             return
 
 
-def printer() -> object:
-    shown = {"attempt": 0}
+class Reply:
+    """One turn's reply on the terminal: printed as it streams, restarts and interruptions included."""
 
-    def on_event(ev: StreamEvent) -> None:
-        if ev.kind == "start":
-            if shown["attempt"]:
-                print("\n[the worker was replaced; the reply restarts]\nAssistant: ", end="", flush=True)
-            shown["attempt"] = ev.attempt
-        elif ev.kind == "delta":
-            print(ev.text, end="", flush=True)
+    def __init__(self, client: ChatClient, turn_id: str):
+        self.client, self.turn_id = client, turn_id
+        self.asm = ReplyAssembler()
+        self.last = "0-0"  # the last stream entry read: following again (after a Ctrl-C) goes on from there
 
-    return on_event
+    def follow(self) -> TurnResult | None:
+        """Print until the turn ends; the result, or None after an error (printed)."""
+        for ev in self.client.events(self.turn_id, after=self.last):
+            self.last = ev.id or self.last
+            for up in self.asm.feed(ev):
+                if isinstance(up, Append):
+                    print(up.text, end="", flush=True)
+                elif isinstance(up, Restart):
+                    print(f"\n[the worker was lost; the reply restarts]\nAssistant: {up.text}", end="", flush=True)
+                elif isinstance(up, Done):
+                    print(up.tail, end="", flush=True)
+                    return up.result
+                elif isinstance(up, Error):
+                    print(f"\n[error] {up.message}", flush=True)
+                    return None
+        return None
+
+
+def turn(client: ChatClient, cid: str, text: str, sampling: SamplingParams) -> None:
+    started = client.send(cid, text, sampling)
+    print("Assistant: ", end="", flush=True)
+    reply = Reply(client, started.turn_id)
+    try:
+        result = reply.follow()
+    except KeyboardInterrupt:  # stop this reply, keep the chat: the worker keeps what it generated so far
+        client.cancel(started.turn_id)
+        result = reply.follow()
+    if result is None:
+        return
+    notes = [NOTES[result.finish_reason]] if result.finish_reason in NOTES else []
+    if result.dropped_messages:
+        notes.append(f"{result.dropped_messages} oldest messages left out")
+    print(f" [{'; '.join(notes)}]" if notes else "", flush=True)
 
 
 def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingParams) -> int:
@@ -58,14 +102,10 @@ def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingP
     for text in prompts():
         if not text.strip():
             break
-        print("Assistant: ", end="", flush=True)
         try:
-            result = client.ask(cid, text, sampling, on_event=printer())  # type: ignore[arg-type]
+            turn(client, cid, text, sampling)
         except ChatError as e:
-            print(f"\n[error] {e}", flush=True)
-            continue
-        note = "" if not result.dropped_messages else f" [{result.dropped_messages} oldest messages left out]"
-        print(note, flush=True)
+            print(f"[error] {e}", flush=True)
     return 0
 
 
@@ -77,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = always the most likely token (default)")
     ap.add_argument("--top-k", type=int, default=5, help="0 = off (default 5)")
-    ap.add_argument("--output-length", type=int, default=None, help="max new tokens (default: until the end key)")
+    ap.add_argument("--output-length", type=int, default=DEFAULT_OUTPUT_LENGTH,
+                    help=f"max new tokens per reply (default {DEFAULT_OUTPUT_LENGTH})")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)  # INFO logs stay out of the chat display
     try:
@@ -107,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChatError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while loading or starting: nothing to cancel
+        print(file=sys.stderr)
+        return 130
 
 
 def _quiet_loading() -> None:

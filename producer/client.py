@@ -1,136 +1,237 @@
-"""The producer API: create conversations, send user turns, read replies as they stream.
+"""The producer API: create conversations, start turns, read replies as they stream.
 
-client = ChatClient(settings)
-cid = client.create_conversation("smollm2-135m", system="Be brief.")
-task = client.send(cid, "What is the capital of France?", SamplingParams(temperature=0))
-for ev in client.events(task.turn_id): ...        # start / delta / done / error
-result = client.wait(task.turn_id)                # or just the final TurnResult
+    client = ChatClient(settings)
+    cid = client.create_conversation("smollm2-135m", system="Be brief.")
+    turn = client.send(cid, "What is the capital of France?", SamplingParams(temperature=0))
+    for ev in client.events(turn.turn_id): ...     # queued / start / delta / done / error
+    result = client.wait(turn.turn_id)             # or just the final TurnResult
+
+Every way a turn starts (this library, the CLI, both HTTP routes) goes through `start_turn`: check the
+text once, fit the conversation into the model's context with the tokenizer its workers published (so
+every rejection a worker would make for the request's sake comes here first, before anything is
+stored), then one Lua script stores the user message, creates the turn and queues its task message.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
-from config.celery import GENERATE_TASK, make_celery, queue_name
-from config.presets import load_presets
+from config.celery import queue_name
+from config.redis_clients import sync_client
 from config.settings import Settings
-from producer.store import ConversationStore
-from shared.errors import NotFound, TurnFailed, Unavailable
-from shared.keys import Keys
+from producer.cards import ModelCatalog, ModelInfo
+from producer.reader import TERMINAL, EventKind, StreamEvent, follow
+from producer.store import ConversationStore, Started, new_id
+from shared.context import ContextLengthExceeded, fit_turn
+from shared.errors import Busy, InvalidInput, NotFound, TurnFailed, Unavailable
+from shared.keys import Keys, check_id
+from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
-from shared.wire import GenerateTask, TurnResult
+from shared.task_message import MAX_ITEM_BYTES, generate_message
+from shared.wire import MAX_PAYLOAD_BYTES, GenerateTask, TurnResult
+
+FIRST_READ = 64  # messages of history read first; more (x4) only while everything read still fits
+UNCHECKED_PAYLOAD_BYTES = MAX_PAYLOAD_BYTES // 2  # history sent when no tokenizer is known to fit it ...
+UNCHECKED_MESSAGES = 4096  # ... in at most this many messages
+POSITION = """
+-- KEYS[1] = a model's queue (kombu: LPUSH in, BRPOP out, so the right end is served next)
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for i = #items, 1, -1 do
+  if string.find(items[i], ARGV[1], 1, true) then return #items - i + 1 end
+end
+return 0
+"""
 
 
-@dataclass
-class StreamEvent:
-    id: str
-    kind: str  # start (an attempt begins: reset what was shown) | delta | done | error
-    attempt: int
-    text: str = ""
-    result: TurnResult | None = None
-    error: str | None = None
+@dataclass(frozen=True)
+class TurnRequest:
+    """A user turn to start, in an existing conversation or in a new one holding `history`."""
+
+    text: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    conversation_id: str | None = None
+    owner: str | None = None  # when set, the conversation must belong to this caller (else NotFound)
+    # A new conversation (conversation_id None): its model, system prompt and earlier messages.
+    model: str | None = None
+    system: str | None = None
+    history: tuple[ChatMessage, ...] = ()
+    ttl_s: int = 0  # it expires this long after the turn starts (0 = kept)
+    truncate: bool = True  # may the oldest turns be dropped to fit the context? (False: OpenAI's rule)
+    max_queue_depth: int | None = None  # refuse while the model's queue holds more than this (None = no limit)
+    deadline: float | None = None  # unix time after which generation stops (finish_reason cancelled)
+    text_field: str = "message"  # how errors about `text` name it
 
 
-def _parse(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEvent:
-    f = {k.decode(): v.decode() for k, v in fields.items()}
-    kind = f.get("ev", "delta")
-    result = TurnResult.model_validate_json(f["result"]) if "result" in f else None
-    return StreamEvent(entry_id.decode(), kind, int(f.get("a", 0)), f.get("t", ""), result, f.get("error"))
-
-
-TERMINAL = ("done", "error")
-
-
-def stream_events(resp: list | None) -> Iterator[StreamEvent]:
-    """The events of an XREAD reply, in order."""
-    for _, entries in resp or []:
-        for entry_id, fields in entries:
-            yield _parse(entry_id, fields)
+@dataclass(frozen=True)
+class StartedTurn:
+    turn_id: str
+    conversation_id: str
+    model: str
+    position: int  # in the queue, 1 = served next
+    dropped_messages: int = 0  # oldest messages the model will not see
+    truncated_tokens: int = 0
+    prompt_tokens: int | None = None  # when the model's tokenizer is known here
 
 
 class ChatClient:
     def __init__(self, settings: Settings, r: redis.Redis | None = None):
         self.settings = settings
-        self.r = r or redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
+        self.r = r or sync_client(settings.redis_url)
         self.keys = Keys(settings.key_prefix)
-        self.store = ConversationStore(self.r, self.keys, max_message_chars=settings.max_message_chars)
-        self.celery = make_celery(settings, name="chat-producer")
+        self.store = ConversationStore(self.r, self.keys, max_message_chars=settings.max_message_chars,
+                                       stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
+                                       result_ttl_s=settings.result_ttl_s)
+        self.catalog = ModelCatalog(self.r, self.keys)
+        self._position = self.r.register_script(POSITION)
 
     def models(self) -> set[str]:
         """Preset names plus every model a worker has served on this Redis."""
-        return set(load_presets().models) | {m.decode() for m in self.r.smembers(self.keys.models)}
+        return self.catalog.known()
 
     def create_conversation(self, model: str, system: str | None = None, owner: str = "") -> str:
         try:
-            if model not in self.models():
-                raise NotFound(f"unknown model {model!r}: known models are {', '.join(sorted(self.models()))}")
+            known = self.models()
+            if model not in known:
+                raise NotFound(f"unknown model {model!r}: known models are {', '.join(sorted(known))}", "model",
+                               "model_not_found")
             return self.store.create(model, system, owner)
         except redis.ConnectionError as e:
             raise Unavailable(f"Redis unreachable: {e}") from None
 
-    def send(self, cid: str, text: str, sampling: SamplingParams | None = None) -> GenerateTask:
-        """Store the user message and enqueue the turn; on any failure nothing stays stored."""
-        try:
-            task = self.store.add_user_turn(cid, text, sampling or SamplingParams())
-        except redis.ConnectionError as e:
-            raise Unavailable(f"Redis unreachable: {e}") from None
-        try:
-            self.celery.send_task(
-                GENERATE_TASK,
-                args=[task.model_dump(mode="json")],
-                task_id=task.turn_id,
-                queue=queue_name(self.settings, task.model),
-                # The reply comes through the turn's record and stream, never through Celery's result
-                # backend. Not subscribing to it means a send while the broker is down fails in about a
-                # second with the broker's error, instead of ~20 s of result-backend reconnects ending in
-                # "Retry limit exceeded while trying to reconnect to the Celery result store backend".
-                ignore_result=True,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-            )
-            self.store.mark_published(task)
-        except Exception as e:
+    def send(self, cid: str, text: str, sampling: SamplingParams | None = None, **options: object) -> StartedTurn:
+        """Start the next turn of conversation `cid` (see TurnRequest for `options`)."""
+        return self.start_turn(TurnRequest(text, sampling or SamplingParams(), conversation_id=cid,
+                                           **options))  # type: ignore[arg-type]
+
+    # -- the one way a turn starts -------------------------------------------------------------------
+    def start_turn(self, req: TurnRequest) -> StartedTurn:
+        """Check, fit and queue one turn; on any error nothing is stored (the errors name the field)."""
+        text = self.store.check_text(req.text, req.text_field)
+        user = ChatMessage(role=Role.prompter, text=text)
+        tid = new_id()
+        cid = new_id() if req.conversation_id is None else req.conversation_id
+        create = None
+        if req.conversation_id is not None:
             try:
-                self.store.rollback_turn(task)
-            except redis.RedisError:
-                pass  # Redis is down: the next send on this conversation takes the turn back
-            raise Unavailable(f"could not enqueue the turn: {e}") from None
-        return task
+                check_id(cid, "conversation_id")
+            except ValueError as e:
+                raise InvalidInput(str(e), "conversation_id") from None
+        else:
+            if req.model is None:
+                raise InvalidInput("model: required for a new conversation", "model")
+            create = self.store.conversation_fields(req.model, req.system, req.owner or "")
+        n = FIRST_READ
+        started = False
+        for _ in range(8):  # a few rounds: more history (x4), or a turn that went by meanwhile
+            try:
+                if req.conversation_id is None:
+                    model, system, total, earlier, expect = req.model, req.system, len(req.history), req.history, None
+                else:
+                    hist = self.store.history(cid, n)
+                    conv = hist.conversation
+                    if req.owner is not None and conv.owner != req.owner:
+                        raise NotFound(f"conversation {cid!r} not found", "conversation_id")
+                    model, system, total, earlier, expect = conv.model, conv.system, hist.total, hist.tail, conv.turn
+                assert model is not None
+                info = self.catalog.info(model)
+                if not info.served and not self.settings.queue_without_workers:
+                    raise Unavailable(
+                        f"model {model!r}: no live worker serves it (start one, or set "
+                        "CHAT_QUEUE_WITHOUT_WORKERS=true to queue turns for workers that start later)",
+                        "model", "model_not_served")
+                head = [ChatMessage(role=Role.system, text=system)] if system else []
+                kept, dropped, truncated, prompt_tokens = self._fit(info, head, list(earlier), user, req)
+                if dropped == 0 and len(earlier) < total and req.conversation_id is not None and n < max(
+                        FIRST_READ, info.sequence_length):
+                    n *= 4  # everything read fits: older messages may fit too
+                    continue
+                dropped += total - len(earlier)
+                queue = queue_name(self.settings, model)
+                while True:
+                    task = GenerateTask(turn_id=tid, conversation_id=cid, model=model,
+                                        messages=head + kept + [user], sampling=req.sampling,
+                                        enqueued_at=time.time(), deadline=req.deadline, dropped_messages=dropped,
+                                        truncate=req.truncate)
+                    message = generate_message(tid, queue, task.model_dump(mode="json"))
+                    if len(message) <= MAX_ITEM_BYTES:
+                        break
+                    if not kept or not req.truncate:  # long tokens of escaped text: rare, but bounded
+                        raise ContextLengthExceeded(f"messages: the conversation is too large to queue "
+                                                    f"({len(message)} bytes, at most {MAX_ITEM_BYTES})")
+                    kept, dropped = kept[1:], dropped + 1
+                started = True  # from here on, a lost reply may hide a created turn
+                reply = self.store.start(
+                    turn_id=tid, conversation_id=cid, model=model, queue=queue, user=user,
+                    task_message=message, enqueued_at=task.enqueued_at, expect_turn=expect,
+                    history_cap=self.settings.max_history_messages,
+                    require_live=not self.settings.queue_without_workers,
+                    max_queue_depth=-1 if req.max_queue_depth is None else req.max_queue_depth,
+                    create=create, ttl_s=req.ttl_s, earlier=kept if create is not None else None,
+                )
+            except redis.RedisError as e:
+                if started:
+                    self._withdraw(tid, f"Redis error while starting the turn: {e}")
+                raise Unavailable(f"Redis unavailable: {e}") from None
+            if reply.status in (Started.ok, Started.exists):
+                return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens)
+            if reply.status is Started.missing:
+                raise NotFound(f"conversation {cid!r} not found", "conversation_id")
+            if reply.status is Started.busy:
+                raise Busy(f"conversation {cid!r} already has a turn in flight ({reply.busy_turn})")
+            if reply.status is Started.no_worker:
+                raise Unavailable(f"model {model!r}: no live worker serves it", "model", "model_not_served")
+            if reply.status is Started.queue_full:
+                raise Unavailable(f"model {model!r} is overloaded: {reply.position} turns queued (limit "
+                                  f"{req.max_queue_depth})", None, "queue_full")
+            if reply.status is Started.conflict:
+                cid = new_id()
+            # changed: a turn went by since the history was read; read it again
+        raise Unavailable("the conversation kept changing while this turn was being queued; try again")
+
+    def _fit(self, info: ModelInfo, head: list[ChatMessage], earlier: list[ChatMessage], user: ChatMessage,
+             req: TurnRequest) -> tuple[list[ChatMessage], int, int, int | None]:
+        """(earlier messages kept, how many dropped, tokens truncated, prompt tokens) under the model's card;
+        raises InvalidInput naming the field. Without a card the worker fits what a byte budget allows."""
+        codec = self.catalog.codec(info.card) if info.card is not None else None
+        if codec is None or info.card is None:
+            kept, size = [], 0
+            for m in reversed(earlier):
+                size += len(m.model_dump_json())
+                if size > UNCHECKED_PAYLOAD_BYTES or len(kept) >= UNCHECKED_MESSAGES:
+                    break
+                kept.append(m)
+            kept.reverse()
+            return kept, len(earlier) - len(kept), 0, None
+        try:
+            req.sampling.check_vocab(info.card.vocab_size)
+        except ValueError as e:
+            raise InvalidInput(str(e), "top_k") from None
+        fitted = fit_turn(codec, head + earlier + [user], info.sequence_length, req.sampling.output_length,
+                          truncate=req.truncate)
+        drop = fitted.dropped_messages
+        return earlier[drop:], drop, fitted.truncated_tokens, len(fitted.ids)
+
+    def _withdraw(self, tid: str, reason: str) -> None:
+        """After an error whose side effect is unknown (the START reply was lost): if the turn was created,
+        end it before the caller hears of the error, so a retry never makes a second reply."""
+        try:
+            self.store.withdraw(tid, reason)
+        except redis.RedisError:
+            pass  # Redis is away: the turn, if it exists, is queued and will be answered once
+
+    # -- reading a turn --------------------------------------------------------------------------------
+    def queue_position(self, queue: str, turn_id: str) -> int:
+        return int(self._position(keys=[queue], args=[turn_id]))
 
     def events(self, turn_id: str, after: str = "0-0", timeout: float | None = None) -> Iterator[StreamEvent]:
-        """The turn's stream from `after` (its start by default), until done or error. Survives a
-        Redis restart; falls back to the turn's record when the stream has expired."""
-        key = self.keys.stream(turn_id)
-        end = None if timeout is None else time.monotonic() + timeout
-        last = after
-        st = None  # the turn's record, read only when the stream has nothing new
-        while True:
-            finished = st is not None and st.status in ("done", "failed")
-            try:
-                # Block only while the turn can still write: a finished turn's stream is read at once.
-                resp = self.r.xread({key: last}, block=None if finished else 1000, count=256)
-                if not resp and not finished:
-                    st = self.store.turn(turn_id)
-            except redis.ConnectionError:  # Redis restarting: wait it out
-                time.sleep(0.5)
-                continue
-            for ev in stream_events(resp):
-                last = ev.id
+        """The turn's events from `after` (its start by default) until done or error."""
+        for ev in follow(self.r, self.keys, turn_id, self.queue_position, after, timeout):
+            if ev is not None:
                 yield ev
-                if ev.kind in TERMINAL:
-                    return
-            if finished and not resp and st is not None:  # the stream expired or its end was read already
-                if st.status == "done" and st.result is not None:
-                    yield StreamEvent("", "done", st.attempt, result=st.result)
-                else:
-                    yield StreamEvent("", "error", st.attempt, error=st.error or "the turn failed")
-                return
-            if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"turn {turn_id} did not finish within {timeout}s")
 
     def wait(
         self, turn_id: str, timeout: float | None = None, on_event: Callable[[StreamEvent], None] | None = None
@@ -138,9 +239,9 @@ class ChatClient:
         for ev in self.events(turn_id, timeout=timeout):
             if on_event:
                 on_event(ev)
-            if ev.kind == "done" and ev.result is not None:
+            if ev.kind is EventKind.done and ev.result is not None:
                 return ev.result
-            if ev.kind == "error":
+            if ev.kind is EventKind.error:
                 raise TurnFailed(ev.error or "the turn failed")
         raise TurnFailed("the turn's stream ended without a result")
 
@@ -152,9 +253,15 @@ class ChatClient:
         timeout: float | None = None,
         on_event: Callable[[StreamEvent], None] | None = None,
     ) -> TurnResult:
-        task = self.send(cid, text, sampling)
-        return self.wait(task.turn_id, timeout, on_event)
+        turn = self.send(cid, text, sampling)
+        return self.wait(turn.turn_id, timeout, on_event)
+
+    def cancel(self, turn_id: str) -> str:
+        """Stop a turn (see ConversationStore.cancel)."""
+        return self.store.cancel(turn_id)
 
     def close(self) -> None:
-        self.celery.close()
         self.r.close()
+
+
+__all__ = ["TERMINAL", "ChatClient", "StartedTurn", "StreamEvent", "TurnRequest"]

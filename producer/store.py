@@ -1,5 +1,14 @@
-"""Conversation state in Redis (layout: shared/keys.py). Nothing lives in the producer process,
-so a producer restart loses nothing. Each change is one Lua script, so nothing is stored half-way."""
+"""Conversation state in Redis (layout: shared/keys.py). Nothing lives in the producer process, so a
+producer restart loses nothing. Each change is one Lua script, so nothing is stored half-way, and each
+script is safe to run twice (a retried call after a dropped connection changes nothing more).
+
+start    store the user message, create the turn and push its task message onto the model's queue,
+         all in one step (or nothing: conversation busy or changed, no live worker, queue full)
+cancel   a running turn is asked to stop at its next step (its partial reply is kept); a turn that no
+         worker holds (queued, or its worker gone) ends at once with an empty reply, finish_reason
+         cancelled, so its conversation is free even when no worker serves its model
+delete   the conversation goes; its turn in flight is stopped and nothing is written for it afterwards
+"""
 
 from __future__ import annotations
 
@@ -7,44 +16,144 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from enum import Enum
 
 import redis
 
-from shared.errors import Busy, InvalidInput, NotFound
+from shared.errors import InvalidInput, NotFound
 from shared.keys import Keys, check_id
+from shared.lua import PRELUDE
 from shared.messages import ChatMessage, Role, check_text
-from shared.sampling import SamplingParams
-from shared.wire import GenerateTask, TurnResult
+from shared.wire import FinishReason, TurnResult, TurnStatus
 
-ADD_TURN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local busy = redis.call('HGET', KEYS[1], 'busy')
-if busy then
-  local t = redis.call('HMGET', ARGV[4] .. busy, 'status', 'published', 'enqueued_at', 'user_message')
-  if t[1] == 'queued' and t[2] ~= '1' and tonumber(ARGV[3]) - tonumber(t[3]) > tonumber(ARGV[6]) then
-    -- a producer died between storing this turn and enqueueing it: nobody will answer it
-    redis.call('LREM', KEYS[2], -1, t[4])
-    redis.call('DEL', ARGV[4] .. busy)
-  elseif t[1] == 'queued' or t[1] == 'running' then
-    return {'busy', busy}
+START = PRELUDE + """
+-- KEYS: conv, messages, turn, queue, queued zset, live zset
+-- ARGV: 1 turn id, 2 conversation id, 3 user message json, 4 enqueued_at, 5 task message,
+--       6 expected last turn ('' for none), 7 history cap, 8 require a live worker, 9 max queue depth (-1: none),
+--       10 model, 11 create the conversation ('1'), 12 its ttl s (0 = none), 13 n: how many of the
+--       arguments after 14 are its hash (field, value) pairs, 14 turn key prefix, then 2n field/value
+--       arguments, then its earlier messages (create only)
+local now = now_s()
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'exists'} end
+if ARGV[11] == '1' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict'} end
+else
+  local c = redis.call('HMGET', KEYS[1], 'model', 'busy', 'turn')
+  if not c[1] then return {'missing'} end
+  if c[2] then
+    local st = redis.call('HGET', ARGV[14] .. c[2], 'status')
+    if st == 'queued' or st == 'running' then return {'busy', c[2]} end
+  end
+  if (c[3] or '') ~= ARGV[6] or c[1] ~= ARGV[10] then return {'changed'} end
+end
+if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[6], now, '+inf') == 0 then return {'no_worker'} end
+local depth = redis.call('LLEN', KEYS[4])
+if tonumber(ARGV[9]) >= 0 and depth > tonumber(ARGV[9]) then return {'queue_full', depth} end
+if ARGV[11] == '1' then
+  local n = tonumber(ARGV[13])
+  for i = 15, 14 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  for i = 15 + 2 * n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+local cap = tonumber(ARGV[7])
+if cap > 0 then
+  local n = redis.call('LLEN', KEYS[2])
+  if n > cap then
+    redis.call('LTRIM', KEYS[2], n - cap, -1)
+    redis.call('HINCRBY', KEYS[1], 'trimmed', n - cap)
   end
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[3], 'status', 'queued', 'attempt', 0, 'conversation', ARGV[5], 'conv_key', KEYS[1],
-           'user_message', ARGV[1], 'enqueued_at', ARGV[3])
-redis.call('HSET', KEYS[1], 'busy', ARGV[2], 'turn', ARGV[2])
-return {'ok', unpack(redis.call('LRANGE', KEYS[2], 0, -1))}
+redis.call('HSET', KEYS[3], 'status', 'queued', 'attempt', 0, 'lost', 0, 'conversation', ARGV[2],
+           'conv_key', KEYS[1], 'model', ARGV[10], 'queue', KEYS[4], 'user_message', ARGV[3],
+           'message', ARGV[5], 'enqueued_at', ARGV[4], 'queued_at', now)
+redis.call('HSET', KEYS[1], 'busy', ARGV[1], 'turn', ARGV[1])
+if tonumber(ARGV[12]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[12])
+  redis.call('EXPIRE', KEYS[2], ARGV[12])
+end
+redis.call('LPUSH', KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[5], now, ARGV[1])
+return {'ok', depth + 1}
 """
 
-UNPUBLISHED_GRACE_S = 30  # a queued turn never published after this long is taken back
+CANCEL = PRELUDE + """
+-- KEYS: turn, stream, running, queued   ARGV: turn id, result json, message json, finished_at, maxlen,
+--                                              stream ttl, result ttl
+local s = redis.call('HMGET', KEYS[1], 'status', 'conv_key', 'queue', 'message')
+if not s[1] then return 'missing' end
+if s[1] == 'done' or s[1] == 'failed' then return 'finished' end
+redis.call('HSET', KEYS[1], 'cancel', 1)
+if s[1] == 'running' then
+  local exp = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if exp and tonumber(exp) > now_s() then return 'requested' end  -- its worker stops at the next step
+end
+-- No worker holds it: it ends here, with the empty reply a cancel before the first token gives, and its
+-- message leaves the queue (a copy kombu put back, if any, is skipped by the worker that pops it).
+if s[3] and s[4] then redis.call('LREM', s[3], 1, s[4]) end
+if s[2] and redis.call('EXISTS', s[2]) == 1 then
+  redis.call('RPUSH', s[2] .. ':messages', ARGV[3])
+  if redis.call('HGET', s[2], 'busy') == ARGV[1] then redis.call('HDEL', s[2], 'busy') end
+end
+redis.call('HSET', KEYS[1], 'status', 'done', 'result', ARGV[2], 'finished_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'message')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'ev', 'done', 'a', 0, 'result', ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 'cancelled'
+"""
 
-ROLLBACK = """
-if redis.call('HGET', KEYS[3], 'status') ~= 'queued' then return 0 end
-redis.call('LREM', KEYS[2], -1, redis.call('HGET', KEYS[3], 'user_message'))
-redis.call('DEL', KEYS[3])
-if redis.call('HGET', KEYS[1], 'busy') == ARGV[1] then redis.call('HDEL', KEYS[1], 'busy') end
+DELETE = PRELUDE + """
+-- KEYS: conv, messages, running, queued   ARGV: turn key prefix, finished_at, maxlen, stream ttl, result ttl
+local busy = redis.call('HGET', KEYS[1], 'busy')
+redis.call('DEL', KEYS[1], KEYS[2])
+if busy then
+  local turn = ARGV[1] .. busy
+  local st = redis.call('HGET', turn, 'status')
+  local exp = redis.call('ZSCORE', KEYS[3], busy)
+  if st == 'running' and exp and tonumber(exp) > now_s() then
+    redis.call('HSET', turn, 'cancel', 1)  -- its worker stops; its commit writes nothing for a deleted one
+  elseif st == 'queued' or st == 'running' then
+    local q = redis.call('HMGET', turn, 'queue', 'message')
+    if q[1] and q[2] then redis.call('LREM', q[1], 1, q[2]) end
+    fail_turn(turn, busy, 'the conversation was deleted', 0, ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[3], KEYS[4])
+  end
+end
 return 1
 """
+
+
+# A turn whose START reply was lost may exist: if it is still queued, end it (the user message goes back out)
+# so that the caller's retry, after the error it was given, never makes a second reply.
+WITHDRAW = PRELUDE + """
+-- KEYS: turn, running, queued   ARGV: turn id, reason, finished_at, maxlen, stream ttl, result ttl
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+local q = redis.call('HMGET', KEYS[1], 'queue', 'message')
+if q[1] and q[2] then redis.call('LREM', q[1], 1, q[2]) end
+fail_turn(KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], ARGV[4], ARGV[5], ARGV[6], KEYS[2], KEYS[3])
+return 1
+"""
+
+
+class Started(str, Enum):
+    """What START says."""
+
+    ok = "ok"
+    exists = "exists"  # this turn id was started already (a retried call): nothing more done
+    conflict = "conflict"  # the new conversation's id exists
+    missing = "missing"  # no such conversation
+    busy = "busy"  # a turn of this conversation is in flight
+    changed = "changed"  # a turn went by since the history was read: read it again
+    no_worker = "no_worker"  # no live worker serves the model
+    queue_full = "queue_full"  # the model's queue holds the configured maximum
+
+
+@dataclass(frozen=True)
+class StartReply:
+    status: Started
+    position: int = 0  # 1 = served next (ok); the depth (queue_full)
+    busy_turn: str | None = None
 
 
 @dataclass
@@ -54,138 +163,196 @@ class Conversation:
     system: str | None
     owner: str
     busy: str | None  # the turn in flight
+    turn: str | None = None  # the last turn started
+    trimmed: int = 0  # oldest messages dropped from the store by the history cap
+
+
+@dataclass(frozen=True)
+class History:
+    """A conversation with the newest part of its stored messages."""
+
+    conversation: Conversation
+    total: int  # messages stored
+    tail: list[ChatMessage]  # the newest min(total, n) of them, oldest first
 
 
 @dataclass
 class TurnState:
     id: str
     conversation_id: str
-    status: str  # queued | running | done | failed
+    status: TurnStatus
     attempt: int
     result: TurnResult | None
     error: str | None
     enqueued_at: float
+    model: str = ""
+    fields: dict[str, str] | None = None  # the raw record (worker, started_at, finished_at, ...)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 class ConversationStore:
-    def __init__(self, r: redis.Redis, keys: Keys, *, max_message_chars: int = 16_000):
+    def __init__(self, r: redis.Redis, keys: Keys, *, max_message_chars: int = 16_000,
+                 stream_maxlen: int = 10_000, stream_ttl_s: int = 3600, result_ttl_s: int = 86_400):
         self.r = r
         self.keys = keys
         self.max_chars = max_message_chars
-        self._add = r.register_script(ADD_TURN)
-        self._rollback = r.register_script(ROLLBACK)
+        self.maxlen, self.stream_ttl, self.result_ttl = stream_maxlen, stream_ttl_s, result_ttl_s
+        self._start = r.register_script(START)
+        self._cancel = r.register_script(CANCEL)
+        self._delete = r.register_script(DELETE)
+        self._withdraw = r.register_script(WITHDRAW)
 
     # -- validation --------------------------------------------------------------------------------
     def check_text(self, text: object, what: str) -> str:
+        """What a person typed: a non-empty string within the length limit, no control characters."""
         if not isinstance(text, str):
-            raise InvalidInput(f"{what}: must be a string")
+            raise InvalidInput(f"{what}: must be a string", what)
         if not text.strip():
-            raise InvalidInput(f"{what}: must not be empty")
+            raise InvalidInput(f"{what}: must not be empty", what)
         if len(text) > self.max_chars:
-            raise InvalidInput(f"{what}: {len(text)} characters exceeds the limit of {self.max_chars}")
+            raise InvalidInput(f"{what}: {len(text)} characters exceeds the limit of {self.max_chars}", what)
         try:
             return check_text(text, field=what)
         except ValueError as e:
-            raise InvalidInput(str(e)) from None
+            raise InvalidInput(str(e), what) from None
+
+    def _conv_key(self, cid: str) -> str:
+        try:
+            return self.keys.conv(cid)
+        except ValueError as e:
+            raise InvalidInput(str(e), "conversation_id") from None
 
     # -- conversations -----------------------------------------------------------------------------
+    def conversation_fields(self, model: str, system: str | None, owner: str) -> dict[str, str]:
+        fields = {"model": model, "owner": owner, "created": repr(time.time())}
+        if system is not None:
+            fields["system"] = self.check_text(system, "system")
+        return fields
+
     def create(self, model: str, system: str | None = None, owner: str = "") -> str:
-        if system is not None:
-            system = self.check_text(system, "system")
+        fields = self.conversation_fields(model, system, owner)
         cid = new_id()
-        fields = {"model": model, "owner": owner, "created": time.time()}
-        if system is not None:
-            fields["system"] = system
         self.r.hset(self.keys.conv(cid), mapping=fields)
         return cid
 
-    def get(self, cid: str) -> Conversation:
-        try:
-            key = self.keys.conv(cid)
-        except ValueError as e:
-            raise InvalidInput(str(e)) from None
-        h = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
-        if not h:
+    @staticmethod
+    def _conversation(cid: str, raw: dict[bytes, bytes]) -> Conversation:
+        h = {_s(k): _s(v) for k, v in raw.items()}
+        if "model" not in h:
             raise NotFound(f"conversation {cid!r} not found")
-        return Conversation(cid, h["model"], h.get("system"), h.get("owner", ""), h.get("busy"))
+        return Conversation(cid, h["model"], h.get("system"), h.get("owner", ""), h.get("busy"), h.get("turn"),
+                            int(h.get("trimmed", 0)))
+
+    def get(self, cid: str) -> Conversation:
+        return self._conversation(cid, self.r.hgetall(self._conv_key(cid)))
+
+    def history(self, cid: str, n: int) -> History:
+        """The conversation and its newest `n` messages, read in one round trip."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(self._conv_key(cid))
+        pipe.llen(self.keys.messages(cid))
+        pipe.lrange(self.keys.messages(cid), -n, -1)
+        raw, total, tail = pipe.execute()
+        conv = self._conversation(cid, raw)
+        return History(conv, int(total), [ChatMessage.model_validate_json(m) for m in tail])
 
     def messages(self, cid: str) -> list[ChatMessage]:
         self.get(cid)
         return [ChatMessage.model_validate_json(m) for m in self.r.lrange(self.keys.messages(cid), 0, -1)]
 
     def delete(self, cid: str) -> None:
+        """Delete the conversation; a turn in flight is stopped and writes nothing for it afterwards."""
+        key = self._conv_key(cid)
         self.get(cid)
-        self.r.delete(self.keys.conv(cid), self.keys.messages(cid))
+        self._delete(keys=[key, self.keys.messages(cid), self.keys.running, self.keys.queued],
+                     args=[self.keys.turn_prefix, time.time(), self.maxlen, self.stream_ttl, self.result_ttl])
 
     # -- turns -------------------------------------------------------------------------------------
-    def add_user_turn(self, cid: str, text: str, sampling: SamplingParams) -> GenerateTask:
-        """Append the user message and create the queued turn; returns the payload to enqueue."""
-        conv = self.get(cid)
-        text = self.check_text(text, "message")
-        tid = new_id()
-        now = time.time()
-        user = ChatMessage(role=Role.prompter, text=text)
-        out = self._add(
-            keys=[self.keys.conv(cid), self.keys.messages(cid), self.keys.turn(tid)],
-            args=[user.model_dump_json(), tid, now, f"{self.keys.prefix}:turn:", cid, UNPUBLISHED_GRACE_S],
+    def start(
+        self,
+        *,
+        turn_id: str,
+        conversation_id: str,
+        model: str,
+        queue: str,
+        user: ChatMessage,
+        task_message: str,
+        enqueued_at: float,
+        expect_turn: str | None,
+        history_cap: int,
+        require_live: bool,
+        max_queue_depth: int,
+        create: dict[str, str] | None = None,
+        ttl_s: int = 0,
+        earlier: list[ChatMessage] | None = None,
+    ) -> StartReply:
+        """Store the user message, create the turn and queue it, atomically (see START above)."""
+        args: list[object] = [
+            turn_id, conversation_id, user.model_dump_json(), enqueued_at, task_message, expect_turn or "",
+            history_cap, int(require_live), max_queue_depth, model, int(create is not None), ttl_s,
+            len(create or {}), self.keys.turn_prefix,
+        ]
+        for field, value in (create or {}).items():
+            args += [field, value]
+        args += [m.model_dump_json() for m in earlier or []]
+        out = self._start(
+            keys=[self.keys.conv(conversation_id), self.keys.messages(conversation_id), self.keys.turn(turn_id),
+                  queue, self.keys.queued, self.keys.live(model)],
+            args=args,
         )
-        status = out[0].decode() if isinstance(out[0], bytes) else out[0]
-        if status == "missing":
-            raise NotFound(f"conversation {cid!r} not found")
-        if status == "busy":
-            raise Busy(f"conversation {cid!r} already has a turn in flight ({out[1].decode()})")
-        history = [ChatMessage.model_validate_json(m) for m in out[1:]]
-        head = [ChatMessage(role=Role.system, text=conv.system)] if conv.system else []
-        return GenerateTask(
-            turn_id=tid,
-            conversation_id=cid,
-            model=conv.model,
-            messages=head + history,
-            sampling=sampling,
-            enqueued_at=now,
-        )
-
-    def mark_published(self, task: GenerateTask) -> None:
-        self.r.hset(self.keys.turn(task.turn_id), "published", 1)
-
-    def rollback_turn(self, task: GenerateTask) -> None:
-        """Undo add_user_turn when the turn could not be enqueued."""
-        self._rollback(
-            keys=[
-                self.keys.conv(task.conversation_id),
-                self.keys.messages(task.conversation_id),
-                self.keys.turn(task.turn_id),
-            ],
-            args=[task.turn_id],
-        )
+        status = Started(_s(out[0]))
+        if status is Started.busy:
+            return StartReply(status, busy_turn=_s(out[1]))
+        return StartReply(status, int(out[1]) if len(out) > 1 else 0)
 
     def turn(self, tid: str) -> TurnState:
         try:
             key = self.keys.turn(check_id(tid, "turn_id"))
         except ValueError as e:
-            raise InvalidInput(str(e)) from None
-        h = {k.decode(): v.decode() for k, v in self.r.hgetall(key).items()}
-        if not h:
+            raise InvalidInput(str(e), "turn_id") from None
+        h = {_s(k): _s(v) for k, v in self.r.hgetall(key).items()}
+        if "status" not in h:
             raise NotFound(f"turn {tid!r} not found")
         result = TurnResult.model_validate_json(h["result"]) if "result" in h else None
+        h.pop("message", None)
         return TurnState(
             tid,
             h.get("conversation", ""),
-            h["status"],
+            TurnStatus(h["status"]),
             int(h.get("attempt", 0)),
             result,
             h.get("error"),
             float(h.get("enqueued_at", 0)),
+            h.get("model", ""),
+            h,
         )
 
-    def cancel(self, tid: str) -> None:
-        """Ask the worker to stop the turn at its next step; the partial reply is committed."""
-        self.turn(tid)
-        self.r.hset(self.keys.turn(tid), "cancel", 1)
+    def cancel(self, tid: str) -> str:
+        """Stop the turn: 'requested' (its worker stops at the next step and keeps the partial reply),
+        'cancelled' (no worker held it: it ended now with an empty reply), or 'finished' (nothing to do)."""
+        st = self.turn(tid)
+        if st.status.finished:
+            return "finished"
+        result = TurnResult(turn_id=tid, conversation_id=st.conversation_id, text="",
+                            finish_reason=FinishReason.cancelled, prompt_tokens=0, completion_tokens=0, attempt=0)
+        message = ChatMessage(role=Role.assistant, text="", turn_id=tid)
+        return _s(self._cancel(
+            keys=[self.keys.turn(tid), self.keys.stream(tid), self.keys.running, self.keys.queued],
+            args=[tid, result.model_dump_json(), message.model_dump_json(), time.time(), self.maxlen,
+                  self.stream_ttl, self.result_ttl],
+        ))
+
+    def withdraw(self, tid: str, reason: str) -> bool:
+        """End the turn if it is still queued (see WITHDRAW); True if it did."""
+        return bool(self._withdraw(keys=[self.keys.turn(tid), self.keys.running, self.keys.queued],
+                                   args=[tid, reason, time.time(), self.maxlen, self.stream_ttl, self.result_ttl]))
 
     def dead_letters(self) -> list[dict]:
         return [json.loads(x) for x in self.r.lrange(self.keys.dead, 0, -1)]

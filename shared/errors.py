@@ -1,28 +1,50 @@
-"""Errors a producer raises to its caller; the HTTP layer maps them to status codes."""
+"""Errors a producer raises to its caller; the HTTP layer maps them to status codes.
+
+Each carries `param`, the request field at fault when there is one (`messages`, `max_tokens`,
+`top_k`, ...), and `code`, a machine-readable reason, so the HTTP answer names them without parsing
+the message text.
+"""
 
 
 class ChatError(Exception):
     status = 400
+    default_code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class InvalidInput(ChatError, ValueError):
+    """The request itself is wrong (for this model): a client error, before anything is stored."""
+
     status = 422
 
 
 class NotFound(ChatError, KeyError):
     status = 404
 
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else "not found"
-
 
 class Busy(ChatError):
     status = 409
+    default_code = "turn_in_flight"
 
 
 class Unavailable(ChatError):
+    """Nothing was stored: the client may retry (after `retry_after_s`)."""
+
     status = 503
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, retry_after_s: int = 5):
+        super().__init__(message, param, code)
+        self.retry_after_s = retry_after_s
 
 
 class TurnFailed(ChatError):
     status = 500
+    default_code = "turn_failed"

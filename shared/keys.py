@@ -1,20 +1,29 @@
 """Redis key layout. Every key lives under one prefix so a deployment can share a Redis.
 
-    {p}:conv:{cid}            hash    model, system, owner, created, turn (last turn id),
-                                      busy (the turn in flight, if any)
+    {p}:conv:{cid}            hash    model, system, owner, created, turn (last turn id), busy (the turn in
+                                      flight, if any), trimmed (oldest messages dropped by the history cap)
     {p}:conv:{cid}:messages   list    ChatMessage JSON, oldest first (the system prompt is in the hash)
-    {p}:turn:{tid}            hash    conversation, conv_key, status (queued|running|done|failed),
-                                      attempt (fencing token), worker, user_message, enqueued_at,
-                                      started_at, finished_at, result (TurnResult JSON), error, cancel
+    {p}:turn:{tid}            hash    conversation, conv_key, model, queue, status (TurnStatus), attempt
+                                      (fencing token), lost (attempts whose worker vanished), worker,
+                                      delivery, user_message, message (the queued task message, kept until
+                                      the turn ends so it can be queued again), enqueued_at, started_at,
+                                      finished_at, result (TurnResult JSON), error, cancel, fseq
     {p}:turn:{tid}:stream     stream  {ev: start, a} then deltas {a, t} then {ev: done, result} or
                                       {ev: error, error}; a new attempt writes a new start marker
+    {p}:running               zset    turn id -> lease expiry (Redis clock): renewed by the worker holding
+                                      the turn; an expired lease means its worker is gone (the watchdog
+                                      queues the turn again)
+    {p}:queued                zset    turn id -> when its task message was last pushed onto its queue
     {p}:models                set     model names that workers have served
-    {p}:workers               hash    worker -> {model, busy, slots, at}: busy slots, every few seconds
+    {p}:model:{model}         string  the model card (ModelCard JSON) its workers publish
+    {p}:tokenizer:{sha}       hash    file name -> content: the tokenizer a model card names
+    {p}:live:{model}          zset    worker name -> liveness expiry (Redis clock)
+    {p}:worker:{name}         string  WorkerReport JSON, with a TTL: gone by itself when the worker is
     {p}:ratelimit:{key id}    hash    the HTTP API's token bucket per API key (with a TTL)
-    {p}:dead                  list    dead-lettered payloads with the reason
+    {p}:dead                  list    dead-lettered deliveries and payloads with the reason
 
 Ids are checked against ID_PATTERN before they are put into a key, so a crafted id cannot
-reach another key (no ':' '*' or spaces).
+reach another key (no ':' '*' or spaces). Model and worker names come from configuration.
 """
 
 from __future__ import annotations
@@ -22,17 +31,21 @@ from __future__ import annotations
 import re
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-_ID = re.compile(ID_PATTERN)
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_PREFIX = "chat"
 
 
 def check_id(value: str, what: str = "id") -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    """`value` if it is 1-64 letters, digits, '_' or '-' (the whole string: no trailing newline);
+    else ValueError naming `what`."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ValueError(f"{what}: must be 1-64 characters of letters, digits, '_' or '-', got {value!r:.80}")
     return value
 
 
 class Keys:
+    """Builds every key of the layout above for one prefix."""
+
     def __init__(self, prefix: str = DEFAULT_PREFIX):
         self.prefix = prefix
 
@@ -49,12 +62,33 @@ class Keys:
         return f"{self.turn(tid)}:stream"
 
     @property
-    def workers(self) -> str:
-        return f"{self.prefix}:workers"
+    def turn_prefix(self) -> str:
+        """Scripts build a turn's key from its id with this."""
+        return f"{self.prefix}:turn:"
+
+    @property
+    def running(self) -> str:
+        return f"{self.prefix}:running"
+
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
 
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"
+
+    def card(self, model: str) -> str:
+        return f"{self.prefix}:model:{model}"
+
+    def tokenizer(self, sha: str) -> str:
+        return f"{self.prefix}:tokenizer:{sha}"
+
+    def live(self, model: str) -> str:
+        return f"{self.prefix}:live:{model}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
 
     @property
     def dead(self) -> str:

@@ -13,6 +13,20 @@ from shared.sampling import SamplingParams
 MAX_PAYLOAD_BYTES = 1_000_000  # a task payload above this is refused before parsing
 
 
+class TurnStatus(str, Enum):
+    """Where a turn is. queued -> running -> done | failed; running -> queued when its worker hands it
+    back (cold shutdown) or vanishes (the watchdog queues it again)."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TurnStatus.done, TurnStatus.failed)
+
+
 class FinishReason(str, Enum):
     end_key = "end_key"  # the model produced its end key (<|endoftext|>, <|im_end|>, ...)
     length = "length"  # output_length reached, or the sequence length is full
@@ -32,6 +46,11 @@ class GenerateTask(BaseModel):
     sampling: SamplingParams = SamplingParams()
     enqueued_at: float = 0.0  # unix time the producer enqueued it
     deadline: float | None = None  # unix time after which the turn is cut short (finish_reason cancelled)
+    # Oldest messages the producer left out because they could not fit the context (the payload carries
+    # only what can fit, so its size follows the model's context, not the conversation's history).
+    dropped_messages: int = Field(0, ge=0)
+    # False: nothing may be dropped or cut to fit the context (the turn fails with context_length_exceeded).
+    truncate: bool = True
 
 
 class Timings(BaseModel):

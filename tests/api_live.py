@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -9,11 +10,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
-import uvicorn
 
 from producer.api import create_app
 from producer.api.auth import hash_key
 from producer.api.config import ApiSettings, load_api_settings
+from producer.api.server import make_server
 from producer.embedded import InProcessWorker, free_port
 from tests.conftest import tiny_settings
 
@@ -28,8 +29,7 @@ class LiveServer:
         self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = make_server(self.app, "127.0.0.1", self.port, "warning", settings.api_shutdown_grace_s)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     def start(self) -> LiveServer:
@@ -42,8 +42,8 @@ class LiveServer:
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.server.handle_exit(signal.SIGTERM, None)  # as a SIGTERM would: streams are told, then it exits
+        self.thread.join(30)
 
 
 @contextmanager

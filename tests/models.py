@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shared.codec import Codec
 from shared.prompts import PromptFormat
 from worker.engine.engine import Engine
 from worker.pipeline.backend import Prefill
-from worker.pipeline.codec import Codec
 from worker.pipeline.tiny_neox import build_tokenizer
 from worker.pipeline.torch_backend import TorchBackend
 

@@ -1,7 +1,10 @@
-"""/v1 with the official openai client against a live server and a real worker (tiny-neox)."""
+"""/v1 with the official openai client against a live server and a real worker (tiny-neox, sequence
+length 256): every client error is a 400 naming the field with no turn created, context overflow as
+OpenAI answers it, replies this product made accepted as history, the client's connection followed."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,6 +21,8 @@ MESSAGES = [
     {"role": "assistant", "content": "Hello."},
     {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
 ]
+USER = [{"role": "user", "content": "hi"}]
+IDLE_MODEL = "smollm2-135m"  # a preset no worker serves here
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,18 @@ def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
     c.close()
 
 
-def test_completion_maps_history_and_sampling(oai: openai.OpenAI, redis_url: str) -> None:
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:  # no flush: the module's worker lives in this db
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield c
+    c.close()
+
+
+def turns(r: redis.Redis) -> set[str]:
+    return {k for k in r.keys("chat:turn:*") if not k.endswith(":stream")}
+
+
+def test_completion_maps_history_and_sampling(oai: openai.OpenAI, r: redis.Redis) -> None:
     resp = oai.chat.completions.create(
         model="tiny-neox", messages=MESSAGES, max_tokens=6, temperature=0.7, top_p=0.9, seed=5, stop=["\n\n"],
         extra_body={"top_k": 40},
@@ -49,11 +65,10 @@ def test_completion_maps_history_and_sampling(oai: openai.OpenAI, redis_url: str
     assert resp.usage is not None and 0 < resp.usage.completion_tokens <= 6
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     # The stateless request became a conversation: system prompt, earlier messages, the last one, the reply.
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
     turn = r.hgetall(f"chat:turn:{resp.id.removeprefix('chatcmpl-')}")
     conv = r.hgetall(turn["conv_key"])
     assert conv["system"] == "You are terse." and conv["model"] == "tiny-neox" and conv["owner"]
-    assert r.ttl(turn["conv_key"]) > 0
+    assert 0 < r.ttl(turn["conv_key"]) and 0 < r.ttl(turn["conv_key"] + ":messages")
     msgs = r.lrange(turn["conv_key"] + ":messages", 0, -1)
     assert [m.split('"role":"')[1].split('"')[0] for m in msgs] == ["prompter", "assistant", "prompter", "assistant"]
     assert '"Name a colour."' in msgs[2]
@@ -77,66 +92,132 @@ def test_streaming_matches_non_streaming(oai: openai.OpenAI) -> None:
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
-    # Without include_usage there is no usage chunk; the raw stream ends with [DONE].
-    with httpx.stream("POST", oai.base_url.join("chat/completions").__str__(), json={**kw, "stream": True},
+    with httpx.stream("POST", str(oai.base_url.join("chat/completions")), json={**kw, "stream": True},
                       headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30) as raw:
         lines = [ln for ln in raw.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]" and '"usage"' not in "".join(lines)
 
 
-def test_models(oai: openai.OpenAI) -> None:
-    ids = [m.id for m in oai.models.list().data]
-    assert "tiny-neox" in ids and "smollm2-135m" in ids
+def test_models_lists_what_is_served(oai: openai.OpenAI) -> None:
+    models = {m.id: m for m in oai.models.list().data}
+    assert list(models) == ["tiny-neox"]  # smollm2-135m is a preset, but no worker serves it here
+    assert models["tiny-neox"].model_extra["context_length"] == 256
     assert oai.models.retrieve("tiny-neox").id == "tiny-neox"
-    with pytest.raises(openai.NotFoundError):
-        oai.models.retrieve("gpt-9")
+    for model in ("gpt-9", IDLE_MODEL):
+        with pytest.raises(openai.NotFoundError):
+            oai.models.retrieve(model)
 
 
-def test_unknown_model_and_bad_key(oai: openai.OpenAI, server: LiveServer) -> None:
+def test_unknown_model_unserved_model_and_bad_key(oai: openai.OpenAI, server: LiveServer, r: redis.Redis) -> None:
+    before = turns(r)
     with pytest.raises(openai.NotFoundError) as e:
-        oai.chat.completions.create(model="gpt-9", messages=MESSAGES[1:2])
+        oai.chat.completions.create(model="gpt-9", messages=USER)
     assert e.value.status_code == 404 and e.value.code == "model_not_found" and e.value.param == "model"
+    t0 = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as e5:  # at once, not after a 600 s wait
+        oai.chat.completions.create(model=IDLE_MODEL, messages=USER)
+    assert time.monotonic() - t0 < 2 and e5.value.status_code == 503 and e5.value.code == "model_not_served"
     with pytest.raises(openai.AuthenticationError) as e2:
-        client(server.url, "sk-wrong").chat.completions.create(model="tiny-neox", messages=MESSAGES[1:2])
+        client(server.url, "sk-wrong").chat.completions.create(model="tiny-neox", messages=USER)
     assert e2.value.status_code == 401 and e2.value.type == "authentication_error"
-    no_key = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-neox", "messages": MESSAGES[1:2]})
+    no_key = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-neox", "messages": USER})
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "missing_api_key"
+    assert turns(r) == before
 
 
-USER = [{"role": "user", "content": "hi"}]
+LONG_HISTORY = [m for i in range(20) for m in ({"role": "user", "content": f"question {i} " + "q" * 30},
+                                               {"role": "assistant", "content": f"answer {i} " + "a" * 30})] + USER
+
+# Every client error the official client can send: a 400 naming the field, and no turn created.
+CLIENT_ERRORS = [
+    ({"temperature": -1}, "temperature", None),
+    ({"top_p": 0}, "top_p", None),
+    ({"top_p": 1.5}, "top_p", None),
+    ({"max_tokens": 0}, "max_tokens", None),
+    ({"n": 2}, "n", None),
+    ({"messages": []}, "messages", None),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content",
+     None),
+    ({"messages": [{"role": "robot", "content": "beep"}]}, "messages[0].role", None),
+    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}, *USER]}, "messages[0]", None),
+    ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *USER]}, "messages[1]",
+     None),
+    ({"messages": [*USER, {"role": "assistant", "content": "hello"}]}, "messages[1].role", None),
+    ({"messages": [*USER, {"role": "system", "content": "late"}, *USER]}, "messages[1].role", None),
+    ({"messages": [{"role": "user", "content": "bell \x07"}, {"role": "assistant", "content": "?"}, *USER]},
+     "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "x" * 16_001}]}, "messages[0].content", None),
+    ({"messages": [{"role": "system", "content": ""}, *USER]}, "messages[0].content", None),
+    ({"stop": [""]}, "stop", None),
+    ({"extra_body": {"top_k": -3}}, "top_k", None),
+    # strict types: a bool is not a number, a string is not a bool
+    ({"extra_body": {"top_k": True}}, "top_k", None),
+    ({"extra_body": {"stream": "yes"}}, "stream", None),
+    ({"extra_body": {"max_tokens": True}}, "max_tokens", None),
+    ({"extra_body": {"temperature": "0.5"}}, "temperature", None),
+    # fields that would change the answer and are not supported yet
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", None),
+    ({"tool_choice": "required"}, "tool_choice", None),
+    ({"response_format": {"type": "json_object"}}, "response_format", None),
+    ({"logprobs": True}, "logprobs", None),
+    ({"top_logprobs": 3}, "top_logprobs", None),
+    ({"presence_penalty": 0.5}, "presence_penalty", None),
+    ({"frequency_penalty": -0.5}, "frequency_penalty", None),
+    ({"logit_bias": {"42": 10}}, "logit_bias", None),
+    # what the worker would refuse for this model, refused before anything is queued
+    ({"max_tokens": 256}, "max_tokens", None),
+    ({"max_completion_tokens": 5000}, "max_tokens", None),
+    ({"extra_body": {"top_k": 100_000}}, "top_k", None),
+    ({"messages": [{"role": "system", "content": "rules " * 60}, *USER]}, "messages", None),
+    ({"messages": LONG_HISTORY}, "messages", "context_length_exceeded"),
+    ({"messages": USER[:0] + [{"role": "user", "content": "x" * 300}], "max_tokens": 10}, "messages",
+     "context_length_exceeded"),
+]
 
 
-@pytest.mark.parametrize(
-    "kw,param",
-    [
-        ({"temperature": -1}, "temperature"),
-        ({"top_p": 0}, "top_p"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-        ({"messages": [{"role": "robot", "content": "beep"}]}, "messages[0].role"),
-        ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].role"),
-        ({"messages": [*USER, {"role": "assistant", "content": "hello"}]}, "messages[1].role"),
-        ({"messages": [*USER, {"role": "system", "content": "late"}, *USER]}, "messages[1].role"),
-        ({"messages": [{"role": "user", "content": "bell \x07"}, {"role": "assistant", "content": "?"}, *USER]},
-         "messages[0].content"),
-        ({"messages": [{"role": "user", "content": "x" * 16_001}]}, "messages[0].content"),
-        ({"stop": [""]}, "stop"),
-        ({"extra_body": {"top_k": -3}}, "top_k"),
-    ],
-)
-def test_invalid_fields_are_422(oai: openai.OpenAI, kw: dict, param: str) -> None:
+@pytest.mark.parametrize("kw,param,code", CLIENT_ERRORS, ids=[f"{i}-{c[1]}" for i, c in enumerate(CLIENT_ERRORS)])
+def test_every_client_error_is_400_naming_the_field_and_creates_no_turn(
+        oai: openai.OpenAI, r: redis.Redis, kw: dict, param: str, code: str | None) -> None:
+    before = turns(r)
     kw = {"model": "tiny-neox", "messages": USER, **kw}
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(**kw)
-    assert e.value.status_code == 422 and e.value.param == param and e.value.type == "invalid_request_error"
+    assert e.value.status_code == 400 and e.value.type == "invalid_request_error"
+    assert e.value.param is not None and e.value.param.startswith(param), (e.value.param, e.value.message)
+    if code:
+        assert e.value.code == code
+    assert turns(r) == before
 
 
-def test_nan_and_bad_json_are_422(server: LiveServer) -> None:
-    """The openai client refuses to send NaN, so these go raw."""
+def test_context_overflow_says_the_numbers_and_truncate_is_opt_in(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="tiny-neox", messages=LONG_HISTORY, max_tokens=8)
+    msg = e.value.message
+    assert "maximum context length is 256 tokens" in msg and "and 8 for the output" in msg
+    resp = oai.chat.completions.create(model="tiny-neox", messages=LONG_HISTORY, max_tokens=8,
+                                       extra_body={"truncate": True})
+    dropped = resp.usage.model_extra["dropped_messages"]
+    assert dropped > 0 and dropped % 2 == 0  # whole oldest turns, and the response says how many
+    assert resp.usage.prompt_tokens + 8 <= 256
+
+
+@pytest.mark.parametrize("messages", [
+    [*USER, {"role": "assistant", "content": None}, *USER],  # LangChain's tool loop shape, without tool calls
+    [*USER, {"role": "assistant", "content": ""}, *USER],  # an empty reply (a stop string matched at once)
+    [*USER, {"role": "assistant", "content": "odd \x0b bytes \x1c from the model"}, *USER],  # it emitted those
+    [*USER, {"role": "assistant", "content": [{"type": "text", "text": "parts"}]}, *USER],
+    [{"role": "developer", "content": "Be brief."}, *USER, {"role": "assistant", "content": "ok"}, *USER],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "?"}, *USER],  # an empty earlier message
+])
+def test_replies_this_product_produced_are_accepted_as_history(oai: openai.OpenAI, messages: list[dict]) -> None:
+    resp = oai.chat.completions.create(model="tiny-neox", messages=messages, max_tokens=2)
+    assert resp.choices[0].message.content is not None
+
+
+def test_nan_bad_json_and_lone_surrogates_are_400(server: LiveServer, r: redis.Redis) -> None:
+    """The openai client refuses to send NaN or lone surrogates, so these go raw."""
 
     def post(body: bytes) -> httpx.Response:
         return httpx.post(server.url + "/v1/chat/completions", content=body,
@@ -145,9 +226,16 @@ def test_nan_and_bad_json_are_422(server: LiveServer) -> None:
     for value in (b"NaN", b"Infinity"):
         resp = post(b'{"model": "tiny-neox", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + value
                     + b"}")
-        assert resp.status_code == 422 and resp.json()["error"]["param"] == "temperature", resp.text
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "temperature", resp.text
     resp = post(b'{"model": "tiny-neox", "messages": [')
-    assert resp.status_code == 422 and resp.json()["error"]["code"] == "json_invalid"
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "json_invalid"
+    before = turns(r)
+    for i, role in ((0, "user"), (1, "assistant")):  # JSON can escape what UTF-8 cannot carry
+        bad = b'{"role": "' + role.encode() + b'", "content": "a\\ud800b"}'
+        msgs = b'{"role": "user", "content": "hi"}, ' * i + bad
+        resp = post(b'{"model": "tiny-neox", "messages": [' + msgs + b', {"role": "user", "content": "hi"}]}')
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == f"messages[{i}].content", resp.text
+    assert turns(r) == before
 
 
 def test_rate_limit_raises_rate_limit_error(redis_url: str, server: LiveServer) -> None:
@@ -160,32 +248,71 @@ def test_rate_limit_raises_rate_limit_error(redis_url: str, server: LiveServer) 
         assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
 
 
-def test_deep_queue_is_503(redis_url: str, server: LiveServer) -> None:
-    r = redis.Redis.from_url(redis_url)
-    r.lpush("chat.smollm2-135m", b"{}")  # a queue with a turn in it, and no worker on it
-    try:
-        with live_api(redis_url, max_queue_depth=0, retry_after_s=3) as s:
+def test_deep_queue_is_503(redis_url: str, server: LiveServer, r: redis.Redis) -> None:
+    with live_api(redis_url, max_queue_depth=0, retry_after_s=3, queue_without_workers=True) as s:
+        r.lpush(f"chat.{IDLE_MODEL}", "{}")  # a queue with something in it, and no worker on it
+        try:
             with pytest.raises(openai.InternalServerError) as e:
-                client(s.url).chat.completions.create(model="smollm2-135m", messages=USER)
+                client(s.url).chat.completions.create(model=IDLE_MODEL, messages=USER)
             assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "3"
             assert e.value.code == "queue_full"
             assert client(s.url).chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2).choices
-    finally:
-        r.delete("chat.smollm2-135m")
+        finally:
+            r.delete(f"chat.{IDLE_MODEL}")
 
 
-def test_stream_client_that_disconnects_cancels_its_turn(server: LiveServer, redis_url: str) -> None:
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    body = {"model": "smollm2-135m", "messages": USER, "stream": True}  # no worker serves it: the turn waits
-    try:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30,
-                          headers={"Authorization": f"Bearer {KEY_A}"}) as resp:
+def wait_cancelled(r: redis.Redis, tid: str, within: float) -> float:
+    t0 = time.monotonic()
+    while r.hget(f"chat:turn:{tid}", "cancel") != "1":
+        assert time.monotonic() - t0 < within, r.hgetall(f"chat:turn:{tid}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_a_client_that_goes_away_has_its_turn_cancelled_streaming_or_not(
+        redis_url: str, server: LiveServer, r: redis.Redis) -> None:
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    body = {"model": IDLE_MODEL, "messages": USER}  # waits in the queue: only the client's leaving ends it
+    with live_api(redis_url, queue_without_workers=True) as s:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=30,
+                          headers=headers) as resp:
             first = next(resp.iter_lines())
         tid = first.split('"id": "chatcmpl-')[1].split('"')[0]
-        for _ in range(100):
-            if r.hget(f"chat:turn:{tid}", "cancel") == "1":
-                break
-            time.sleep(0.05)
-        assert r.hget(f"chat:turn:{tid}", "cancel") == "1"
-    finally:
-        r.delete("chat.smollm2-135m")
+        assert wait_cancelled(r, tid, 5) < 2
+        seen = set(turns(r))
+        gone = threading.Event()
+
+        def impatient() -> None:
+            try:
+                httpx.post(s.url + "/v1/chat/completions", json=body, headers=headers, timeout=1.0)
+            except httpx.TimeoutException:
+                gone.set()
+
+        threading.Thread(target=impatient).start()
+        end = time.monotonic() + 5
+        while not (new := turns(r) - seen):
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        (key,) = new
+        assert gone.wait(5)
+        left = time.monotonic()
+        wait_cancelled(r, key.removeprefix("chat:turn:"), 5)
+        assert time.monotonic() - left < 2  # within about a second of the client leaving
+        for ended in (tid, key.removeprefix("chat:turn:")):  # no worker held them: they ended, the queue is empty
+            assert r.hget(f"chat:turn:{ended}", "status") == "done"
+        assert r.llen(f"chat.{IDLE_MODEL}") == 0
+
+
+def test_stream_keepalive_follows_the_setting(redis_url: str, server: LiveServer, r: redis.Redis) -> None:
+    with live_api(redis_url, sse_ping_s=0.2, queue_without_workers=True) as s:
+        body = {"model": IDLE_MODEL, "messages": USER, "stream": True}  # waits in the queue
+        t0 = time.monotonic()
+        pings = 0
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY_A}"}) as resp:
+            for line in resp.iter_lines():
+                pings += line == ": ping"
+                if pings == 3:
+                    break
+        assert time.monotonic() - t0 < 5
+    r.delete(f"chat.{IDLE_MODEL}")

@@ -18,21 +18,24 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from config.celery import GENERATE_TASK, queue_name
 from producer.client import ChatClient
-from shared.errors import InvalidInput, NotFound, TurnFailed, Unavailable
+from producer.store import new_id
+from shared.codec import Codec
+from shared.errors import Busy, InvalidInput, NotFound, Unavailable
 from shared.keys import Keys
 from shared.messages import MAX_MESSAGE_CHARS, ChatMessage, Role
 from shared.prompts import PromptFormat
 from shared.sampling import SamplingParams
-from shared.wire import MAX_PAYLOAD_BYTES
+from shared.task_message import GENERATE_TASK, MAX_ITEM_BYTES, generate_message
+from shared.wire import GenerateTask, TurnStatus
 from tests.conftest import tiny_settings
 from tests.procs import WorkerProcess
-from worker.pipeline.codec import Codec
 
 KEYS = Keys("chat")
 QUICK = SamplingParams(temperature=0.0, output_length=4)
 SEQ = 256  # tiny-neox's preset sequence length
+QUEUE = "chat.tiny-neox"
+PARKED = "chat.parked"  # a queue no worker reads: where the tests' own stored turns keep their real message
 
 
 # -- one worker for the module (the per-test `r` fixture would flush kombu's bindings under it) -------------
@@ -74,9 +77,15 @@ def untouched(client: ChatClient, cid: str, n_messages: int = 0) -> None:
     assert client.store.get(cid).busy is None
 
 
-def enqueue(client: ChatClient, payload: Any) -> None:
-    client.celery.send_task(GENERATE_TASK, args=[payload], queue=queue_name(client.settings, "tiny-neox"),
-                            ignore_result=True)
+def enqueue(client: ChatClient, payload: Any, task_id: str | None = None) -> None:
+    """Push a generate task message carrying `payload` straight onto the worker's queue."""
+    tid = task_id or (payload.get("turn_id") if isinstance(payload, dict) and isinstance(payload.get("turn_id"), str)
+                      else uuid.uuid4().hex)
+    client.r.lpush(QUEUE, generate_message(tid, QUEUE, payload))
+
+
+def push_raw(client: ChatClient, item: bytes | str) -> None:
+    client.r.lpush(QUEUE, item)
 
 
 def dead_letters(client: ChatClient) -> int:
@@ -96,22 +105,30 @@ def dead_letter(client: ChatClient, since: int, match: str, timeout: float = 20)
 
 
 def app_keys(client: ChatClient) -> set[bytes]:
-    """Every key but kombu's own (queue lists, unacked hash, bindings), which come and go with deliveries."""
-    kombu = (b"unacked", b"_kombu", queue_name(client.settings, "tiny-neox").encode())
+    """Every key but kombu's own (queue lists, unacked hash, bindings), which come and go with deliveries,
+    and the workers' own (liveness, card, indexes)."""
+    kombu = (b"unacked", b"_kombu", QUEUE.encode(), b"chat:worker:", b"chat:live:", b"chat:running", b"chat:queued",
+             b"chat:lock:")
     return {k for k in client.r.keys("*") if not k.startswith(kombu)}
 
 
 def stored_turn(client: ChatClient, text: str = "hello") -> tuple[str, dict[str, Any]]:
-    """A turn stored the way a producer stores it, not yet published: (conversation id, its payload)."""
+    """A turn stored the way a producer stores it, its real message parked where no worker reads it:
+    (conversation id, its payload), for pushing altered copies of it at the worker."""
     cid = client.create_conversation("tiny-neox")
-    task = client.store.add_user_turn(cid, text, SamplingParams())
-    client.store.mark_published(task)
-    return cid, task.model_dump(mode="json")
+    tid = new_id()
+    user = ChatMessage(role=Role.prompter, text=text)
+    payload = GenerateTask(turn_id=tid, conversation_id=cid, model="tiny-neox", messages=[user]).model_dump(mode="json")
+    reply = client.store.start(turn_id=tid, conversation_id=cid, model="tiny-neox", queue=PARKED, user=user,
+                               task_message=generate_message(tid, PARKED, payload), enqueued_at=time.time(),
+                               expect_turn=None, history_cap=0, require_live=False, max_queue_depth=-1)
+    assert reply.status.value == "ok"
+    return cid, payload
 
 
-def wait_status(client: ChatClient, turn_id: str, timeout: float = 20) -> str:
+def wait_status(client: ChatClient, turn_id: str, timeout: float = 20) -> TurnStatus:
     end = time.monotonic() + timeout
-    while (st := client.store.turn(turn_id)).status in ("queued", "running"):
+    while not (st := client.store.turn(turn_id)).status.finished:
         assert time.monotonic() < end, st
         time.sleep(0.05)
     return st.status
@@ -150,35 +167,54 @@ def test_invalid_sampling_value_is_refused_naming_the_field(field, value):
     assert e.value.errors()[0]["loc"][0] == field
 
 
-def test_top_k_beyond_the_vocabulary_fails_the_turn_and_takes_the_message_back(client):
+# What the worker would refuse for the request's own sake is refused by the producer first, from the model
+# card the worker published: a clear error naming the field, and nothing stored or queued.
+@pytest.mark.parametrize("sampling,system,match,param", [
+    (SamplingParams(top_k=100_000), None, r"top_k: must be in \[0, \d+\] for this model, got 100000", "top_k"),
+    (SamplingParams(output_length=SEQ + 44), None, f"output_length: {SEQ + 44} is beyond this model's sequence "
+     f"length {SEQ}", "output_length"),
+    (SamplingParams(output_length=SEQ), None, "output_length", "output_length"),
+    (QUICK, "rules " * 60, r"prompt: the system prompt and template take \d+ tokens", "system"),
+])
+def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(client, sampling, system, match, param):
+    cid = client.create_conversation("tiny-neox", system=system)
+    depth, turns = client.r.llen(QUEUE), set(client.r.keys("chat:turn:*"))
+    with pytest.raises(InvalidInput, match=match) as e:
+        client.send(cid, "hello", sampling)
+    assert e.value.param == param
+    untouched(client, cid)
+    assert client.r.llen(QUEUE) == depth and set(client.r.keys("chat:turn:*")) == turns
+    if system is None:
+        still_serving(client, cid)  # and the conversation goes on
+
+
+def test_a_busy_conversation_refuses_a_second_turn_and_stores_nothing(client):
     cid = client.create_conversation("tiny-neox")
-    task = client.send(cid, "hello", SamplingParams(top_k=100_000))
-    with pytest.raises(TurnFailed, match=r"top_k: must be in \[0, \d+\] for this model, got 100000"):
-        client.wait(task.turn_id, timeout=30)
-    untouched(client, cid)
-    still_serving(client, cid)  # and the conversation goes on
-
-
-def test_output_length_beyond_the_context_fails_the_turn(client):
-    cid = client.create_conversation("tiny-neox")
-    task = client.send(cid, "hello", SamplingParams(output_length=SEQ + 44))
-    with pytest.raises(TurnFailed, match=f"output_length: {SEQ + 44} is beyond this model's sequence length {SEQ}"):
-        client.wait(task.turn_id, timeout=30)
-    untouched(client, cid)
-
-
-def test_prompt_that_cannot_fit_after_context_fitting_fails_the_turn(client):
-    cid = client.create_conversation("tiny-neox", system="rules " * 60)  # 360 tokens > the 256 positions
-    task = client.send(cid, "hello", QUICK)
-    with pytest.raises(TurnFailed, match=r"prompt: the system prompt and template take \d+ tokens"):
-        client.wait(task.turn_id, timeout=30)
-    untouched(client, cid)
-    still_serving(client)
+    client.send(cid, "first", SamplingParams(temperature=1.0, top_k=2, output_length=200))
+    with pytest.raises(Busy, match="already has a turn in flight"):
+        client.send(cid, "second", QUICK)
+    client.wait(client.store.get(cid).turn, timeout=30)
+    assert [m.text for m in client.store.messages(cid) if m.role is Role.prompter] == ["first"]
 
 
 def test_unknown_model(client):
     with pytest.raises(NotFound, match="unknown model 'no-such-model': known models are"):
         client.create_conversation("no-such-model")
+
+
+def test_a_model_no_live_worker_serves_is_refused_at_once(client, redis_url):
+    cid = client.create_conversation("oasst-pythia-12b")  # a preset: known, but nothing serves it here
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="no live worker serves it") as e:
+        client.send(cid, "hello")
+    assert time.monotonic() - t0 < 2 and e.value.code == "model_not_served"
+    untouched(client, cid)
+    anyway = ChatClient(tiny_settings(redis_url, queue_without_workers=True), r=client.r)
+    turn = anyway.send(cid, "hello")  # configured to queue for workers that start later
+    assert turn.position == 1
+    assert anyway.cancel(turn.turn_id) == "cancelled"  # no worker holds it: it ends now ...
+    assert client.store.get(cid).busy is None  # ... and its conversation is free
+    assert client.store.turn(turn.turn_id).result.finish_reason.value == "cancelled"
 
 
 def test_unknown_conversation(client):
@@ -200,7 +236,7 @@ def test_invalid_utf8_and_control_characters(client, text, why):
         client.create_conversation("tiny-neox", system=text)
 
 
-@pytest.mark.parametrize("bad", ["../x", "a:b", "*", "abc:messages", "x y", "", "a" * 65, "chat:dead", "é"])
+@pytest.mark.parametrize("bad", ["../x", "a:b", "*", "abc:messages", "x y", "", "a" * 65, "chat:dead", "é", "abc\n"])
 def test_ids_that_would_escape_their_key_namespace(client, bad):
     before = app_keys(client)
     with pytest.raises(InvalidInput, match="conversation_id: must be 1-64 characters"):
@@ -214,25 +250,15 @@ def test_ids_that_would_escape_their_key_namespace(client, bad):
     assert app_keys(client) == before
 
 
-def test_redis_unreachable_at_enqueue(client, redis_url):
+def test_redis_unreachable_at_enqueue(client):
     down = ChatClient(tiny_settings("redis://127.0.0.1:1/0"))  # nothing listens on port 1
+    t0 = time.monotonic()
     with pytest.raises(Unavailable, match="Redis unreachable"):
         down.create_conversation("tiny-neox")
-    with pytest.raises(Unavailable, match="Redis unreachable"):
+    with pytest.raises(Unavailable, match="Redis unavailable"):
         down.send("0123abcd", "hello")
+    assert time.monotonic() - t0 < 20  # the client's retries are bounded
     down.close()
-    # Conversations reachable but the broker not: the stored turn is rolled back, nothing half-way.
-    half = ChatClient(tiny_settings("redis://127.0.0.1:1/0"), r=client.r)
-    cid = half.create_conversation("tiny-neox")
-    t0 = time.monotonic()
-    with pytest.raises(Unavailable, match="could not enqueue the turn"):
-        half.send(cid, "hello")
-    assert time.monotonic() - t0 < 10
-    untouched(client, cid)
-    turns = [k for k in client.r.keys("chat:turn:*") if not k.endswith(b":stream")]
-    assert not [k for k in turns if client.r.hget(k, "conversation") == cid.encode()]
-    half.close()
-    still_serving(client, cid)  # the same conversation works once the queue is reachable
 
 
 # -- straight onto the queue ---------------------------------------------------------------------------
@@ -250,8 +276,8 @@ def test_queue_invalid_sampling_is_dead_lettered_and_the_turn_failed(client, fie
     n0 = dead_letters(client)
     enqueue(client, payload)
     entry = dead_letter(client, n0, f"invalid payload: {reason}")
-    assert entry["payload"]["turn_id"] == payload["turn_id"]
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    assert payload["turn_id"] in entry["payload"]["turn_ids"]
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     assert reason in client.store.turn(payload["turn_id"]).error  # the producer's wait() gets the reason
     untouched(client, cid)
 
@@ -262,7 +288,7 @@ def test_queue_sampling_out_of_the_models_range_fails_the_turn(client, sampling,
     cid, payload = stored_turn(client)
     payload["sampling"].update(sampling)
     enqueue(client, payload)
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     assert error in client.store.turn(payload["turn_id"]).error
     untouched(client, cid)
     still_serving(client, cid)
@@ -274,7 +300,7 @@ def test_queue_unknown_model_is_dead_lettered(client):
     n0 = dead_letters(client)
     enqueue(client, payload)
     dead_letter(client, n0, "model 'no-such-model' is not served by this worker (tiny-neox)")
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     untouched(client, cid)
 
 
@@ -284,8 +310,7 @@ def test_queue_unknown_conversation_and_turn_create_nothing(client):
                "messages": [{"role": "prompter", "text": "hi"}]}
     n0 = dead_letters(client)
     enqueue(client, payload)
-    entry = dead_letter(client, n0, "unknown turn (not created by a producer)")
-    assert entry["payload"]["turn_id"] == tid
+    dead_letter(client, n0, "unknown turn (not created by a producer)")
     assert not client.r.keys(f"*{tid}*") and not client.r.keys(f"*{cid}*")
     still_serving(client)
 
@@ -302,38 +327,77 @@ def test_queue_malformed_payload_is_dead_lettered(client, payload, reason):
     n0 = dead_letters(client)
     enqueue(client, payload)
     entry = dead_letter(client, n0, reason)
-    assert entry["payload"] == payload
+    assert GENERATE_TASK in entry["payload"]["delivery"]
+    assert all(not client.r.keys(f"*{t}*") for t in entry["payload"]["turn_ids"])  # nothing created for them
     still_serving(client)
 
 
-@pytest.mark.parametrize("args,kwargs,reason", [
-    ([], {}, "generate takes exactly one payload argument, got 0 positional and 0 keyword"),
-    (["a", "b"], {}, "got 2 positional and 0 keyword"),
-    ([{}], {"extra": 1}, "got 1 positional and 1 keyword")])
-def test_queue_wrong_arguments_are_dead_lettered(client, args, kwargs, reason):
+def envelope(body: bytes, task_id: str | None = None, **over: Any) -> dict[str, Any]:
+    """A kombu envelope around `body` (raw bytes, base64-encoded as kombu does), fields overridable."""
+    env: dict[str, Any] = {
+        "body": base64.b64encode(body).decode(), "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "py", "task": GENERATE_TASK, "id": task_id or uuid.uuid4().hex},
+        "properties": {"delivery_tag": uuid.uuid4().hex, "body_encoding": "base64", "priority": 0,
+                       "delivery_info": {"exchange": "", "routing_key": QUEUE}}}
+    env.update(over)
+    return env
+
+
+def real_body(payload: dict[str, Any], args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> bytes:
+    return json.dumps([args if args is not None else [payload], kwargs or {}, {}]).encode()
+
+
+# Each kind of delivery Celery or kombu would die on, or drop leaving its turn waiting forever. The turn
+# named by the item (when it can be recovered) is failed with the reason, so its conversation is free.
+MALFORMED: list[tuple[str, Any, str]] = [
+    ("no body", lambda p: json.dumps({**envelope(b""), "body": None, "headers": {"task": GENERATE_TASK,
+                                      "id": p["turn_id"]}}), "the body is missing"),
+    ("no body key", lambda p: json.dumps({"properties": {"delivery_tag": "x", "correlation_id": p["turn_id"],
+                                          "delivery_info": {"exchange": "", "routing_key": QUEUE}},
+                                          "headers": {}}), "headers without a task name"),
+    ("a JSON list", lambda p: "[1,2,3]", "a JSON list, not an envelope object"),
+    ("not JSON", lambda p: "this is not json {", "not JSON"),
+    ("not UTF-8", lambda p: b"\xff\xfe\x00garbage", "not UTF-8"),
+    ("body not JSON", lambda p: json.dumps(envelope(b"{not json", p["turn_id"])), "the body is not JSON"),
+    ("body not base64", lambda p: json.dumps({**envelope(b"", p["turn_id"]), "body": "%%%"}), "not base64"),
+    ("pickle", lambda p: json.dumps(envelope(b"\x80\x04K\x01.", p["turn_id"], **{
+        "content-type": "application/x-python-serialize", "content-encoding": "binary"})), "content type"),
+    ("unknown task", lambda p: json.dumps({**envelope(real_body(p), p["turn_id"]), "headers": {
+        "task": "os.system", "id": p["turn_id"]}}), "unknown task 'os.system'"),
+    ("headers without task", lambda p: json.dumps({**envelope(real_body(p), p["turn_id"]), "headers": {
+        "id": p["turn_id"]}}), "headers without a task name"),
+    ("garbage eta", lambda p: json.dumps({**envelope(real_body(p), p["turn_id"]), "headers": {
+        "task": GENERATE_TASK, "id": p["turn_id"], "eta": "not a date"}}), "eta is not supported"),
+    ("expires", lambda p: json.dumps({**envelope(real_body(p), p["turn_id"]), "headers": {
+        "task": GENERATE_TASK, "id": p["turn_id"], "expires": "2020-01-01T00:00:00"}}), "expires is not supported"),
+    ("extra kwargs", lambda p: json.dumps(envelope(real_body(p, kwargs={"extra": 1}), p["turn_id"])),
+     "got 1 positional and 1 keyword"),
+    ("second argument", lambda p: json.dumps(envelope(real_body(p, args=[p, "b"]), p["turn_id"])),
+     "got 2 positional and 0 keyword"),
+    ("no argument", lambda p: json.dumps(envelope(real_body(p, args=[]), p["turn_id"])),
+     "got 0 positional and 0 keyword"),
+    ("not [args, kwargs, embed]", lambda p: json.dumps(envelope(b"[[], {}]", p["turn_id"])),
+     "the body is not [args, kwargs, embed]"),
+    ("task id not the turn", lambda p: json.dumps(envelope(real_body(p), "other-id")), "differs from the task id"),
+    ("properties missing", lambda p: json.dumps({k: v for k, v in envelope(real_body(p), p["turn_id"]).items()
+                                                 if k != "properties"}), "properties.delivery_info missing"),
+]
+
+
+@pytest.mark.parametrize("kind,make,reason", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_queue_malformed_delivery_is_dead_lettered_its_turn_answered_and_the_worker_lives(
+        client, worker, kind, make, reason):
+    cid, payload = stored_turn(client)
     n0 = dead_letters(client)
-    client.celery.send_task(GENERATE_TASK, args=args, kwargs=kwargs, queue=queue_name(client.settings, "tiny-neox"),
-                            ignore_result=True)
+    push_raw(client, make(payload))
     entry = dead_letter(client, n0, reason)
-    assert entry["payload"]["headers"]["task"] == GENERATE_TASK
-    still_serving(client)
-
-
-@pytest.mark.parametrize("body", [b"{}", b"5", b'"text"', b"[1, 2]", b"[[], {}]"])
-def test_queue_malformed_envelope_is_dead_lettered_not_a_dead_worker(client, worker, body):
-    """A message whose body is not Celery's [args, kwargs, embed] makes Celery's consumer itself raise
-    ("Unrecoverable error"), and kombu restores it at the stop, so it would kill every worker in turn."""
-    envelope = {"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
-                "content-type": "application/json", "headers": {"task": GENERATE_TASK, "id": uuid.uuid4().hex},
-                "properties": {"delivery_tag": uuid.uuid4().hex, "body_encoding": "base64", "priority": 0,
-                               "delivery_info": {"exchange": "chat.tiny-neox", "routing_key": "chat.tiny-neox"}}}
-    n0 = dead_letters(client)
-    client.r.lpush(queue_name(client.settings, "tiny-neox"), json.dumps(envelope))
-    entry = dead_letter(client, n0, "malformed task message: the body is not [args, kwargs, embed]")
-    assert entry["payload"]["message_body"] == body.decode()
-    still_serving(client)
+    assert entry["reason"].startswith(("malformed task message", "invalid payload"))
+    if kind not in ("a JSON list", "not JSON", "not UTF-8"):  # those name no turn: nothing to answer
+        assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
+        assert reason in client.store.turn(payload["turn_id"]).error
+        untouched(client, cid)
     assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
-    assert not client.r.hexists("unacked", envelope["properties"]["delivery_tag"])  # rejected, not requeued
+    still_serving(client)
 
 
 def test_queue_malformed_fields_of_a_real_turn(client):
@@ -343,18 +407,18 @@ def test_queue_malformed_fields_of_a_real_turn(client):
     n0 = dead_letters(client)
     enqueue(client, payload)
     dead_letter(client, n0, "invalid payload: messages: List should have at least 1 item")
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     untouched(client, cid)
 
 
-def test_queue_oversized_payload_is_dead_lettered_without_its_body(client):
+def test_queue_oversized_item_is_dead_lettered_without_being_parsed(client):
     cid, payload = stored_turn(client)
-    payload["messages"] = [{"role": "prompter", "text": "y" * 60_000}] * 20  # ~1.2 MB
+    payload["messages"] = [{"role": "prompter", "text": "y" * 60_000}] * 20  # ~1.6 MB on the queue
     n0 = dead_letters(client)
     enqueue(client, payload)
-    entry = dead_letter(client, n0, f"exceeds {MAX_PAYLOAD_BYTES}")
-    assert entry["payload"] == "<oversized>"
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    entry = dead_letter(client, n0, f"exceeds {MAX_ITEM_BYTES}")
+    assert len(entry["payload"]["delivery"]) < 11_000  # a truncated copy, not the whole item
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     untouched(client, cid)
     still_serving(client, cid)
 
@@ -377,7 +441,7 @@ def test_queue_invalid_utf8_and_control_characters_are_dead_lettered(client, tex
     n0 = dead_letters(client)
     enqueue(client, payload)
     dead_letter(client, n0, why)
-    assert wait_status(client, payload["turn_id"]) == "failed"
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     untouched(client, cid)
 
 
@@ -388,22 +452,22 @@ def test_queue_ids_that_would_escape_their_namespace(client, field, bad):
                "messages": [{"role": "prompter", "text": "hi"}], field: bad}
     before = app_keys(client)
     n0 = dead_letters(client)
-    enqueue(client, payload)
+    enqueue(client, payload, task_id=uuid.uuid4().hex)
     dead_letter(client, n0, f"invalid payload: {field}: String should match pattern")
     assert app_keys(client) - before <= {KEYS.dead.encode()}  # nothing but the dead letter itself
 
 
 def test_queue_poison_turn_is_dead_lettered_after_max_attempts(client):
-    """A turn whose deliveries keep dying (its worker killed each time) only leaves its attempt count
-    behind; the delivery after max_attempts (3) gives it up instead of trying again."""
+    """A turn whose deliveries keep dying (their workers lost each time) only leaves its loss count behind;
+    the delivery after max_attempts (3) gives it up instead of trying again."""
     cid, payload = stored_turn(client)
-    client.r.hset(KEYS.turn(payload["turn_id"]), mapping={"status": "running", "attempt": 3})
+    client.r.hset(KEYS.turn(payload["turn_id"]), mapping={"lost": 3})
     n0 = dead_letters(client)
     enqueue(client, payload)
     entry = dead_letter(client, n0, "too many attempts")
     assert entry["payload"]["turn_id"] == payload["turn_id"]
     st = client.store.turn(payload["turn_id"])
-    assert st.status == "failed" and "gave up after 3 attempts" in st.error
+    assert st.status is TurnStatus.failed and "gave up after 3 attempts" in st.error
     untouched(client, cid)
     still_serving(client, cid)
 

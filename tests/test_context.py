@@ -1,9 +1,9 @@
-"""worker/engine/context.py: a conversation longer than the sequence length never fails."""
+"""shared/context.py: a conversation longer than the sequence length never fails."""
 
 import pytest
 
+from shared.context import ContextError, fit
 from shared.messages import ChatMessage, Role
-from worker.engine.context import ContextError, fit
 
 U, A, S = Role.prompter, Role.assistant, Role.system
 

@@ -80,17 +80,20 @@ def test_stream_read_late_yields_exactly_the_committed_reply(stack):
     assert rest == events[len(events) // 2 + 1 :]
 
 
-def test_worker_reports_its_busy_slots(stack):
-    import json
+def test_worker_reports_its_liveness_slots_and_model_card(stack):
     import time
 
     client, _, rt = stack
-    end = time.monotonic() + 10
-    while not (raw := client.r.hget(client.keys.workers, rt.hostname)) and time.monotonic() < end:
-        time.sleep(0.1)
-    report = json.loads(raw)
-    assert report["model"] == "tiny-neox" and report["slots"] == 4 and 0 <= report["busy"] <= 4
-    assert time.time() - report["at"] < 10
+    info = client.catalog.info("tiny-neox", fresh=True)
+    (report,) = info.workers
+    assert report.name == rt.hostname and report.model == "tiny-neox" and report.slots == 4
+    assert 0 <= report.busy <= 4 and time.time() - report.at < 10
+    assert 0 < client.r.ttl(client.keys.worker(rt.hostname)) <= 15  # gone by itself if the worker dies
+    assert info.card is not None and info.card.sequence_length == 1024 == info.sequence_length
+    assert info.card.vocab_size == rt.loaded.codec.vocab_size
+    codec = client.catalog.codec(info.card)  # the producer tokenizes exactly as the worker does
+    text = "héllo <|assistant|> wörld 🙂"
+    assert codec.encode_plain(text) == rt.loaded.codec.encode_plain(text)
 
 
 def test_cancel_stops_the_turn_at_the_next_step_and_frees_its_slot(stack):

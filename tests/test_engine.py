@@ -6,14 +6,14 @@ import time
 
 import pytest
 
+from shared.codec import Codec
+from shared.context import fit
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.models import engine_for, tiny_llama
-from worker.engine.context import fit
 from worker.engine.detok import Detokenizer
 from worker.engine.engine import PREFILL_BUDGET, Engine, Failed, Finished, Token
-from worker.pipeline.codec import Codec
 from worker.pipeline.torch_backend import TorchBackend
 
 GREEDY = SamplingParams(temperature=0)

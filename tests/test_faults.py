@@ -1,6 +1,9 @@
 """Faults and load with real processes: `python -m worker` (tiny-neox, CHAT_THREADS=1), real redis-server.
 
-    SIGKILL mid-turn       the turn is redelivered after the visibility timeout and completes once
+    SIGKILL mid-turn       the lease expires, the watchdog queues the turn again: it completes once, elsewhere
+    lost-turn sequences    a redelivery while the first attempt lives (CLIENT KILL, or a SIGSTOP past the
+                           lease), then SIGKILL of the live worker: the turn still completes once
+    same-worker duplicate  the same task message pushed again while it runs: skipped; the stream is the reply
     duplicate delivery     the same task sent twice appends one reply
     Redis restart          workers and producer reconnect; nothing committed is lost; every turn once
     load                   3 workers, 50 conversations x 4 turns: 200 replies, once each, in order
@@ -8,10 +11,7 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import tempfile
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -21,22 +21,22 @@ from pathlib import Path
 import pytest
 import redis
 
-from config.celery import GENERATE_TASK, queue_name, restore_interval_s
+from config.celery import queue_name
 from producer.client import ChatClient
+from producer.reader import ReplyAssembler
 from shared.errors import Busy, Unavailable
 from shared.keys import Keys
 from shared.messages import Role
 from shared.sampling import SamplingParams
+from shared.wire import TurnResult, TurnStatus
 from tests.conftest import tiny_settings
-from tests.procs import WorkerProcess
+from tests.procs import RedisServer, WorkerProcess, first_delta
 
 KEYS = Keys("chat")
 SEQ = 2048
 LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800)  # runs to its length: ~2-3 s on tiny-neox
-VISIBILITY_S = 10
-TURN_TIMEOUT_S = 8  # below the visibility timeout, as config requires for a single delivery per live turn
-ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
-       "CHAT_TURN_TIMEOUT_S": str(TURN_TIMEOUT_S)}
+LEASE_S = 3  # short leases: a lost worker's turn comes back in seconds (the default is 10)
+ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_LEASE_S": str(LEASE_S), "CHAT_TURN_TIMEOUT_S": "30"}
 
 pytestmark = pytest.mark.slow
 
@@ -69,39 +69,59 @@ def stream_starts(r: redis.Redis, turn_id: str) -> list[int]:
     return [int(f[b"a"]) for _, f in r.xrange(KEYS.stream(turn_id)) if f.get(b"ev") == b"start"]
 
 
-def test_sigkill_mid_turn_is_redelivered_and_completes_once_on_the_other_worker(r, redis_url, workers):
+def displayed(client: ChatClient, turn_id: str) -> str:
+    """What a reader following the turn from its start shows at the end (restarts included)."""
+    shown = ""
+    asm = ReplyAssembler()
+    for ev in client.events(turn_id, timeout=5):
+        for up in asm.feed(ev):
+            kind = type(up).__name__
+            if kind == "Append":
+                shown += up.text  # type: ignore[union-attr]
+            elif kind == "Restart":
+                shown = up.text  # type: ignore[union-attr]
+            elif kind == "Done":
+                shown += up.tail  # type: ignore[union-attr]
+    return shown
+
+
+def committed_stream_text(r: redis.Redis, res: TurnResult) -> str:
+    """The deltas the committing attempt wrote to the stream."""
+    entries = [f for _, f in r.xrange(KEYS.stream(res.turn_id))]
+    return "".join(f[b"t"].decode() for f in entries if b"t" in f and int(f[b"a"]) == res.attempt)
+
+
+def check_once(client: ChatClient, r: redis.Redis, cid: str, res: TurnResult) -> None:
+    assert assistant_turns(client, cid) == [res.turn_id]  # exactly once
+    assert committed_stream_text(r, res) == res.text == displayed(client, res.turn_id)
+    assert not r.zscore(KEYS.running, res.turn_id) and not r.zscore(KEYS.queued, res.turn_id)
+    assert r.llen("chat:dead") == 0
+
+
+def test_sigkill_mid_turn_comes_back_with_the_lease_and_completes_once_on_the_other_worker(r, redis_url, workers):
     client = ChatClient(tiny_settings(redis_url, sequence_length=SEQ))
     cid = client.create_conversation("tiny-neox")
     task = client.send(cid, "a long answer please", LONG)
-    for ev in client.events(task.turn_id, timeout=30):
-        if ev.kind == "delta" and ev.text:
-            break
-    host = r.hget(KEYS.turn(task.turn_id), "worker").decode()
+    host = first_delta(client, task.turn_id)
+    message = r.hget(KEYS.turn(task.turn_id), "message")  # the kept task message, for a duplicate below
     (victim,) = [w for w in workers if host == f"celery@{w.name}"]
     (other,) = [w for w in workers if w is not victim]
     victim.proc.kill()  # SIGKILL: no handler, no ack, no reject
     killed = time.monotonic()
     victim.wait(10)
-    assert r.hlen("unacked") == 1  # the message waits in kombu's unacked hash, not in the queue
-    assert r.llen(queue_name(client.settings, "tiny-neox")) == 0
-    # kombu hands it out again once it is VISIBILITY_S old, at the next sweep of a live worker (every
-    # restore_interval_s); then it runs again from scratch (LONG takes a few seconds).
-    res = client.wait(task.turn_id, timeout=VISIBILITY_S + 2 * restore_interval_s(client.settings) + 45)
+    assert r.hlen("unacked") == 1  # kombu's unacked entry stays; an hour would pass before kombu redelivers
+    res = client.wait(task.turn_id, timeout=LEASE_S * 3 + 30)
     waited = time.monotonic() - killed
     assert res.worker == f"celery@{other.name}" and res.attempt == 2
     assert res.finish_reason.value == "length" and res.completion_tokens == LONG.output_length
-    assert assistant_turns(client, cid) == [task.turn_id]  # exactly once
-    assert stream_starts(r, task.turn_id) == [1, 2]  # readers were told to restart their display
-    end = time.monotonic() + 10
-    while r.hlen("unacked"):  # the redelivered message is acked just after its commit
-        assert time.monotonic() < end
-        time.sleep(0.05)
-    assert r.llen("chat:dead") == 0
-    print(f"\nSIGKILL -> committed by the other worker after {waited:.1f}s (visibility timeout {VISIBILITY_S}s)")
+    check_once(client, r, cid, res)
+    assert stream_starts(r, task.turn_id) == [1, 2]  # readers were told the reply restarted
+    assert r.hget(KEYS.turn(task.turn_id), "lost") == b"1"
+    assert "lost its worker (lease expired): queued again" in other.log()
+    print(f"\nSIGKILL -> committed by the other worker after {waited:.1f}s (lease {LEASE_S}s)")
 
-    # The same task delivered once more (a duplicate publish): the turn is done, nothing is appended.
-    payload = task.model_dump(mode="json")
-    client.celery.send_task(GENERATE_TASK, args=[payload], queue=queue_name(client.settings, "tiny-neox"))
+    # The same task message delivered once more (kombu's own late redelivery, or a duplicate publish):
+    r.lpush(queue_name(client.settings, "tiny-neox"), message)
     end = time.monotonic() + 20
     while f"turn {task.turn_id}: finished, skipped" not in other.log():
         assert time.monotonic() < end, other.log()
@@ -111,50 +131,78 @@ def test_sigkill_mid_turn_is_redelivered_and_completes_once_on_the_other_worker(
     client.close()
 
 
-# -- Redis restart -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server with appendonly on, restartable on the same port and data directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="redis-aof-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
-             "--save", "", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=self.port)
-        end = time.monotonic() + 20
-        while True:
-            try:
-                if r.ping():
-                    break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > end:
-                    raise
+@pytest.mark.parametrize("trigger", ["client-kill", "sigstop"])
+def test_a_redelivery_while_the_first_attempt_lives_never_loses_the_turn(r, redis_url, tmp_path, trigger):
+    """The issue's lost-turn sequence. A turn is delivered again while its first attempt is alive: a single
+    CLIENT KILL makes every worker's kombu put back what it holds; a SIGSTOP past the lease has the watchdog
+    queue the turn again. Then the worker running the live attempt is SIGKILLed. Before the fix the stale
+    delivery's ack deleted the live one's claim and the turn stayed `running` forever."""
+    server = RedisServer()
+    ws = start_workers(server.url, tmp_path, ["q1", "q2"])
+    try:
+        client = ChatClient(tiny_settings(server.url, sequence_length=SEQ))
+        rr = redis.Redis.from_url(server.url)
+        cid = client.create_conversation("tiny-neox")
+        task = client.send(cid, "a long answer please", SamplingParams(temperature=1.0, top_k=2, output_length=1500))
+        first = by_host(ws, first_delta(client, task.turn_id))
+        if trigger == "client-kill":
+            rr.client_kill_filter(_type="normal")  # every worker's connections drop and reconnect
+            end = time.monotonic() + 20
+            while not any(f"turn {task.turn_id}: held, skipped" in w.log() for w in ws):
+                assert time.monotonic() < end, [w.log()[-2000:] for w in ws]
                 time.sleep(0.05)
-        r.close()
+            live = first  # the redelivery was skipped: the first attempt goes on
+        else:
+            first.signal(signal.SIGSTOP)
+            end = time.monotonic() + LEASE_S * 4 + 10
+            while rr.hget(KEYS.turn(task.turn_id), "attempt") != b"2":
+                assert time.monotonic() < end
+                time.sleep(0.05)
+            first.signal(signal.SIGCONT)  # attempt 1 wakes up stale: its next flush tells it to stop
+            live = by_host(ws, rr.hget(KEYS.turn(task.turn_id), "worker").decode())
+        assert client.store.turn(task.turn_id).status is TurnStatus.running
+        live.proc.kill()
+        replacement = start_workers(server.url, tmp_path, ["q3"])[0] if live is first else None
+        res = client.wait(task.turn_id, timeout=LEASE_S * 4 + 60)
+        check_once(client, rr, cid, res)
+        assert res.attempt >= 2 and res.finish_reason.value == "length"
+        assert not rr.exists(KEYS.running) or rr.zcard(KEYS.running) == 0
+        if replacement is not None:
+            replacement.stop()
+        if trigger == "sigstop":
+            assert f"turn {task.turn_id}: attempt 1 was superseded" in first.log()
+        client.close()
+        rr.close()
+    finally:
+        for w in ws:
+            w.stop()
+        server.close()
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis-server writes and fsyncs its AOF, then exits
-            self.proc.wait(20)
 
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+def test_the_same_task_pushed_again_on_a_one_worker_pool_is_skipped_and_the_stream_is_the_reply(
+        r, redis_url, tmp_path):
+    (w,) = start_workers(redis_url, tmp_path, ["solo"])
+    try:
+        client = ChatClient(tiny_settings(redis_url, sequence_length=SEQ))
+        cid = client.create_conversation("tiny-neox")
+        task = client.send(cid, "a long answer please", LONG)
+        first_delta(client, task.turn_id)
+        r.lpush(queue_name(client.settings, "tiny-neox"), r.hget(KEYS.turn(task.turn_id), "message"))
+        res = client.wait(task.turn_id, timeout=60)
+        assert f"turn {task.turn_id}: held, skipped" in w.log()
+        assert res.attempt == 1 and stream_starts(r, task.turn_id) == [1]
+        check_once(client, r, cid, res)
+        client.close()
+    finally:
+        w.stop()
+
+
+def by_host(ws: list[WorkerProcess], host: str) -> WorkerProcess:
+    (w,) = [w for w in ws if host == f"celery@{w.name}"]
+    return w
+
+
+# -- Redis restart -----------------------------------------------------------------------------------------
 
 
 def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
@@ -206,7 +254,7 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
         assert running  # ... and some in flight
         server.stop()
         t0 = time.monotonic()
-        with pytest.raises(Unavailable, match="Redis unreachable"):
+        with pytest.raises(Unavailable, match="Redis unavailable"):
             client.send(spare, "while Redis is down", sampling)
         assert time.monotonic() - t0 < 5
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))

@@ -2,11 +2,11 @@
 
 import pytest
 
+from shared.context import fit
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.models import engine_for
-from worker.engine.context import fit
 from worker.engine.engine import Finished, Token
 
 

@@ -21,10 +21,10 @@ except ImportError:  # tests/ is not a package: pytest puts this directory on sy
 
 from config.presets import DevicePreset, load_presets
 from config.settings import load_settings
+from shared.context import fit
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
 from worker.app import worker_options
-from worker.engine.context import fit
 from worker.engine.engine import Engine, Finished, Token
 from worker.pipeline import ipu_backend, tiny_neox
 from worker.pipeline.backend import Prefill

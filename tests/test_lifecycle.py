@@ -16,6 +16,7 @@ import redis
 
 from config.celery import queue_name
 from producer.client import ChatClient
+from shared.errors import Unavailable
 from shared.keys import Keys
 from shared.messages import Role
 from shared.sampling import SamplingParams
@@ -53,7 +54,8 @@ def workers(r: redis.Redis, redis_url: str, tmp_path: Path):
 
 @pytest.fixture
 def client(r: redis.Redis, redis_url: str):
-    c = ChatClient(tiny_settings(redis_url, sequence_length=SEQ))
+    # Queues turns whether or not a worker is live: these tests send some before or between workers.
+    c = ChatClient(tiny_settings(redis_url, sequence_length=SEQ, queue_without_workers=True))
     yield c
     c.close()
 
@@ -145,6 +147,9 @@ def test_sigterm_mid_turn_finishes_it_detaches_and_exits_0(r, workers, client):
         assert time.monotonic() < end, w.log()
         time.sleep(0.02)
     assert client.store.turn(task.turn_id).status == "running"  # the signal came mid-turn
+    strict = ChatClient(tiny_settings(client.settings.redis_url, sequence_length=SEQ), r=client.r)
+    with pytest.raises(Unavailable, match="no live worker"):  # it withdrew at once: producers stop counting on it
+        strict.send(client.create_conversation("tiny-neox"), "sent during the shutdown", LONG)
     later = client.send(client.create_conversation("tiny-neox"), "sent during the shutdown", LONG)
     assert w.wait(60) == 0, w.log()
     res = client.wait(task.turn_id, timeout=5)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from shared.codec import Codec
 from shared.sampling import SamplingParams
 from tests.test_engine import final, prompts
 from worker.engine.engine import Engine
-from worker.pipeline.codec import Codec
 from worker.pipeline.quantize import Int8WeightOnlyLinear
 from worker.pipeline.torch_backend import TorchBackend
 

@@ -27,7 +27,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def server(redis_url: str) -> Iterator[LiveServer]:
-    with tiny_worker(redis_url), live_api(redis_url) as s:
+    # queue_without_workers: the page also shows a turn waiting for a model no worker serves yet
+    with tiny_worker(redis_url), live_api(redis_url, queue_without_workers=True) as s:
         yield s
 
 

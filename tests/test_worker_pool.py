@@ -40,8 +40,8 @@ def test_worker_of_another_model_leaves_the_turn_queued(r, redis_url, tmp_path):
     w = WorkerProcess(redis_url, "neox@test", tmp_path, CHAT_SEQUENCE_LENGTH="128")
     try:
         w.wait_ready()
-        client = ChatClient(tiny_settings(redis_url))
-        cid = client.create_conversation("smollm2-135m")  # no smollm2 worker runs
+        client = ChatClient(tiny_settings(redis_url, queue_without_workers=True))
+        cid = client.create_conversation("smollm2-135m")  # no smollm2 worker runs: queued for one to come
         task = client.send(cid, "hello")
         with pytest.raises(TimeoutError):
             client.wait(task.turn_id, timeout=3)

@@ -11,7 +11,9 @@ from worker.tasks import register_tasks
 
 
 def make_worker_app(settings: Settings) -> Celery:
-    app = make_celery(settings, name="chat-worker")
+    import worker.celery_workarounds  # noqa: F401 - registers the chat-redis transport
+
+    app = make_celery(settings, name="chat-worker", worker=True)
     register_tasks(app)
     app.steps["worker"].add(PipelineStep)
     return app

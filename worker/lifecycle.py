@@ -76,14 +76,6 @@ class Lifecycle:
             log.debug("pipeline start failed", exc_info=True)
             log.error("worker cannot start: %s", _describe(e))
             raise SystemExit(EXIT_START_FAILED) from None
-        if self.settings.visibility_timeout_s <= self.settings.turn_timeout_s:
-            log.warning(
-                "CHAT_VISIBILITY_TIMEOUT_S=%d does not exceed CHAT_TURN_TIMEOUT_S=%g: a turn running longer "
-                "than the visibility timeout is delivered again while it runs (only one reply is still "
-                "committed, but the work is done twice and each delivery counts as an attempt)",
-                self.settings.visibility_timeout_s,
-                self.settings.turn_timeout_s,
-            )
         self.rt = rt
         runtime.install(rt)
         if self.phase == "loading":
@@ -151,6 +143,7 @@ class Lifecycle:
         if self.rt is None or self.phase == "stopped":
             self._detach()
             return
+        self.rt.withdraw()  # no new turns here: producers stop counting on this worker
         if cold:
             self.go_cold(self.cold_reason or "worker terminated")
         if self.phase not in ("warm", "cold"):  # stopped by its owner (embedded worker, Celery itself)
@@ -200,103 +193,6 @@ def detach_installed() -> None:
             rt.detach()
         finally:
             runtime.install(None)
-
-
-def patch_kombu_reconnect() -> None:
-    """Keep a worker alive through a broker restart (kombu 5.7's Redis transport).
-
-    When the connection drops while turns are unacked, Celery closes the broken connection; closing
-    its channel tries to put the unacked messages back, and by then kombu has already cut the channel
-    loose from its connection (`transport.client = None`), so building a Redis client for that fails
-    with AttributeError ('NoneType' object has no attribute 'hostname'; kombu issues 582, 970). That
-    is not one of the connection errors Celery tolerates there: "Unrecoverable error", the worker
-    exits. Raised as the connection error it is, the close goes on, the consumer reconnects, and the
-    messages stay in kombu's unacked hash in Redis until the visibility timeout hands them out again
-    (the turns still running here commit first; the redelivery then finds them done and skips them).
-    """
-    import redis as redis_py
-    from kombu.transport import redis as kombu_redis
-
-    channel = kombu_redis.Channel
-    if getattr(channel._connparams, "_chat_patched", False):
-        return
-    original = channel._connparams
-
-    def _connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(self.connection, "client", None) is None:
-            raise redis_py.ConnectionError("broker connection already closed")
-        return original(self, *args, **kwargs)
-
-    _connparams._chat_patched = True  # type: ignore[attr-defined]
-    channel._connparams = _connparams
-
-
-MAX_DEAD_BODY_CHARS = 10_000
-
-
-def guard_task_messages(task: Any) -> None:
-    """Make a malformed *message* (not just a malformed payload) a dead letter instead of a dead worker.
-
-    Celery turns a task message whose body is not `[args, kwargs, embed]` into an exception inside its
-    consumer ("Unrecoverable error": the worker exits, and kombu puts the message back at the warm
-    stop, so it kills the next worker too, forever). With this strategy the generate task checks the
-    envelope first: the wrong shape, or anything but exactly one positional argument, is dead-lettered
-    in `chat:dead` with the reason and rejected (not requeued) through Celery's own invalid-task path.
-    Installed on the task object, so it survives the consumer rebuilding its strategies on reconnect.
-    """
-    task.Strategy = f"{__name__}:guarded_strategy"
-
-
-def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    from celery.exceptions import InvalidTaskError
-    from celery.worker.strategy import default
-    from kombu.exceptions import ContentDisallowed, DecodeError
-
-    handler = default(task, app, consumer, **kwargs)
-
-    def task_message_handler(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            problem = _envelope_problem(task.name, message, body)
-            if problem is None:
-                return handler(message, body, *args, **kw)
-        except (InvalidTaskError, ContentDisallowed, DecodeError):
-            raise  # Celery's consumer handles these itself (logs, rejects)
-        except Exception as e:  # what Celery's consumer would die of
-            problem = f"malformed task message: {type(e).__name__}: {e}"
-        _dead_letter_message(message, problem)
-        raise InvalidTaskError(problem)
-
-    return task_message_handler
-
-
-def _envelope_problem(name: str, message: Any, body: Any) -> str | None:
-    """What is wrong with a protocol-2 task message's body ([args, kwargs, embed]), if anything."""
-    payload = message.payload
-    if body is not None or (isinstance(payload, dict) and "args" in payload):
-        return None  # protocol 1 / hybrid: Celery converts it, the handler's guard covers the rest
-    if not (isinstance(payload, list | tuple) and len(payload) == 3 and isinstance(payload[0], list | tuple)
-            and isinstance(payload[1], dict) and isinstance(payload[2], dict | None)):
-        return "malformed task message: the body is not [args, kwargs, embed]"
-    if len(payload[0]) != 1 or payload[1]:
-        return (f"malformed task message: {name} takes exactly one payload argument, got "
-                f"{len(payload[0])} positional and {len(payload[1])} keyword argument(s)")
-    return None
-
-
-def _dead_letter_message(message: Any, reason: str) -> None:
-    rt = runtime.installed()
-    if rt is None:
-        return
-    body = message.body
-    if isinstance(body, bytes | bytearray | memoryview):
-        body = bytes(body).decode("utf-8", "replace")
-    body = str(body)
-    if len(body) > MAX_DEAD_BODY_CHARS:
-        body = body[:MAX_DEAD_BODY_CHARS] + "...<truncated>"
-    try:
-        rt.turns.dead_letter({"message_body": body, "headers": dict(message.headers or {})}, reason)
-    except Exception:  # noqa: BLE001 - Redis down: Celery still logs and rejects it
-        log.exception("could not dead-letter a malformed message")
 
 
 def _describe(e: BaseException) -> str:

@@ -6,8 +6,9 @@ Tasks run in the worker's threads and reach it through `current()`.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ import redis
 import torch
 
 from config.presets import DevicePreset, ModelPreset
+from config.redis_clients import sync_client
 from config.settings import Settings
+from shared.cards import HEARTBEAT_S, WorkerReport
 from shared.keys import Keys
 from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
@@ -24,8 +27,10 @@ from worker.engine.own_thread import start_on_own_thread
 from worker.pipeline.backend import Backend
 from worker.pipeline.factory import backend_dtype, build_backend
 from worker.pipeline.loader import LoadedModel, load_model
+from worker.presence import Presence, files_sha, model_card, tokenizer_files
 from worker.stream import StreamPublisher
 from worker.turn_store import TurnStore
+from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class Runtime:
     keys: Keys
     turns: TurnStore
     publisher: StreamPublisher
+    presence: Presence
+    watchdog: Watchdog
     hostname: str
     counters: Counters = field(default_factory=Counters)
     detached: bool = False
@@ -95,7 +102,7 @@ class Runtime:
 
         engine, (loaded, backend) = start_on_own_thread(attach)
         try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
-            r = redis.Redis.from_url(settings.redis_url, health_check_interval=30, retry_on_timeout=True)
+            r = sync_client(settings.redis_url)
             keys = Keys(settings.key_prefix)
             turns = TurnStore(
                 r,
@@ -105,11 +112,22 @@ class Runtime:
                 max_attempts=settings.max_attempts,
                 worker=hostname,
                 result_ttl_s=settings.result_ttl_s,
+                lease_s=settings.lease_s,
             )
-            r.sadd(keys.models, model.name)
-            publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen)
-            publisher.heartbeat = lambda: report_busy(r, keys, hostname, model.name, engine)
+            files = tokenizer_files(loaded.tokenizer)
+            card = model_card(model.name, loaded.codec, engine.max_len, model.end_keys, files_sha(files))
+            report = WorkerReport(name=hostname, model=model.name, sequence_length=engine.max_len,
+                                  slots=len(engine.slots), host=socket.gethostname(), pid=os.getpid(),
+                                  started_at=time.time())
+            presence = Presence(r, keys, report)
+            presence.publish_card(card, files)
+            presence.heartbeat(0)
+            publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen,
+                                        lease_s=settings.lease_s)
+            publisher.heartbeat = lambda: None if presence.withdrawn else presence.heartbeat(engine.busy)
+            publisher.heartbeat_s = HEARTBEAT_S
             publisher.start()
+            watchdog = Watchdog(turns, lease_s=settings.lease_s, lost_after_s=settings.lost_after_s).start()
         except BaseException:
             engine.stop()
             backend.detach()
@@ -121,7 +139,8 @@ class Runtime:
             model.name,
             len(engine.slots),
         )
-        return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, hostname)
+        return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, presence, watchdog,
+                   hostname)
 
     def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None) -> Handle:
         """Start generating, unless the worker is abandoning its turns (then raise Abandoned)."""
@@ -137,6 +156,13 @@ class Runtime:
             self.abandoning = True
             return self.engine.abandon_all(reason)
 
+    def withdraw(self) -> None:
+        """Stop reporting this worker as live (it takes no new turns): producers stop counting on it."""
+        try:
+            self.presence.withdraw()
+        except redis.RedisError:
+            pass  # the report expires by its TTL anyway
+
     def detach(self) -> None:
         """Release the device. Idempotent; logs one summary line."""
         with self._gate:
@@ -146,24 +172,16 @@ class Runtime:
             self.abandoning = True
         t0 = time.perf_counter()
         self.engine.stop()
+        self.watchdog.stop()
         self.publisher.stop()
         self.backend.detach()
-        try:
-            self.redis.hdel(self.keys.workers, self.hostname)
-        except redis.RedisError:
-            pass  # the report expires by its timestamp anyway
+        self.withdraw()
         log.info(
             "detached pipeline: turns finished=%d, turns handed back=%d, detach took %.2fs",
             self.counters.finished,
             self.counters.handed_back,
             time.perf_counter() - t0,
         )
-
-
-def report_busy(r: redis.Redis, keys: Keys, hostname: str, model: str, engine: Engine) -> None:
-    """The worker's busy slots for /metrics (the flusher calls this every few seconds)."""
-    report = {"model": model, "busy": engine.busy, "slots": len(engine.slots), "at": time.time()}
-    r.hset(keys.workers, hostname, json.dumps(report))
 
 
 _current: Runtime | None = None

@@ -12,8 +12,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from config.celery import GENERATE_TASK
-from worker.lifecycle import Lifecycle, guard_task_messages, patch_kombu_reconnect
+from worker.lifecycle import Lifecycle
 
 
 class PipelineStep(bootsteps.StartStopStep):
@@ -25,10 +24,6 @@ class PipelineStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, **kwargs: Any):
         super().__init__(worker, **kwargs)
         self.lifecycle: Lifecycle | None = None
-        patch_kombu_reconnect()
-        task = worker.app.tasks.get(GENERATE_TASK)
-        if task is not None:
-            guard_task_messages(task)  # before the consumer builds its strategies
 
     def start(self, worker: Any) -> None:
         self.lifecycle = Lifecycle(worker, worker.app.chat_settings)

@@ -1,10 +1,20 @@
-"""Token deltas to Redis Streams, coalesced per worker.
+"""Token deltas to Redis Streams, coalesced per worker; the same round trip renews the turns' leases.
 
-Every turn's new text is buffered, and one flusher thread writes all of this worker's buffers in a
+Every attempt's new text is buffered, and one flusher thread writes all of this worker's buffers in a
 single script call every `flush_ms`: Redis sees one round trip per worker per interval, whatever
 the number of turns or tokens. A turn's first text is the exception: it wakes the flusher at once,
-so time to first token does not wait for the interval. The same call fences each write with the turn's attempt (a stale
-attempt's text is refused) and reports producer cancellations back to the turn.
+so time to first token does not wait for the interval. The same call
+
+- fences each write with the turn's attempt: a stale attempt's text is refused and the attempt is
+  told (STALE), so it stops generating at its next step;
+- reports producer cancellations back to the attempt (CANCELLED);
+- renews the attempt's lease in `{p}:running` (an idle attempt is still visited every
+  `check_every_s`), so the watchdog only ever requeues turns whose worker stopped flushing;
+- carries a sequence number per attempt, so a flush that Redis ran but whose reply was lost (the
+  connection dropped) and that is therefore sent again appends nothing twice.
+
+Registrations are per attempt, not per turn: two deliveries of one turn on the same worker each
+stream under their own registration, and the stale one learns it is stale at its next flush.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 import redis
 
@@ -21,18 +32,33 @@ from shared.keys import Keys
 
 log = logging.getLogger(__name__)
 
-OK, CANCELLED, STALE = 0, 1, 2
+
+class Signal(IntEnum):
+    """What a flush tells an attempt."""
+
+    ok = 0
+    cancelled = 1  # the producer asked to stop: finish with what was generated
+    stale = 2  # another attempt owns the turn (or it ended): stop, commit nothing
+
 
 FLUSH = """
+-- KEYS[1] = running zset, then (turn, stream) per entry; ARGV[1] = maxlen, ARGV[2] = lease s,
+-- then (turn id, attempt, seq, text) per entry
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[2])
 local out = {}
-for i = 1, #KEYS / 2 do
-  local th, st = KEYS[2 * i - 1], KEYS[2 * i]
-  local a, txt = ARGV[2 * i], ARGV[2 * i + 1]
-  local s = redis.call('HMGET', th, 'status', 'attempt', 'cancel')
+for i = 1, (#KEYS - 1) / 2 do
+  local th, st = KEYS[2 * i], KEYS[2 * i + 1]
+  local tid, a, seq, txt = ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2]
+  local s = redis.call('HMGET', th, 'status', 'attempt', 'cancel', 'fseq')
   if s[1] ~= 'running' or s[2] ~= a then
     out[i] = 2
   else
-    if txt ~= '' then redis.call('XADD', st, 'MAXLEN', '~', ARGV[1], '*', 'a', a, 't', txt) end
+    if tonumber(seq) > tonumber(s[4] or '0') then
+      if txt ~= '' then redis.call('XADD', st, 'MAXLEN', '~', ARGV[1], '*', 'a', a, 't', txt) end
+      redis.call('HSET', th, 'fseq', seq)
+    end
+    redis.call('ZADD', KEYS[1], 'XX', expiry, tid)
     out[i] = s[3] and 1 or 0
   end
 end
@@ -40,28 +66,41 @@ return out
 """
 
 
-@dataclass
-class _Turn:
+@dataclass(eq=False)
+class Attempt:
+    """One attempt's registration: what it has not flushed yet, and how to tell it to stop."""
+
     turn_id: str
     attempt: int
-    on_signal: Callable[[int], None]  # called with CANCELLED or STALE
+    on_signal: Callable[[Signal], None]
     buf: str = ""
+    seq: int = 0  # flushes sent for this attempt
+    unsure: list[tuple[int, str]] | None = None  # a flush whose reply was lost: sent again as it was
     checked: float = 0.0
     started: bool = False  # has any text been flushed yet
+    done: bool = False
 
 
 class StreamPublisher:
     def __init__(
-        self, r: redis.Redis, keys: Keys, *, flush_ms: int = 50, maxlen: int = 10_000, check_every_s: float = 0.5
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        *,
+        flush_ms: int = 50,
+        maxlen: int = 10_000,
+        check_every_s: float = 0.5,
+        lease_s: float = 10.0,
     ):
         self.r = r
         self.keys = keys
         self.flush_s = flush_ms / 1000
         self.maxlen = maxlen
-        self.check_every_s = check_every_s  # idle turns are still checked for cancellation this often
+        self.check_every_s = check_every_s  # idle attempts are still checked (and their leases renewed) this often
+        self.lease_s = lease_s
         self._script = r.register_script(FLUSH)
-        self._turns: dict[str, _Turn] = {}
-        self._lock = threading.Lock()  # guards _turns and buffers
+        self._attempts: set[Attempt] = set()
+        self._lock = threading.Lock()  # guards _attempts and buffers
         self._io = threading.Lock()  # held during a flush: take() waits, so the commit comes last
         self._stop = threading.Event()
         self._kick = threading.Event()  # flush now (a turn's first text)
@@ -81,28 +120,36 @@ class StreamPublisher:
         if self._thread:
             self._thread.join(5)
 
-    def register(self, turn_id: str, attempt: int, on_signal: Callable[[int], None]) -> None:
+    def register(self, turn_id: str, attempt: int, on_signal: Callable[[Signal], None]) -> Attempt:
+        a = Attempt(turn_id, attempt, on_signal, checked=time.monotonic())
         with self._lock:
-            self._turns[turn_id] = _Turn(turn_id, attempt, on_signal, checked=time.monotonic())
+            self._attempts.add(a)
+        return a
 
-    def append(self, turn_id: str, text: str) -> None:
+    def append(self, a: Attempt, text: str) -> None:
         with self._lock:
-            t = self._turns.get(turn_id)
-            if t is None:
+            if a.done:
                 return
-            t.buf += text
-            first = not t.started
-            t.started = True
+            a.buf += text
+            first = not a.started
+            a.started = True
         if self.flush_s == 0:
             self.flush()
         elif first:
             self._kick.set()
 
-    def take(self, turn_id: str) -> str:
-        """Unregister the turn and return its unflushed text (for the final commit)."""
+    def take(self, a: Attempt) -> list[tuple[int, str]]:
+        """Unregister the attempt and return what it has not surely flushed, as (seq, text) entries for
+        the final commit (which appends each entry whose seq Redis has not seen yet)."""
         with self._io, self._lock:
-            t = self._turns.pop(turn_id, None)
-            return t.buf if t else ""
+            self._attempts.discard(a)
+            a.done = True
+            out = list(a.unsure or [])
+            if a.buf:
+                a.seq += 1
+                out.append((a.seq, a.buf))
+            a.unsure, a.buf = None, ""
+            return out
 
     def _run(self) -> None:
         beat = 0.0
@@ -121,26 +168,36 @@ class StreamPublisher:
         with self._io:
             now = time.monotonic()
             with self._lock:
-                batch = [t for t in self._turns.values() if t.buf or now - t.checked >= self.check_every_s]
-                sent = [(t, t.buf) for t in batch]
-                for t in batch:
-                    t.buf = ""
-                    t.checked = now
-            if not sent:
+                entries: list[tuple[Attempt, int, str]] = []
+                for a in self._attempts:
+                    if not (a.buf or a.unsure or now - a.checked >= self.check_every_s):
+                        continue
+                    # A flush that may have run (its reply was lost) goes again with its own seq first, so
+                    # Redis skips it if it ran; what was appended since gets the next seq.
+                    entries += [(a, seq, text) for seq, text in a.unsure or []]
+                    a.unsure = None
+                    a.seq += 1
+                    entries.append((a, a.seq, a.buf))
+                    a.buf = ""
+                    a.checked = now
+            if not entries:
                 return
-            keys: list[str] = []
-            args: list[object] = [self.maxlen]
-            for t, text in sent:
-                keys += [self.keys.turn(t.turn_id), self.keys.stream(t.turn_id)]
-                args += [t.attempt, text]
+            keys: list[str] = [self.keys.running]
+            args: list[object] = [self.maxlen, self.lease_s]
+            for a, seq, text in entries:
+                keys += [self.keys.turn(a.turn_id), self.keys.stream(a.turn_id)]
+                args += [a.turn_id, a.attempt, seq, text]
             try:
                 codes = self._script(keys=keys, args=args)
             except redis.RedisError:
-                with self._lock:  # put the text back in front of anything appended meanwhile
-                    for t, text in sent:
-                        t.buf = text + t.buf
+                with self._lock:
+                    for a, seq, text in entries:
+                        a.unsure = (a.unsure or []) + [(seq, text)]
                 raise
             self.flushes += 1
-        for (t, _), code in zip(sent, codes):
-            if code in (CANCELLED, STALE):
-                t.on_signal(int(code))
+        signals: dict[Attempt, Signal] = {}
+        for (a, _, _), code in zip(entries, codes):
+            if code != Signal.ok:
+                signals[a] = Signal(int(code))
+        for a, sig in signals.items():
+            a.on_signal(sig)

@@ -12,6 +12,6 @@ from worker.turns import run_turn
 
 
 def register_tasks(app: Celery) -> None:
-    @app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, shared=False)
+    @app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
     def generate(payload: Any) -> dict[str, Any]:
         return run_turn(runtime.current(), payload)

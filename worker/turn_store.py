@@ -1,11 +1,22 @@
 """The worker's side of a turn in Redis, each step one atomic Lua script.
 
-begin   queued|running -> running, attempt += 1 (a fencing token), start marker on the stream;
-        a turn already done/failed is skipped (duplicate delivery); past max_attempts -> failed
-commit  append the reply to the conversation and mark the turn done, only if this attempt
-        still owns it: a redelivered, duplicated or stale attempt never appends a second reply
-fail    mark failed with a reason and take the user message back out (nothing half-stored)
-dead    dead-letter a payload that cannot be served, with the reason
+begin     queued -> running: attempt += 1 (a fencing token), a lease in `{p}:running`, a start marker
+          on the stream. A turn already finished is skipped (a duplicate delivery); a turn running
+          under a live lease belongs to another delivery and is skipped too, so a redelivery never
+          takes a live turn away from its worker. Only a lease that expired (its worker is gone)
+          is taken over. A turn whose workers vanished max_attempts times is failed (poison).
+commit    append the reply and mark the turn done, only if this attempt still owns it
+fail      mark failed with a reason and take the user message back out (nothing half-stored)
+requeue   running -> queued, pushing the turn's kept task message onto its queue again: a cold
+          shutdown hands its turns back this way (fenced by attempt), and the watchdog does it for
+          turns whose lease expired (their worker died or froze)
+lost      the watchdog's second sweep: a queued turn whose message is on no queue and held by no
+          live delivery (lost between Redis and a worker that died) is queued again
+dead      dead-letter a delivery or payload that cannot be served, with the reason
+
+Every script may run twice when a connection drops after Redis executed it but before the reply
+arrived (the client retries): each one is written so that a second run changes nothing more.
+Leases and queue times use Redis' clock (TIME), so workers on hosts with skewed clocks agree.
 """
 
 from __future__ import annotations
@@ -13,70 +24,220 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import redis
 
 from shared.keys import Keys
+from shared.lua import PRELUDE
 
-BEGIN = """
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {'missing', 0} end
-if st == 'done' or st == 'failed' then return {'finished', 0} end
-local a = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-if a > tonumber(ARGV[3]) then
-  local err = 'gave up after ' .. (a - 1) .. ' attempts (each ended with its worker lost)'
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error', err, 'finished_at', ARGV[2])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'ev', 'error', 'a', a, 'error', err)
-  local conv = redis.call('HGET', KEYS[1], 'conv_key')
-  if conv and redis.call('HGET', conv, 'busy') == ARGV[6] then redis.call('HDEL', conv, 'busy') end
-  local um = redis.call('HGET', KEYS[1], 'user_message')
-  if um and conv then redis.call('LREM', conv .. ':messages', -1, um) end
-  return {'poison', a}
+BEGIN = PRELUDE + """
+-- KEYS: turn, stream, running, queued
+-- ARGV: worker, started_at, max_attempts, maxlen, stream ttl, turn id, delivery id, lease s, result ttl
+local now = now_s()
+local s = redis.call('HMGET', KEYS[1], 'status', 'delivery', 'attempt', 'conv_key')
+if not s[1] then return {'missing', 0} end
+if s[1] == 'done' or s[1] == 'failed' then return {'finished', 0} end
+if s[1] == 'running' then
+  if s[2] == ARGV[7] then return {'ok', tonumber(s[3])} end  -- this delivery's own BEGIN, run again
+  local exp = redis.call('ZSCORE', KEYS[3], ARGV[6])
+  if exp and tonumber(exp) > now then return {'held', tonumber(s[3])} end
+  redis.call('HINCRBY', KEYS[1], 'lost', 1)  -- its worker vanished before the watchdog noticed
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'started_at', ARGV[2])
+if not s[4] or redis.call('EXISTS', s[4]) == 0 then
+  fail_turn(KEYS[1], ARGV[6], 'the conversation was deleted', s[3] or 0, ARGV[2], ARGV[4], ARGV[5],
+            ARGV[9], KEYS[3], KEYS[4])
+  return {'finished', 0}
+end
+local lost = tonumber(redis.call('HGET', KEYS[1], 'lost') or '0')
+if lost >= tonumber(ARGV[3]) then
+  local err = 'gave up after ' .. lost .. ' attempts (each ended with its worker lost)'
+  fail_turn(KEYS[1], ARGV[6], err, s[3] or 0, ARGV[2], ARGV[4], ARGV[5], ARGV[9], KEYS[3], KEYS[4])
+  return {'poison', tonumber(s[3] or 0)}
+end
+local a = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1], 'delivery', ARGV[7], 'started_at', ARGV[2],
+           'fseq', 0)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), ARGV[6])
+redis.call('ZREM', KEYS[4], ARGV[6])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'ev', 'start', 'a', a)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 return {'ok', a}
 """
 
 COMMIT = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'attempt')
-if s[1] == 'done' then return 0 end
-if s[1] ~= 'running' or s[2] ~= ARGV[1] then return -1 end
-if ARGV[2] ~= '' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'a', ARGV[1], 't', ARGV[2])
+-- KEYS: turn, stream, running, queued
+-- ARGV: attempt, (unused), message json, result json, maxlen, stream ttl, finished_at, turn id, result ttl,
+--       delivery, then the stream's unflushed tail as (seq, text) pairs
+local s = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'committed', 'conv_key', 'fseq')
+if s[1] == 'done' then
+  if s[3] == ARGV[10] then return 1 end  -- this delivery's own commit, run again
+  return 0
 end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'status', 'done', 'result', ARGV[4], 'finished_at', ARGV[7])
-if redis.call('HGET', KEYS[4], 'busy') == ARGV[8] then redis.call('HDEL', KEYS[4], 'busy') end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'ev', 'done', 'a', ARGV[1], 'result', ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[6])
+if s[1] ~= 'running' or s[2] ~= ARGV[1] then return -1 end
+local fseq = tonumber(s[5] or '0')
+for i = 11, #ARGV, 2 do  -- what a flush whose reply was lost may already have written is skipped
+  if tonumber(ARGV[i]) > fseq and ARGV[i + 1] ~= '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'a', ARGV[1], 't', ARGV[i + 1])
+  end
+end
+local conv = s[4]
+if conv and redis.call('EXISTS', conv) == 1 then  -- a deleted conversation gets nothing written
+  local msgs = conv .. ':messages'
+  redis.call('RPUSH', msgs, ARGV[3])
+  local ttl = redis.call('PTTL', conv)
+  if ttl > 0 then redis.call('PEXPIRE', msgs, ttl) end
+  if redis.call('HGET', conv, 'busy') == ARGV[8] then redis.call('HDEL', conv, 'busy') end
+end
+redis.call('HSET', KEYS[1], 'status', 'done', 'result', ARGV[4], 'finished_at', ARGV[7], 'committed', ARGV[10])
+redis.call('HDEL', KEYS[1], 'message')
+redis.call('ZREM', KEYS[3], ARGV[8])
+redis.call('ZREM', KEYS[4], ARGV[8])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'ev', 'done', 'a', ARGV[1], 'result', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 return 1
 """
 
-FAIL = """
-local s = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'user_message')
+FAIL = PRELUDE + """
+-- KEYS: turn, stream, running, queued
+-- ARGV: attempt (0 = a delivery that never began: only a queued turn is failed), error, maxlen, stream ttl,
+--       finished_at, turn id, result ttl
+local s = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not s[1] then return -2 end
 if s[1] == 'done' or s[1] == 'failed' then return 0 end
-if ARGV[1] ~= '0' and s[2] ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'error', ARGV[2], 'finished_at', ARGV[5])
-if s[3] then redis.call('LREM', KEYS[2], -1, s[3]) end
-if redis.call('HGET', KEYS[4], 'busy') == ARGV[6] then redis.call('HDEL', KEYS[4], 'busy') end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'ev', 'error', 'a', ARGV[1], 'error', ARGV[2])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
+if ARGV[1] == '0' then
+  if s[1] ~= 'queued' then return -1 end  -- running: a live delivery answers it, not this bad copy
+elseif s[1] ~= 'running' or s[2] ~= ARGV[1] then
+  return -1
+end
+fail_turn(KEYS[1], ARGV[6], ARGV[2], ARGV[1], ARGV[5], ARGV[3], ARGV[4], ARGV[7], KEYS[3], KEYS[4])
 return 1
 """
 
+# Queue a running turn again from its kept task message. ARGV[2] = attempt: a worker handing its own turn
+# back (fenced); '' = the watchdog, for a turn whose lease has expired (its worker is counted as lost).
+REQUEUE = PRELUDE + """
+local function requeue(turn, tid, attempt, running, queued, now)
+  local s = redis.call('HMGET', turn, 'status', 'attempt', 'queue', 'message')
+  if s[1] ~= 'running' then return 0 end
+  if attempt ~= '' then
+    if s[2] ~= attempt then return -1 end
+  else
+    local exp = redis.call('ZSCORE', running, tid)
+    if exp and tonumber(exp) > now then return 0 end
+    redis.call('HINCRBY', turn, 'lost', 1)
+  end
+  redis.call('ZREM', running, tid)
+  if not s[3] or not s[4] then return -3 end  -- no kept message: the next delivery of the old one begins it
+  redis.call('HSET', turn, 'status', 'queued', 'queued_at', now)
+  redis.call('HDEL', turn, 'worker', 'delivery')
+  redis.call('ZADD', queued, now, tid)
+  redis.call('RPUSH', s[3], s[4])  -- the served end: it has waited its turn already
+  return 1
+end
+"""
 
-@dataclass
+HAND_BACK = REQUEUE + """
+-- KEYS: turn, running, queued   ARGV: turn id, attempt
+return requeue(KEYS[1], ARGV[1], ARGV[2], KEYS[2], KEYS[3], now_s())
+"""
+
+RESCUE_EXPIRED = REQUEUE + """
+-- KEYS: running, queued   ARGV: turn key prefix, limit
+local now = now_s()
+local out = {}
+for _, tid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local turn = ARGV[1] .. tid
+  local st = redis.call('HGET', turn, 'status')
+  if st ~= 'running' then
+    redis.call('ZREM', KEYS[1], tid)  -- finished, or never begun: not a lease any more
+  elseif requeue(turn, tid, '', KEYS[1], KEYS[2], now) == 1 then
+    out[#out + 1] = tid
+  end
+end
+return out
+"""
+
+# A queued turn is present when its id is on its queue or in a delivery younger than `min age` in kombu's
+# unacked hash (a live worker begins what it receives within milliseconds; an older entry belongs to a
+# worker that died). Otherwise its message was lost in transit: push the kept copy again. Runs under a
+# lock, so one worker of the pool scans at a time.
+LOST_QUEUED = PRELUDE + """
+-- KEYS: queued, unacked hash, unacked index, running, lock
+-- ARGV: turn key prefix, min age s, limit, lock ms, max_attempts, maxlen, stream ttl, result ttl
+if not redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[4]) then return {} end
+local now = now_s()
+local cands = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
+if #cands == 0 then return {} end
+local present = {}
+local function mark(item)
+  local id = string.match(item, '"correlation_id": "([%w_%-]+)"')
+  if id then present[id] = true end
+end
+local fresh = redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[2]), '+inf')
+for i = 1, #fresh, 500 do
+  local vals = redis.call('HMGET', KEYS[2], unpack(fresh, i, math.min(i + 499, #fresh)))
+  for _, v in ipairs(vals) do if v then mark(v) end end
+end
+local scanned = {}
+local out = {}
+for _, tid in ipairs(cands) do
+  local turn = ARGV[1] .. tid
+  local s = redis.call('HMGET', turn, 'status', 'queue', 'message', 'lost')
+  if s[1] ~= 'queued' then
+    redis.call('ZREM', KEYS[1], tid)
+  elseif s[2] and s[3] then
+    if not scanned[s[2]] then
+      scanned[s[2]] = true
+      for _, item in ipairs(redis.call('LRANGE', s[2], 0, -1)) do mark(item) end
+    end
+    if not present[tid] then
+      local lost = redis.call('HINCRBY', turn, 'lost', 1)
+      if lost >= tonumber(ARGV[5]) then
+        fail_turn(turn, tid, 'gave up: its task message was lost ' .. lost .. ' times', 0, now,
+                  ARGV[6], ARGV[7], ARGV[8], KEYS[4], KEYS[1])
+      else
+        redis.call('RPUSH', s[2], s[3])
+        redis.call('ZADD', KEYS[1], now, tid)
+        present[tid] = true
+      end
+      out[#out + 1] = tid
+    end
+  end
+end
+return out
+"""
+
+
+class Claim(str, Enum):
+    """What BEGIN says about a delivery."""
+
+    ok = "ok"  # this delivery owns the turn now, under the returned attempt
+    held = "held"  # another live delivery is generating it: this one is a duplicate
+    finished = "finished"  # done or failed already (or its conversation was deleted)
+    missing = "missing"  # no such turn: not created by a producer
+    poison = "poison"  # its workers vanished max_attempts times: failed now
+
+
+class Commit(int, Enum):
+    """What COMMIT says."""
+
+    done = 1  # this attempt's reply is the turn's reply
+    duplicate = 0  # another attempt committed first
+    stale = -1  # this attempt no longer owns the turn
+
+
+@dataclass(frozen=True)
 class Lease:
-    status: str  # ok | missing | finished | poison
+    status: Claim
     attempt: int
 
 
 class TurnStore:
+    """The scripts above, bound to one worker. `lease_s`: how long a claim lives without renewal (the
+    stream flusher renews it every half second for every turn it streams)."""
+
     def __init__(
         self,
         r: redis.Redis,
@@ -87,6 +248,7 @@ class TurnStore:
         max_attempts: int = 3,
         worker: str = "",
         result_ttl_s: int = 86_400,
+        lease_s: float = 10.0,
     ):
         self.r = r
         self.keys = keys
@@ -95,57 +257,72 @@ class TurnStore:
         self.max_attempts = max_attempts
         self.result_ttl = result_ttl_s
         self.worker = worker
+        self.lease_s = lease_s
         self._begin = r.register_script(BEGIN)
         self._commit = r.register_script(COMMIT)
         self._fail = r.register_script(FAIL)
+        self._hand_back = r.register_script(HAND_BACK)
+        self._rescue = r.register_script(RESCUE_EXPIRED)
+        self._lost = r.register_script(LOST_QUEUED)
 
-    def begin(self, turn_id: str) -> Lease:
+    def _turn_keys(self, turn_id: str) -> list[str]:
+        return [self.keys.turn(turn_id), self.keys.stream(turn_id), self.keys.running, self.keys.queued]
+
+    def begin(self, turn_id: str, delivery: str) -> Lease:
+        """Claim the turn for this delivery (`delivery`: an id unique to it, so a retried call is safe)."""
         status, attempt = self._begin(
-            keys=[self.keys.turn(turn_id), self.keys.stream(turn_id)],
-            args=[self.worker, time.time(), self.max_attempts, self.maxlen, self.ttl, turn_id],
+            keys=self._turn_keys(turn_id),
+            args=[self.worker, time.time(), self.max_attempts, self.maxlen, self.ttl, turn_id, delivery,
+                  self.lease_s, self.result_ttl],
         )
-        return Lease(status.decode() if isinstance(status, bytes) else status, int(attempt))
+        return Lease(Claim(status.decode() if isinstance(status, bytes) else status), int(attempt))
 
     def commit(
-        self, turn_id: str, conversation_id: str, attempt: int, tail: str, message_json: str, result_json: str
-    ) -> int:
-        """1 committed, 0 already committed by an earlier attempt, -1 this attempt no longer owns the turn."""
-        return int(
-            self._commit(
-                keys=[
-                    self.keys.turn(turn_id),
-                    self.keys.messages(conversation_id),
-                    self.keys.stream(turn_id),
-                    self.keys.conv(conversation_id),
-                ],
-                args=[
-                    attempt,
-                    tail,
-                    message_json,
-                    result_json,
-                    self.maxlen,
-                    self.ttl,
-                    time.time(),
-                    turn_id,
-                    self.result_ttl,
-                ],
-            )
-        )
+        self,
+        turn_id: str,
+        attempt: int,
+        delivery: str,
+        tail: list[tuple[int, str]],
+        message_json: str,
+        result_json: str,
+    ) -> Commit:
+        """Append the reply and finish the turn, fenced by attempt. `tail`: the stream's unflushed
+        (seq, text) entries (StreamPublisher.take), written to the stream first."""
+        args: list[object] = [attempt, "", message_json, result_json, self.maxlen, self.ttl, time.time(), turn_id,
+                              self.result_ttl, delivery]
+        for seq, text in tail:
+            args += [seq, text]
+        return Commit(int(self._commit(keys=self._turn_keys(turn_id), args=args)))
 
-    def fail(self, turn_id: str, conversation_id: str, attempt: int, error: str) -> int:
-        """1 failed, 0 already finished, -1 this attempt no longer owns the turn, -2 no such turn (nothing
-        is created for an id no producer made)."""
+    def fail(self, turn_id: str, attempt: int, error: str) -> int:
+        """1 failed, 0 already finished, -1 not this attempt's to fail (attempt 0: the turn is not queued),
+        -2 no such turn (nothing is created for an id no producer made)."""
         return int(
             self._fail(
-                keys=[
-                    self.keys.turn(turn_id),
-                    self.keys.messages(conversation_id),
-                    self.keys.stream(turn_id),
-                    self.keys.conv(conversation_id),
-                ],
+                keys=self._turn_keys(turn_id),
                 args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
             )
         )
+
+    def hand_back(self, turn_id: str, attempt: int) -> int:
+        """Queue this attempt's turn again (cold shutdown): 1 queued, 0/-1 not ours any more."""
+        return int(self._hand_back(keys=[self.keys.turn(turn_id), self.keys.running, self.keys.queued],
+                                   args=[turn_id, attempt]))
+
+    def rescue_expired(self, limit: int = 100) -> list[str]:
+        """Queue again the running turns whose lease expired; returns their ids."""
+        out = self._rescue(keys=[self.keys.running, self.keys.queued], args=[self.keys.turn_prefix, limit])
+        return [t.decode() for t in out]
+
+    def requeue_lost(self, unacked: str, unacked_index: str, min_age_s: float, limit: int = 100) -> list[str]:
+        """Queue again the queued turns whose message no queue and no live delivery holds; returns their
+        ids. One worker of the pool scans per `min_age_s / 2` (a lock in Redis)."""
+        out = self._lost(
+            keys=[self.keys.queued, unacked, unacked_index, self.keys.running, f"{self.keys.prefix}:lock:lost"],
+            args=[self.keys.turn_prefix, min_age_s, limit, int(min_age_s * 500), self.max_attempts, self.maxlen,
+                  self.ttl, self.result_ttl],
+        )
+        return [t.decode() for t in out]
 
     def dead_letter(self, payload: object, reason: str) -> None:
         self.r.lpush(

@@ -1,136 +1,137 @@
-"""One turn, start to finish: validate, claim (begin), fit the context, generate through the
-engine while streaming deltas, then commit the reply exactly once (or fail it, or hand it back)."""
+"""One delivery of a turn, start to finish: claim it (begin), fit the context, generate through the
+engine while streaming deltas, then commit the reply exactly once (or fail it, or hand it back).
+
+The delivery was screened before Celery saw it (worker/deliveries.py), so its payload is a valid
+GenerateTask for this worker's model; it is validated again here because a task can also be called
+by other means (tests, a future Celery path), and such a payload is answered the same way.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+import uuid
+from enum import Enum
 from typing import Any
 
 import redis
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from shared.keys import check_id
+from shared.context import ContextError, fit_turn
 from shared.messages import ChatMessage, Role
-from shared.wire import MAX_PAYLOAD_BYTES, FinishReason, GenerateTask, Timings, TurnResult
-from worker.engine.context import ContextError, fit
+from shared.wire import FinishReason, GenerateTask, Timings, TurnResult
+from worker.celery_workarounds import refuse
+from worker.deliveries import Refused, item_text, turn_id_or_none, validation_message
 from worker.engine.engine import Failed, Finished, Token
 from worker.runtime import Abandoned, Runtime
-from worker.stream import STALE
+from worker.stream import Signal
+from worker.turn_store import Claim, Commit
 
 log = logging.getLogger(__name__)
 
-
-def _validation_message(e: ValidationError) -> str:
-    err = e.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+COMMIT_RETRY_S = 60.0  # how long a finished reply waits for Redis to come back before it is given up
 
 
-def parse_payload(rt: Runtime, payload: Any) -> GenerateTask | None:
-    """The task, or None after dead-lettering a payload that cannot be served."""
-    size = len(json.dumps(payload, default=str))
-    reason = None
-    task = None
-    if size > MAX_PAYLOAD_BYTES:
-        reason = f"payload of {size} bytes exceeds {MAX_PAYLOAD_BYTES}"
-    else:
-        try:
-            task = GenerateTask.model_validate(payload)
-        except ValidationError as e:
-            reason = f"invalid payload: {_validation_message(e)}"
-    if task is not None and task.model != rt.model.name:
-        reason = f"model {task.model!r} is not served by this worker ({rt.model.name})"
-    if reason is None:
-        return task
-    log.error("dead-lettering turn: %s", reason)
-    rt.turns.dead_letter(payload if size <= MAX_PAYLOAD_BYTES else "<oversized>", reason)
-    tid, cid = (payload.get("turn_id"), payload.get("conversation_id")) if isinstance(payload, dict) else (None, None)
-    try:
-        rt.turns.fail(check_id(tid), check_id(cid), 0, reason)
-    except (ValueError, TypeError):
-        pass  # ids unusable: nothing in Redis to answer
-    return None
+class Outcome(str, Enum):
+    """What one delivery did (the task's return value, and its log line)."""
+
+    done = "done"  # this delivery's reply was committed
+    duplicate = "duplicate"  # another attempt committed first
+    stale = "stale"  # another attempt took the turn over while this one ran
+    failed = "failed"  # answered with an error (bad request for this model, generation failed)
+    held = "held"  # another live delivery is generating this turn: nothing done
+    finished = "finished"  # the turn had ended already: nothing done
+    refused = "refused"  # not a valid turn: dead-lettered
+    handed_back = "handed_back"  # cold shutdown: queued again for another worker
 
 
 def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
-    """Serve one delivery. Redis errors hand the turn back (redelivered, counted as an attempt);
-    any other error fails the turn with the reason, so its caller always gets an answer."""
+    """Serve one delivery; never raises except Reject (hand the delivery back untouched)."""
     try:
-        return _serve(rt, payload)
+        outcome = _serve(rt, payload)
     except Reject:
         raise
     except redis.RedisError:
+        # Redis is unreachable even after the client's retries. Whatever happened, the turn is safe: if it
+        # began, its lease expires and the watchdog queues it again; if not, its delivery stays unacked.
+        log.exception("Redis error during a turn: leaving it to the lease and the watchdog")
         rt.counters.add("handed_back")
-        log.exception("Redis error during a turn: handing it back")
-        raise Reject("Redis error", requeue=True) from None
-    except Exception as e:
+        return {"status": Outcome.handed_back.value}
+    except Exception as e:  # a bug: answer the turn rather than leave it waiting
         log.exception("turn failed")
-        if isinstance(payload, dict):
+        tid = turn_id_or_none(payload.get("turn_id")) if isinstance(payload, dict) else None
+        if tid is not None:
             try:
-                rt.turns.fail(
-                    check_id(payload.get("turn_id")),
-                    check_id(payload.get("conversation_id")),
-                    0,
-                    f"internal error: {e}",
-                )
-            except (ValueError, TypeError, redis.RedisError):
+                rt.turns.fail(tid, 0, f"internal error: {type(e).__name__}")
+            except redis.RedisError:
                 pass
-        return {"status": "failed", "error": str(e)}
+        return {"status": Outcome.failed.value}
+    return {"status": outcome.value}
 
 
-def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
+def _serve(rt: Runtime, payload: Any) -> Outcome:
     t_pick = time.time()
-    task = parse_payload(rt, payload)
-    if task is None:
-        return {"status": "dead-lettered"}
-    if rt.abandoning:  # cold shutdown under way: hand it back before claiming it (no attempt used)
+    try:
+        task = GenerateTask.model_validate(payload)
+    except ValidationError as e:
+        tid = turn_id_or_none(payload.get("turn_id")) if isinstance(payload, dict) else None
+        refuse(Refused(f"invalid payload: {validation_message(e)}", (tid,) if tid else (),
+                       item_text(str(payload).encode())))
+        return Outcome.refused
+    if task.model != rt.model.name:
+        refuse(Refused(f"model {task.model!r} is not served by this worker ({rt.model.name})", (task.turn_id,),
+                       item_text(task.model_dump_json().encode())))
+        return Outcome.refused
+    if rt.abandoning:  # cold shutdown under way: hand the delivery back before claiming the turn
         raise Reject("worker shutting down", requeue=True)
-    lease = rt.turns.begin(task.turn_id)
-    if lease.status != "ok":
-        if lease.status in ("missing", "poison"):
-            why = "unknown turn (not created by a producer)" if lease.status == "missing" else "too many attempts"
-            rt.turns.dead_letter(payload, why)
-        log.info("turn %s: %s, skipped", task.turn_id, lease.status)
-        return {"status": lease.status}
+    delivery = uuid.uuid4().hex  # this delivery's id: a retried BEGIN or COMMIT is recognised as its own
+    lease = rt.turns.begin(task.turn_id, delivery)
+    if lease.status is Claim.missing:
+        refuse(Refused("unknown turn (not created by a producer)", (), item_text(task.model_dump_json().encode())))
+        return Outcome.refused
+    if lease.status is Claim.poison:
+        rt.turns.dead_letter(task.model_dump(mode="json"), "too many attempts")
+        return Outcome.failed
+    if lease.status is not Claim.ok:
+        log.info("turn %s: %s, skipped", task.turn_id, lease.status.value)
+        return Outcome.held if lease.status is Claim.held else Outcome.finished
     try:
         task.sampling.check_vocab(rt.loaded.codec.vocab_size)
-        prompt = fit(rt.loaded.codec, task.messages, rt.engine.max_len, task.sampling.output_length)
+        prompt = fit_turn(rt.loaded.codec, task.messages, rt.engine.max_len, task.sampling.output_length,
+                          truncate=task.truncate)
     except (ContextError, ValueError) as e:
-        rt.turns.fail(task.turn_id, task.conversation_id, lease.attempt, str(e))
+        rt.turns.fail(task.turn_id, lease.attempt, str(e))
         rt.counters.add("finished")
-        return {"status": "failed", "error": str(e)}
+        return Outcome.failed
     deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
     try:
         handle = rt.submit(prompt.ids, task.sampling, prompt.max_new, deadline)
-    except Abandoned as e:  # cold shutdown between begin and submit: the next attempt starts over
-        rt.counters.add("handed_back")
-        raise Reject(str(e), requeue=True) from None
-    signals: list[int] = []
+    except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
+        return _hand_back(rt, task, lease.attempt)
+    signals: list[Signal] = []
 
-    def on_signal(code: int) -> None:
-        signals.append(code)
+    def on_signal(sig: Signal) -> None:
+        signals.append(sig)
         handle.cancel()
 
-    rt.publisher.register(task.turn_id, lease.attempt, on_signal)
+    stream = rt.publisher.register(task.turn_id, lease.attempt, on_signal)
     try:
         for ev in handle:
             if isinstance(ev, Token):
-                rt.publisher.append(task.turn_id, ev.text)
+                rt.publisher.append(stream, ev.text)
     finally:
-        tail = rt.publisher.take(task.turn_id)
+        tail = rt.publisher.take(stream)
     if isinstance(ev, Failed):
-        if ev.abandoned:  # cold shutdown: not acked, not failed; Redis hands it to another worker
-            rt.counters.add("handed_back")
-            raise Reject(ev.error, requeue=True)
-        rt.turns.fail(task.turn_id, task.conversation_id, lease.attempt, ev.error)
+        if ev.abandoned:  # cold shutdown: queued again, not failed
+            return _hand_back(rt, task, lease.attempt)
+        rt.turns.fail(task.turn_id, lease.attempt, ev.error)
         rt.counters.add("finished")
-        return {"status": "failed", "error": ev.error}
+        return Outcome.failed
     assert isinstance(ev, Finished)
-    if STALE in signals:
+    if Signal.stale in signals:
         log.warning("turn %s: attempt %d was superseded, its reply is dropped", task.turn_id, lease.attempt)
-        return {"status": "stale"}
+        return Outcome.stale
     now = time.time()
     result = TurnResult(
         turn_id=task.turn_id,
@@ -139,7 +140,7 @@ def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
         finish_reason=ev.reason if not signals else FinishReason.cancelled,
         prompt_tokens=ev.prompt_tokens,
         completion_tokens=ev.completion_tokens,
-        dropped_messages=prompt.dropped_messages,
+        dropped_messages=task.dropped_messages + prompt.dropped_messages,
         truncated_tokens=prompt.truncated_tokens,
         worker=rt.hostname,
         attempt=lease.attempt,
@@ -151,17 +152,37 @@ def _serve(rt: Runtime, payload: Any) -> dict[str, Any]:
         ),
     )
     message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
-    code = rt.turns.commit(
-        task.turn_id, task.conversation_id, lease.attempt, tail, message.model_dump_json(), result.model_dump_json()
-    )
+    code = _commit(rt, task, lease.attempt, delivery, tail, message.model_dump_json(), result.model_dump_json())
     rt.counters.add("finished")
-    status = {1: "done", 0: "duplicate", -1: "stale"}[code]
-    log.info(
-        "turn %s: %s (%s, %d tokens, attempt %d)",
-        task.turn_id,
-        status,
-        result.finish_reason.value,
-        result.completion_tokens,
-        lease.attempt,
-    )
-    return {"status": status, **({"result": result.model_dump(mode="json")} if code == 1 else {})}
+    log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
+             result.completion_tokens, lease.attempt)
+    return {Commit.done: Outcome.done, Commit.duplicate: Outcome.duplicate, Commit.stale: Outcome.stale}[code]
+
+
+def _commit(rt: Runtime, task: GenerateTask, attempt: int, delivery: str, tail: list[tuple[int, str]],
+            message_json: str, result_json: str) -> Commit:
+    """COMMIT, retried while Redis is away (up to COMMIT_RETRY_S): the reply is in memory, and committing
+    it late beats generating it again. The script is safe to run twice (see turn_store.py)."""
+    end, wait = time.monotonic() + COMMIT_RETRY_S, 0.25
+    while True:
+        try:
+            return rt.turns.commit(task.turn_id, attempt, delivery, tail, message_json, result_json)
+        except redis.RedisError as e:
+            if time.monotonic() + wait > end or rt.abandoning:
+                raise
+            log.warning("turn %s: commit failed (%s), retrying in %.1fs", task.turn_id, e, wait)
+            time.sleep(wait)
+            wait = min(5.0, wait * 2)
+
+
+def _hand_back(rt: Runtime, task: GenerateTask, attempt: int) -> Outcome:
+    """Cold shutdown: queue the turn again from its kept message (not an attempt lost: no poison count)."""
+    code = rt.turns.hand_back(task.turn_id, attempt)
+    if code == -3:  # a turn stored before messages were kept: let kombu put this delivery back
+        rt.counters.add("handed_back")
+        raise Reject("worker shutting down", requeue=True)
+    if code == 1:
+        rt.counters.add("handed_back")
+        log.info("turn %s: handed back (attempt %d)", task.turn_id, attempt)
+        return Outcome.handed_back
+    return Outcome.stale

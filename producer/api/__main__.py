@@ -28,10 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(hash_key(args.hash_key))
         return 0
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from producer.api.app import create_app
     from producer.api.config import load_api_settings
+    from producer.api.server import make_server
 
     try:
         settings = load_api_settings(**({"redis_url": args.redis_url} if args.redis_url else {}))
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.loglevel.lower(), proxy_headers=True)
+    make_server(app, args.host, args.port, args.loglevel.lower(), settings.api_shutdown_grace_s).run()
     return 0
 
 

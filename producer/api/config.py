@@ -22,6 +22,14 @@ class ApiSettings(Settings):
     openai_conversation_ttl_s: int = Field(3600, ge=10)
     completion_timeout_s: float = Field(600.0, gt=0)  # a non-streaming completion waits this long at most
     sse_ping_s: float = Field(15.0, gt=0)  # SSE comment line sent this often while nothing else is
+    # Browser apps on these origins may call the API (comma separated, "*" = any); empty = CORS off.
+    cors_origins: str = ""
+    # SIGTERM: open streams get a final event and waiting requests an answer within this, then the process exits.
+    api_shutdown_grace_s: float = Field(10.0, ge=0, le=300)
+    # A request body larger than this is refused (413) before it is read.
+    max_body_bytes: int = Field(4_000_000, ge=1024)
+    # A stream or a waiting request rides out a Redis outage this long before it ends with an error.
+    redis_outage_s: float = Field(30.0, ge=1)
 
 
 def load_api_settings(**overrides: object) -> ApiSettings:

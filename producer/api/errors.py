@@ -1,24 +1,27 @@
 """One error shape for every route, as OpenAI and text-generation-inference clients expect:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}
+
+Client errors are 422 on the conversation routes (TGI's convention) and 400 on /v1 (OpenAI's: its
+clients raise BadRequestError for it). Every error from the producer library (shared/errors.py)
+carries the field at fault; on /v1 it is named as the OpenAI request names it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ChatError
+from shared.errors import ChatError, Unavailable
 
 log = logging.getLogger(__name__)
-_PARAM = re.compile(r"^[A-Za-z_][\w.\[\]]*$")
 
 TYPES = {
     400: ("invalid_request_error", "bad_request"),
@@ -26,12 +29,16 @@ TYPES = {
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     409: ("conflict_error", "turn_in_flight"),
+    413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", "invalid_value"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
     503: ("overloaded_error", "unavailable"),
     504: ("timeout_error", "timeout"),
 }
+# The producer library's names for a field -> the name an OpenAI request gives it.
+OPENAI_PARAMS = {"output_length": "max_tokens", "content": "messages", "message": "messages", "system": "messages"}
+CONVERSATION_PARAMS = {"output_length": "max_tokens", "message": "content"}
 
 
 class ApiError(Exception):
@@ -57,21 +64,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": etype, "param": param, "code": code or default_code}}
 
 
-def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.param, err.code), err.status, headers=err.headers)
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
 
 
-def from_chat_error(e: ChatError) -> ApiError:
-    """shared.errors -> ApiError; an InvalidInput message 'field: why' names its param."""
-    message = str(e)
-    param = None
-    head, sep, _ = message.partition(":")
-    if e.status == 422 and sep and _PARAM.match(head):
-        param = head
-    code = None
-    if e.status == 404:
-        code = "model_not_found" if message.startswith("unknown model") else None
-    return ApiError(e.status, message, param=param, code=code)
+def error_response(err: ApiError, openai: bool = False) -> JSONResponse:
+    status = 400 if openai and err.status == 422 else err.status
+    return JSONResponse(error_body(status, err.message, err.param, err.code), status, headers=err.headers)
+
+
+def from_chat_error(e: ChatError, openai: bool = False) -> ApiError:
+    """shared.errors -> ApiError, the field named as the route's request names it."""
+    names = OPENAI_PARAMS if openai else CONVERSATION_PARAMS
+    param = names.get(e.param, e.param) if e.param else None
+    headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, Unavailable) else None
+    return ApiError(e.status, e.message, param=param, code=e.code, headers=headers)
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -82,8 +89,9 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def validation_error(e: RequestValidationError) -> ApiError:
-    err = e.errors()[0]
+def validation_error(errors: list[Any]) -> ApiError:
+    """The first pydantic error as `param: message`, the param named as the request names it."""
+    err = errors[0]
     if err.get("type") == "json_invalid":
         return ApiError(422, f"invalid JSON body: {err.get('ctx', {}).get('error', err['msg'])}", code="json_invalid")
     param = _param(tuple(err.get("loc", ())))
@@ -95,23 +103,29 @@ def validation_error(e: RequestValidationError) -> ApiError:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e)
+    async def _api(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e, is_openai(request))
 
     @app.exception_handler(ChatError)
-    async def _chat(_: Request, e: ChatError) -> JSONResponse:
-        return error_response(from_chat_error(e))
+    async def _chat(request: Request, e: ChatError) -> JSONResponse:
+        return error_response(from_chat_error(e, is_openai(request)), is_openai(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(e))
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(e.errors())), is_openai(request))
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_model(request: Request, e: ValidationError) -> JSONResponse:
+        return error_response(validation_error(list(e.errors())), is_openai(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(ApiError(e.status_code, str(e.detail), headers=dict(e.headers or {})))
 
     @app.exception_handler(redis.RedisError)
     async def _redis(_: Request, e: redis.RedisError) -> JSONResponse:
+        # Only reads end here (every write goes through the producer library, which answers Unavailable
+        # after withdrawing what it may have created): nothing was changed, the client may retry.
         log.warning("Redis error: %s", e)
         return error_response(ApiError(503, f"Redis unavailable: {e}", headers={"Retry-After": "5"}))
 

@@ -4,16 +4,14 @@ Each API process follows the turns it enqueued (their hashes in Redis) and accou
 /metrics is scraped: started (a worker began it), finished (by finish reason), failed, time to
 first token (queued + prefill, from the turn's timings), total latency and tokens generated.
 Queue depth is the length of each model's Celery list. Busy slots per worker are the running turns
-per worker among those followed, or a worker's own report in the `{prefix}:workers` hash
-(field = worker name, value = JSON {"model", "busy", "slots", "at"}) while that is fresh.
+per worker among those followed, or the worker's own liveness report (shared/cards.py WorkerReport,
+which expires by itself when the worker is gone).
 With several API processes, sum the counters across them (each follows its own turns).
 """
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -22,12 +20,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.cards import WorkerReport
 from shared.keys import Keys
 from shared.wire import TurnResult
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 MAX_TRACKED = 50_000
-WORKER_REPORT_FRESH_S = 30.0
 disable_created_metrics()  # no *_created series: they double the exposition and say little here
 
 
@@ -120,22 +118,17 @@ class Metrics:
                                 registry=reg)
         self.tracker: Tracker | None = None
 
-    def bind(self, r: redis.Redis, keys: Keys, models: Callable[[], list[str]], depth: Callable[[str], int]) -> None:
+    def bind(self, r: redis.Redis, keys: Keys, models: Callable[[], list[str]], depth: Callable[[str], int],
+             workers: Callable[[], list[WorkerReport]]) -> None:
         self.tracker = Tracker(self, r, keys)
-        self._r, self._keys = r, keys
+        self._workers = workers
         self.registry.register(_Live(models, depth, self.busy_slots))
 
     def busy_slots(self) -> dict[str, tuple[int, int | None]]:
         assert self.tracker is not None
         out: dict[str, tuple[int, int | None]] = {w: (n, None) for w, n in self.tracker.running.items()}
-        now = time.time()
-        for worker, raw in self._r.hgetall(f"{self._keys.prefix}:workers").items():
-            try:
-                rep = json.loads(raw)
-                if now - float(rep["at"]) <= WORKER_REPORT_FRESH_S:
-                    out[worker.decode()] = (int(rep["busy"]), int(rep["slots"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+        for rep in self._workers():
+            out[rep.name] = (rep.busy, rep.slots)
         return out
 
     def scrape(self) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 from producer.api import sse
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body
-from producer.api.events import QueuedEvent, turn_events
 from producer.api.schemas import (
     ConversationOut,
     CreateConversation,
@@ -24,17 +21,19 @@ from producer.api.schemas import (
     usage,
 )
 from producer.api.service import ChatService, TurnView
-from shared.errors import ChatError
+from producer.client import TurnRequest
+from producer.reader import Append, Done, Error, EventKind, Queued, ReplyAssembler, Restart, afollow
 from shared.messages import Role
+from shared.wire import TurnStatus
 
 router = APIRouter(prefix="/api", tags=["conversations"])
 ROLE_NAMES = {Role.system: "system", Role.prompter: "user", Role.assistant: "assistant"}
-_ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
 @router.get("/models")
 def list_models(svc: Service, caller: Authed) -> dict[str, Any]:
-    """Preset models and those a worker has served, with their queue depth."""
+    """Preset models and those a worker has served, whether a live worker serves them now, their
+    context length and queue depth."""
     return {"models": svc.models()}
 
 
@@ -53,12 +52,8 @@ def get_conversation(cid: str, svc: Service, caller: Authed) -> ConversationOut:
 
 @router.delete("/conversations/{cid}", status_code=204)
 def delete_conversation(cid: str, svc: Service, caller: Authed) -> Response:
-    conv = svc.conversation(caller.id, cid)
-    if conv.busy:  # stop the turn in flight rather than let it answer into nothing
-        try:
-            svc.store.cancel(conv.busy)
-        except ChatError:
-            pass
+    """Delete it; a turn in flight is stopped, and nothing is written for the conversation afterwards."""
+    svc.conversation(caller.id, cid)
     svc.store.delete(cid)
     return Response(status_code=204)
 
@@ -73,25 +68,28 @@ def list_messages(cid: str, svc: Service, caller: Authed) -> dict[str, list[Mess
 
 @router.post("/conversations/{cid}/messages", status_code=202)
 def post_message(cid: str, body: PostMessage, svc: Service, caller: Authed) -> TurnCreated:
-    """Store the user message and enqueue the turn; answers at once with the turn id and queue position."""
-    text = svc.store.check_text(body.content, "content")
-    task, position = svc.send(caller.id, cid, text, body.sampling())
-    base = f"/api/conversations/{cid}/turns/{task.turn_id}"
+    """Store the user message and queue the turn; answers at once with the turn id and queue position.
+    Everything the model's worker would refuse for this request (top_k past the vocabulary, max_tokens
+    past the context, a system prompt that leaves no room) is refused here first, with nothing stored."""
+    turn = svc.start(TurnRequest(body.content, body.sampling(), conversation_id=cid, owner=caller.id,
+                                 text_field="content"))
+    base = f"/api/conversations/{cid}/turns/{turn.turn_id}"
     return TurnCreated(
-        turn_id=task.turn_id,
+        turn_id=turn.turn_id,
         conversation_id=cid,
-        queue_position=position,
+        queue_position=turn.position,
+        dropped_messages=turn.dropped_messages,
         events_url=f"{base}/events",
         turn_url=base,
     )
 
 
-def turn_out(svc: ChatService, view: TurnView, model: str) -> TurnOut:
+def turn_out(svc: ChatService, view: TurnView) -> TurnOut:
     st, f = view.state, view.fields
     out = TurnOut(
         id=st.id,
         conversation_id=st.conversation_id,
-        status=st.status,
+        status=st.status.value,
         attempt=st.attempt,
         worker=f.get("worker"),
         error=st.error,
@@ -99,34 +97,34 @@ def turn_out(svc: ChatService, view: TurnView, model: str) -> TurnOut:
         started_at=float(f["started_at"]) if "started_at" in f else None,
         finished_at=float(f["finished_at"]) if "finished_at" in f else None,
     )
-    if st.status == "queued":
-        out.queue_position = svc.queue_position(model, st.id)
-    elif st.status == "running":
+    if st.status is TurnStatus.queued:
+        out.queue_position = svc.client.queue_position(f["queue"], st.id) if "queue" in f else None
+    elif st.status is TurnStatus.running:
         out.reply = svc.partial_reply(st.id)
     elif st.result is not None:
         out.reply = st.result.text
         out.finish_reason = st.result.finish_reason.value
         out.usage = usage(st.result)
+        out.dropped_messages = st.result.dropped_messages
         out.timings = st.result.timings.model_dump()
     return out
 
 
 @router.get("/conversations/{cid}/turns/{tid}")
 def get_turn(cid: str, tid: str, svc: Service, caller: Authed) -> TurnOut:
-    conv = svc.conversation(caller.id, cid)
-    return turn_out(svc, svc.turn(caller.id, cid, tid), conv.model)
+    return turn_out(svc, svc.turn(caller.id, cid, tid))
 
 
 @router.post("/conversations/{cid}/turns/{tid}/cancel", status_code=202)
 def cancel_turn(cid: str, tid: str, svc: Service, caller: Authed, response: Response) -> TurnOut:
-    """Ask the worker to stop at its next step; the partial reply is kept (finish_reason cancelled)."""
-    conv = svc.conversation(caller.id, cid)
+    """Stop the turn: a running one stops at its next step and keeps its partial reply (finish_reason
+    cancelled); one no worker holds ends at once with an empty reply. 200 if it had ended already."""
     view = svc.turn(caller.id, cid, tid)
-    if view.state.status in ("done", "failed"):
+    if view.state.status.finished:
         response.status_code = 200  # nothing left to cancel
-    else:
-        svc.store.cancel(tid)
-    return turn_out(svc, view, conv.model)
+        return turn_out(svc, view)
+    svc.store.cancel(tid)
+    return turn_out(svc, svc.turn(caller.id, cid, tid))
 
 
 @router.get("/conversations/{cid}/turns/{tid}/events")
@@ -138,45 +136,68 @@ async def turn_event_stream(
     last_event_id: str | None = Header(None),
     after: str | None = Query(None, description="resume after this stream entry id (like Last-Event-ID)"),
 ) -> Response:
-    """SSE: queued {position}, start {attempt}, token {text}, done {reply, finish_reason, usage, ...},
-    error {error}. Events from the turn's stream carry its entry id: reconnect with Last-Event-ID."""
-    resume = last_event_id or after or "0-0"
-    if not _ENTRY_ID.match(resume):
-        raise ApiError(422, f"Last-Event-ID: not a stream entry id: {resume!r:.40}", param="Last-Event-ID")
-    conv = await run_in_threadpool(svc.conversation, caller.id, cid)
+    """SSE: queued {position}, start {attempt, text}, token {text, attempt}, done {reply, finish_reason,
+    usage, ...}, error {error}. `start` opens the reply, and comes again only if a worker was lost and the
+    new attempt's reply differs from what was shown (then `text` replaces it). Events carry their stream
+    entry id: reconnect with Last-Event-ID to go on where the connection dropped."""
+    resume = last_event_id or after
+    if resume is not None and sse.entry_id(resume) is None:
+        param = "Last-Event-ID" if last_event_id else "after"
+        raise ApiError(422, f"{param}: not a stream entry id: {resume!r:.40}", param=param)
     await run_in_threadpool(svc.turn, caller.id, cid, tid)
-    ping_s = svc.settings.sse_ping_s
+    return sse.response(_events(svc, tid, resume))
 
-    async def body() -> AsyncIterator[str]:
-        yield "retry: 1000\n\n"
-        sent = time.monotonic()
-        async for ev in turn_events(svc, tid, conv.model, resume):
-            if ev is None:
-                if time.monotonic() - sent >= ping_s:
-                    sent = time.monotonic()
-                    yield sse.PING
-                continue
-            sent = time.monotonic()
-            if isinstance(ev, QueuedEvent):
-                yield sse.frame({"position": ev.position}, "queued")
-            elif ev.kind == "start":
-                yield sse.frame({"attempt": ev.attempt}, "start", ev.id)
-            elif ev.kind == "delta":
-                yield sse.frame({"text": ev.text, "attempt": ev.attempt}, "token", ev.id)
-            elif ev.kind == "done" and ev.result is not None:
-                res = ev.result
+
+async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterator[str]:
+    asm = ReplyAssembler()
+    ping = sse.Pinger(svc.settings.sse_ping_s)
+    until = sse.entry_id(resume) if resume else None  # replayed silently up to here, to rebuild the display
+    retry: int | None = 1000
+    started = resume is not None
+
+    def out(data: Any, event: str, id: str | None = None) -> str:
+        nonlocal retry
+        text, retry = sse.frame(data, event, id, retry), None
+        ping.sent_now()
+        return text
+
+    async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+        if svc.draining.is_set():
+            yield out(error_body(503, "the server is restarting: reconnect with Last-Event-ID to go on",
+                                 code="server_shutting_down"), "error")
+            return
+        if ev is None:
+            if ping.due():
+                yield sse.PING
+            continue
+        updates = asm.feed(ev)
+        if until is not None and ev.id and (sse.entry_id(ev.id) or (0, 0)) <= until:
+            continue
+        if ev.kind is EventKind.start and not started:
+            started = True
+            yield out({"attempt": ev.attempt, "text": ""}, "start", ev.id)
+        for up in updates:
+            if isinstance(up, Queued):
+                yield out({"position": up.position}, "queued")
+            elif isinstance(up, Append):
+                yield out({"text": up.text, "attempt": asm.attempt}, "token", ev.id)
+            elif isinstance(up, Restart):
+                yield out({"attempt": up.attempt, "text": up.text}, "start", ev.id)
+            elif isinstance(up, Done):
+                res = up.result
                 data = {
                     "turn_id": tid,
                     "reply": res.text,
                     "finish_reason": res.finish_reason.value,
                     "usage": usage(res).model_dump(),
+                    "dropped_messages": res.dropped_messages,
                     "timings": res.timings.model_dump(),
                     "worker": res.worker,
                     "attempt": res.attempt,
                 }
-                yield sse.frame(data, "done", ev.id or None)
-            else:
-                yield sse.frame(error_body(500, ev.error or "the turn failed", code="turn_failed"), "error",
-                                ev.id or None)
+                if up.tail:
+                    yield out({"text": up.tail, "attempt": asm.attempt}, "token", ev.id)
+                yield out(data, "done", ev.id or None)
+            elif isinstance(up, Error):
+                yield out(error_body(500, up.message, code="turn_failed"), "error", ev.id or None)
 
-    return sse.response(body())

@@ -1,8 +1,16 @@
 """/v1: the OpenAI chat-completions API, so OpenAI clients and tools work unchanged.
 
-A request is stateless: it becomes an internal conversation (system message, earlier messages
-stored as they are), and its last user message is sent as the turn. `top_k` is accepted as an
-extension. Finish reasons: end_key and stop -> "stop", length and cancelled (cut short) -> "length".
+A request is stateless: it becomes an internal conversation (system message, earlier messages), and
+its last user message is sent as the turn. Like OpenAI, a conversation that does not fit the model's
+context is refused (400 `context_length_exceeded`, with the numbers) unless the request opts in to
+dropping its oldest turns with the extension field `truncate: true` (as TGI's `truncate`); the
+response then says how many messages were left out (`usage.dropped_messages`). `top_k` and
+`repetition_penalty` are accepted as extensions. Fields that would change the answer's shape or
+sampling and that this server does not implement yet are a 400 naming the field, never ignored.
+Finish reasons: end_key and stop -> "stop", length and cancelled (cut short) -> "length".
+
+The client's connection is followed: a client that goes away (streaming or not) has its turn
+cancelled within about a second.
 """
 
 from __future__ import annotations
@@ -12,17 +20,18 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body
-from producer.api.events import QueuedEvent, turn_events
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
+from producer.client import TurnRequest
+from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.messages import ChatMessage, Role
 from shared.wire import FinishReason, TurnResult
 
@@ -35,69 +44,165 @@ FINISH = {
     FinishReason.cancelled: "length",
 }
 ROLES = {"system": Role.system, "developer": Role.system, "user": Role.prompter, "assistant": Role.assistant}
+STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str  # a string, or a list of {"type": "text", "text": ...} parts (joined)
+    """One message as OpenAI clients send it. `content` may be null or empty on an assistant message (a
+    reply this product produced can be empty); tool calls and tool results are not supported yet."""
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text(cls, v: object) -> str:
-        if isinstance(v, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v):
-                raise ValueError("only text content parts are supported")
-            v = "".join(p["text"] for p in v)
-        if not isinstance(v, str):
-            raise ValueError("must be a string or a list of text parts")
-        if not v.strip():
-            raise ValueError("must not be empty")
-        return v
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None  # accepted, not used
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> Message:
+        if self.role == "tool" or self.tool_call_id is not None:
+            raise ValueError("tool results are not supported yet (role 'tool')")
+        if self.tool_calls:
+            raise ValueError("tool calls are not supported yet (assistant 'tool_calls')")
+        return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields this server has no use for
+    # Fields OpenAI clients send that do not change the answer (user, metadata, store, service_tier, ...)
+    # are ignored; those that would change it are declared below and refused unless left at their default.
+    model_config = ConfigDict(strict=True, extra="ignore")
     model: str = Field(min_length=1, max_length=100)
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    truncate: bool = False  # extension: drop the oldest turns to fit the context instead of refusing
+    # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("tools are not supported yet")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):
+            raise ValueError("tool choice is not supported yet (tools are not)")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v != {"type": "text"}:
+            raise ValueError("structured outputs (json_object, json_schema) are not supported yet")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("logprobs are not supported yet")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError("logprobs are not supported yet")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v:
+            raise ValueError("presence and frequency penalties are not supported yet (use repetition_penalty)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v:
+            raise ValueError("logit_bias is not supported yet")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and v != ["text"]:
+            raise ValueError("only text output is supported")
+        return v
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            raise ValueError("audio output is not supported")
+        return v
 
 
-def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str]:
-    """(system prompt, earlier messages, the last user message)."""
+def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, int]:
+    """(system prompt, earlier messages, the last user message, its index). Raises ApiError naming the
+    message that breaks a rule."""
     sys_parts: list[str] = []
     i = 0
     while i < len(messages) and ROLES[messages[i].role] is Role.system:
-        sys_parts.append(messages[i].content)
+        sys_parts.append(messages[i].text)
         i += 1
     rest = messages[i:]
     for j, m in enumerate(rest):
         if ROLES[m.role] is Role.system:
-            raise ApiError(422, "a system message may only come first", param=f"messages[{i + j}].role")
+            raise ApiError(400, f"messages[{i + j}].role: a system message may only come before the others",
+                           param=f"messages[{i + j}].role")
+    last = len(messages) - 1
     if not rest or rest[-1].role != "user":
-        raise ApiError(422, "the last message must be a user message", param=f"messages[{len(messages) - 1}].role")
-    history = [ChatMessage(role=ROLES[m.role], text=m.content) for m in rest[:-1]]
-    return ("\n\n".join(sys_parts) or None), history, rest[-1].content
-
-
-def start_turn(svc: ChatService, owner: str, req: ChatCompletionRequest) -> tuple[str, str]:
-    """Create the internal conversation and enqueue the turn: (conversation id, turn id)."""
-    svc.check_model(req.model)
-    for k, m in enumerate(req.messages):
-        svc.store.check_text(m.content, f"messages[{k}].content")
-    system, history, last = split(req.messages)
-    svc.admit(req.model)
-    cid = svc.create_with_history(owner, req.model, system, history)
-    task, _ = svc.send(owner, cid, last, req.sampling(req.max_completion_tokens))
-    return cid, task.turn_id
+        raise ApiError(400, f"messages[{last}].role: the last message must be a user message",
+                       param=f"messages[{last}].role")
+    history = []
+    for j, m in enumerate(rest[:-1]):
+        try:
+            history.append(ChatMessage(role=ROLES[m.role], text=m.text))
+        except ValueError as e:
+            raise ApiError(400, f"messages[{i + j}].content: {str(e).split(', ', 1)[-1]}",
+                           param=f"messages[{i + j}].content") from None
+    for k, part in enumerate(sys_parts):
+        if not part.strip():
+            raise ApiError(400, f"messages[{k}].content: a system message must not be empty",
+                           param=f"messages[{k}].content")
+    return ("\n\n".join(sys_parts) or None), history, rest[-1].text, last
 
 
 def usage(res: TurnResult) -> dict[str, int]:
@@ -105,33 +210,47 @@ def usage(res: TurnResult) -> dict[str, int]:
         "prompt_tokens": res.prompt_tokens,
         "completion_tokens": res.completion_tokens,
         "total_tokens": res.prompt_tokens + res.completion_tokens,
+        "dropped_messages": res.dropped_messages,
     }
+
+
+def model_entry(m: dict[str, Any]) -> dict[str, Any]:
+    return {"id": m["id"], "object": "model", "created": 0, "owned_by": "chat-worker-pool",
+            "context_length": m["context_length"], "workers": m["workers"]}
 
 
 @router.get("/models")
 def list_models(svc: Service, caller: Authed) -> dict[str, Any]:
-    data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": "chat-worker-pool"} for m in svc.models()]
-    return {"object": "list", "data": data}
+    """The models a live worker serves now."""
+    return {"object": "list", "data": [model_entry(m) for m in svc.models(served_only=True)]}
 
 
 @router.get("/models/{model}")
 def get_model(model: str, svc: Service, caller: Authed) -> dict[str, Any]:
+    for m in svc.models(served_only=True):
+        if m["id"] == model:
+            return model_entry(m)
     svc.check_model(model)
-    return {"id": model, "object": "model", "created": 0, "owned_by": "chat-worker-pool"}
+    raise ApiError(404, f"model {model!r}: no live worker serves it", param="model", code="model_not_found")
 
 
 @router.post("/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, svc: Service, caller: Authed) -> Response:
-    cid, tid = await run_in_threadpool(start_turn, svc, caller.id, req)
+async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Service, caller: Authed) -> Response:
+    system, history, last, index = split(req.messages)
+    await run_in_threadpool(svc.check_model, req.model)
+    sampling = req.sampling(req.max_completion_tokens)
+    turn = await run_in_threadpool(svc.start, TurnRequest(
+        last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
+        ttl_s=svc.settings.openai_conversation_ttl_s, truncate=req.truncate,
+        text_field=f"messages[{index}].content"))
+    tid = turn.turn_id
     base = {"id": f"chatcmpl-{tid}", "created": int(time.time()), "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse.response(stream(svc, tid, req.model, base, include_usage))
-    try:
-        res = await asyncio.wait_for(wait(svc, tid, req.model), svc.settings.completion_timeout_s)
-    except TimeoutError:
-        await run_in_threadpool(svc.store.cancel, tid)
-        raise ApiError(504, f"no reply within {svc.settings.completion_timeout_s:g}s; the turn was cancelled") from None
+        return sse.response(stream(svc, request, tid, base, include_usage))
+    res = await wait_for_reply(svc, request, tid)
+    if res is None:  # the client left; its turn was cancelled
+        return Response(status_code=499)
     return JSONResponse(
         {
             **base,
@@ -150,9 +269,9 @@ async def chat_completions(req: ChatCompletionRequest, svc: Service, caller: Aut
     )
 
 
-async def wait(svc: ChatService, tid: str, model: str) -> TurnResult:
-    async for ev in turn_events(svc, tid, model):
-        if ev is None or isinstance(ev, QueuedEvent):
+async def _outcome(svc: ChatService, tid: str) -> TurnResult:
+    async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+        if ev is None:
             continue
         if ev.kind == "done" and ev.result is not None:
             return ev.result
@@ -161,51 +280,111 @@ async def wait(svc: ChatService, tid: str, model: str) -> TurnResult:
     raise ApiError(500, "the turn's stream ended without a result", code="turn_failed")
 
 
+async def client_gone(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read: what comes next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel(svc: ChatService, tid: str) -> None:
+    await run_in_threadpool(svc.store.cancel, tid)
+
+
+async def wait_for_reply(svc: ChatService, request: Request, tid: str) -> TurnResult | None:
+    """The turn's result; None if the client left first (the turn is then cancelled). On shutdown it waits
+    for the reply up to the grace, then cancels the turn and answers 503 (a retry makes a new one)."""
+    outcome = asyncio.ensure_future(_outcome(svc, tid))
+    gone = asyncio.ensure_future(client_gone(request))
+    draining = asyncio.ensure_future(svc.draining.wait())
+    deadline = time.monotonic() + svc.settings.completion_timeout_s
+    try:
+        done, _ = await asyncio.wait({outcome, gone, draining}, timeout=svc.settings.completion_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if draining in done and outcome not in done:
+            grace = max(0.0, min(deadline - time.monotonic(), svc.settings.api_shutdown_grace_s - 1.0))
+            done, _ = await asyncio.wait({outcome, gone}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                await cancel(svc, tid)
+                raise ApiError(503, "the server is restarting: the turn was cancelled, send the request again",
+                               code="server_shutting_down", headers={"Retry-After": "1"})
+        if outcome in done:
+            return outcome.result()
+        if gone in done:
+            await cancel(svc, tid)
+            return None
+        await cancel(svc, tid)
+        raise ApiError(504, f"no reply within {svc.settings.completion_timeout_s:g}s; the turn was cancelled")
+    finally:
+        for t in (outcome, gone, draining):
+            t.cancel()
+
+
 async def stream(
-    svc: ChatService, tid: str, model: str, base: dict[str, Any], include_usage: bool
+    svc: ChatService, request: Request, tid: str, base: dict[str, Any], include_usage: bool
 ) -> AsyncIterator[str]:
-    """chat.completion.chunk events, then `data: [DONE]`. If a worker is replaced mid-turn the new
-    attempt's text is checked against what was already sent and only what is new goes out."""
+    """chat.completion.chunk events, then `data: [DONE]`. If a worker is lost mid-turn, the new attempt
+    continues the text seamlessly while it agrees with what was sent; if it diverges, the stream ends
+    with an error (text already sent cannot be taken back) and the turn is cancelled."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         return sse.frame({**base, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
+    def error(status: int, message: str, code: str) -> str:
+        return sse.frame(error_body(status, message, code=code))
+
+    ping = sse.Pinger(svc.settings.sse_ping_s)
+    asm = ReplyAssembler()
+    finished = False  # the turn ended (done or error) and the client was told
+    drain_end: float | None = None
     yield chunk({"role": "assistant", "content": ""})
-    sent, current = "", ""
-    finished = False
     try:
-        async for ev in turn_events(svc, tid, model):
+        async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+            if svc.draining.is_set():
+                drain_end = drain_end or time.monotonic() + max(0.0, svc.settings.api_shutdown_grace_s - 1.0)
+                if time.monotonic() >= drain_end:
+                    yield error(503, "the server is restarting: the turn was cancelled, send the request again",
+                                "server_shutting_down")
+                    break  # not finished: cancelled below
             if ev is None:
-                yield sse.PING
+                if ping.due():
+                    yield sse.PING
                 continue
-            if isinstance(ev, QueuedEvent):
-                continue
-            if ev.kind == "start":
-                current = ""
-            elif ev.kind == "delta":
-                current += ev.text
-                if not (current.startswith(sent) or sent.startswith(current)):
-                    finished = True
-                    yield sse.frame(error_body(500, "the turn was restarted on another worker and diverged"))
+            diverged = False
+            for up in asm.feed(ev):
+                ping.sent_now()
+                if isinstance(up, Append):
+                    yield chunk({"content": up.text})
+                elif isinstance(up, Restart):
+                    diverged = True
+                    yield error(500, "the turn was restarted on another worker and its reply diverged from what "
+                                "was already sent; send the request again", "diverged")
                     break
-                if len(current) > len(sent):
-                    yield chunk({"content": current[len(sent) :]})
-                    sent = current
-            elif ev.kind == "done" and ev.result is not None:
-                res = ev.result
-                if len(res.text) > len(sent) and res.text.startswith(sent):
-                    yield chunk({"content": res.text[len(sent) :]})
-                yield chunk({}, FINISH[res.finish_reason], system_fingerprint=res.worker or None)
-                if include_usage:
-                    yield sse.frame({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(res)})
-                finished = True
-                break
-            else:
-                finished = True
-                yield sse.frame(error_body(500, ev.error or "the turn failed", code="turn_failed"))
+                elif isinstance(up, Done):
+                    finished = True
+                    res = up.result
+                    if up.tail:
+                        yield chunk({"content": up.tail})
+                    yield chunk({}, FINISH[res.finish_reason], system_fingerprint=res.worker or None)
+                    if include_usage:
+                        yield sse.frame({**base, "object": "chat.completion.chunk", "choices": [],
+                                         "usage": usage(res)})
+                elif isinstance(up, Error):
+                    finished = True
+                    yield error(500, up.message, "turn_failed")
+            if finished or diverged:
                 break
         yield sse.frame("[DONE]")
     finally:
-        if not finished:  # the client went away: stop generating for nobody (sync: we may be cancelled)
-            svc.store.cancel(tid)
+        if not finished:  # the client went away, the reply diverged, or the server is stopping: stop the turn
+            spawn(cancel(svc, tid))
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def spawn(coro: Any) -> None:
+    """Run `coro` to its end even if the request that started it is being torn down."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)

@@ -1,4 +1,5 @@
-"""Request and response bodies of the conversation routes (pydantic: a bad field is a 422 naming it)."""
+"""Request and response bodies of the conversation routes. Requests are strict: a string is not a number
+and a bool is not an int (`"top_k": true` is an error naming top_k, not greedy decoding)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.sampling import SamplingParams
 from shared.wire import TurnResult
+
+STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 def _not_blank(v: str | None) -> str | None:
@@ -19,22 +22,22 @@ def _not_blank(v: str | None) -> str | None:
 class SamplingFields(BaseModel):
     """Sampling, by the names OpenAI and TGI use. Left out = the project's default (shared/sampling.py)."""
 
+    model_config = STRICT
+
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] | None = None  # a string or a list of up to 8
+    stop: list[str] | str | None = None  # a string or a list of up to 8
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop")
     @classmethod
-    def _stops(cls, v: object) -> list[str] | None:
+    def _stops(cls, v: list[str] | str | None) -> list[str] | None:
         if v is None:
             return None
         items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError("must be a string or a list of strings")
         if len(items) > 8:
             raise ValueError("at most 8 stop strings")
         if any(not s or len(s) > 200 for s in items):
@@ -55,7 +58,7 @@ class SamplingFields(BaseModel):
 
 
 class CreateConversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str = Field(min_length=1, max_length=100)
     system: str | None = None
 
@@ -70,7 +73,7 @@ class ConversationOut(BaseModel):
 
 
 class PostMessage(SamplingFields):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     content: str
 
     _content = field_validator("content")(_not_blank)
@@ -80,7 +83,8 @@ class TurnCreated(BaseModel):
     turn_id: str
     conversation_id: str
     status: str = "queued"
-    queue_position: int  # 1 = served next; 0 = a worker already holds it
+    queue_position: int  # 1 = served next
+    dropped_messages: int = 0  # oldest messages the model will not see (they did not fit its context)
     events_url: str
     turn_url: str
 
@@ -101,6 +105,7 @@ class TurnOut(BaseModel):
     reply: str | None = None  # the full reply when done; what has streamed so far while running
     finish_reason: str | None = None
     usage: Usage | None = None
+    dropped_messages: int | None = None  # oldest messages left out to fit the context (when done)
     timings: dict[str, float] | None = None
     error: str | None = None
     enqueued_at: float | None = None

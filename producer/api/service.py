@@ -1,38 +1,24 @@
-"""What the routes share: the producer client, ownership checks, admission and queue positions."""
+"""What the routes share: the producer client (every turn starts through its `start_turn`), the asyncio
+Redis client for reading turns, ownership checks, queue depths and positions, and the shutdown signal."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 
 from config.celery import queue_name
+from config.redis_clients import async_client
 from producer.api.config import ApiSettings
 from producer.api.errors import ApiError
 from producer.api.metrics import Metrics
-from producer.client import ChatClient
+from producer.cards import describe
+from producer.client import POSITION, ChatClient, StartedTurn, TurnRequest
 from producer.store import Conversation, TurnState
-from shared.errors import NotFound
-from shared.messages import ChatMessage
-from shared.sampling import SamplingParams
-from shared.wire import GenerateTask
-
-# kombu's Redis transport keeps a queue as a list (LPUSH in, BRPOP out: the right end is served next),
-# plus one list per priority step. Position 1 = served next; 0 = not waiting (a worker holds it).
-PRIORITY_SUFFIXES = ["", "\x06\x163", "\x06\x166", "\x06\x169"]
-POSITION = """
-local n = 0
-for _, q in ipairs(KEYS) do
-  local items = redis.call('LRANGE', q, 0, -1)
-  for i = #items, 1, -1 do
-    n = n + 1
-    if string.find(items[i], ARGV[1], 1, true) then return n end
-  end
-end
-return 0
-"""
+from shared.errors import NotFound, Unavailable
 
 
 @dataclass
@@ -46,44 +32,25 @@ class ChatService:
         self.settings = settings
         self.client = ChatClient(settings)
         self.r: redis.Redis = self.client.r
-        self.ar: aredis.Redis = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+        self.ar: aredis.Redis = async_client(settings.redis_url)
         self.keys = self.client.keys
         self.store = self.client.store
+        self.catalog = self.client.catalog
         self.metrics = metrics
-        self._position = self.r.register_script(POSITION)
         self._aposition = self.ar.register_script(POSITION)
+        # Set when the process is asked to stop: streams send their last event, waiting requests answer.
+        self.draining = asyncio.Event()
 
     async def aclose(self) -> None:
         await self.ar.aclose()
         self.client.close()
 
     # -- queues ------------------------------------------------------------------------------------
-    def queue_keys(self, model: str) -> list[str]:
-        q = queue_name(self.settings, model)
-        return [q + s for s in PRIORITY_SUFFIXES]
-
     def queue_depth(self, model: str) -> int:
-        pipe = self.r.pipeline(transaction=False)
-        for k in self.queue_keys(model):
-            pipe.llen(k)
-        return int(sum(pipe.execute()))
+        return int(self.r.llen(queue_name(self.settings, model)))
 
-    def queue_position(self, model: str, turn_id: str) -> int:
-        return int(self._position(keys=self.queue_keys(model), args=[turn_id]))
-
-    async def aqueue_position(self, model: str, turn_id: str) -> int:
-        return int(await self._aposition(keys=self.queue_keys(model), args=[turn_id]))
-
-    def admit(self, model: str) -> None:
-        depth = self.queue_depth(model)
-        if depth > self.settings.max_queue_depth:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(
-                503,
-                f"model {model!r} is overloaded: {depth} turns queued (limit {self.settings.max_queue_depth})",
-                code="queue_full",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
-            )
+    async def aqueue_position(self, queue: str, turn_id: str) -> int:
+        return int(await self._aposition(keys=[queue], args=[turn_id]))
 
     # -- ownership ---------------------------------------------------------------------------------
     def conversation(self, owner: str, cid: str) -> Conversation:
@@ -98,35 +65,26 @@ class ChatService:
         state = self.store.turn(tid)
         if state.conversation_id != cid:
             raise NotFound(f"turn {tid!r} not found")
-        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.keys.turn(tid)).items()}
-        return TurnView(state, raw)
+        return TurnView(state, state.fields or {})
 
     def check_model(self, model: str) -> None:
-        if model not in self.client.models():
-            known = ", ".join(sorted(self.client.models()))
-            raise ApiError(404, f"unknown model {model!r}: known models are {known}", param="model",
-                           code="model_not_found")
+        known = self.catalog.known()
+        if model not in known:
+            raise ApiError(404, f"unknown model {model!r}: known models are {', '.join(sorted(known))}",
+                           param="model", code="model_not_found")
 
     # -- turns -------------------------------------------------------------------------------------
-    def send(self, owner: str, cid: str, text: str, sampling: SamplingParams) -> tuple[GenerateTask, int]:
-        conv = self.conversation(owner, cid)
-        self.admit(conv.model)
-        task = self.client.send(cid, text, sampling)
+    def start(self, req: TurnRequest) -> StartedTurn:
+        """Start a turn (producer.client.ChatClient.start_turn) under this API's admission limit."""
+        try:
+            turn = self.client.start_turn(replace(req, max_queue_depth=self.settings.max_queue_depth))
+        except Unavailable as e:
+            self.metrics.rejected.labels(e.code or "unavailable").inc()
+            e.retry_after_s = self.settings.retry_after_s
+            raise
         if self.metrics.tracker is not None:
-            self.metrics.tracker.track(task.turn_id, task.model)
-        return task, self.queue_position(task.model, task.turn_id)
-
-    def create_with_history(self, owner: str, model: str, system: str | None, history: list[ChatMessage]) -> str:
-        """A conversation holding earlier messages (an OpenAI request's), expiring after a while."""
-        cid = self.client.create_conversation(model, system, owner)
-        ttl = self.settings.openai_conversation_ttl_s
-        pipe = self.r.pipeline()
-        if history:
-            pipe.rpush(self.keys.messages(cid), *[m.model_dump_json() for m in history])
-            pipe.expire(self.keys.messages(cid), ttl)
-        pipe.expire(self.keys.conv(cid), ttl)
-        pipe.execute()
-        return cid
+            self.metrics.tracker.track(turn.turn_id, turn.model)
+        return turn
 
     def partial_reply(self, tid: str) -> str:
         """What the turn's current attempt has streamed so far."""
@@ -139,8 +97,11 @@ class ChatService:
                 text += f[b"t"].decode()
         return text
 
-    def models(self) -> list[dict[str, Any]]:
-        served = {m.decode() for m in self.r.smembers(self.keys.models)}
-        return [
-            {"id": m, "served": m in served, "queue_depth": self.queue_depth(m)} for m in sorted(self.client.models())
-        ]
+    def models(self, served_only: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for m in sorted(self.catalog.known()):
+            info = self.catalog.info(m)
+            if served_only and not info.served:
+                continue
+            out.append({**describe(info), "queue_depth": self.queue_depth(m)})
+        return out

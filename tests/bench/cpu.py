@@ -63,8 +63,8 @@ def bench_codec(codec: Any, ignore_eos: bool) -> Any:
 
 
 def prompts_for(codec: Any, seq_len: int, new: int) -> list[list[int]]:
+    from shared.context import fit
     from shared.messages import ChatMessage, Role
-    from worker.engine.context import fit
 
     out = []
     for q in QUESTIONS:

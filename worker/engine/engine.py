@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.codec import Codec
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
 from worker.engine.sampling import sample
 from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Prefill
-from worker.pipeline.codec import Codec
 
 log = logging.getLogger(__name__)
 

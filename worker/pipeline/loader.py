@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from config.presets import ModelPreset
-from worker.pipeline.codec import Codec
+from shared.codec import Codec
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,8 @@ async function follow(turn, box) {
         if (ev.event === "queued") {
           status(d.position > 0 ? "Waiting in the queue: position " + d.position : "A worker picked it up…");
         } else if (ev.event === "start") {
-          if (d.attempt > 1) text.textContent = "";
+          // A turn's first start, or a restart whose new reply differs from what was shown: show its text.
+          text.textContent = d.text || "";
           status("Generating…");
         } else if (ev.event === "token") {
           text.textContent += d.text;

@@ -1,0 +1,46 @@
+"""What workers publish about themselves, so producers can check a turn before they queue it.
+
+A worker publishes its model's card when it becomes ready (`{p}:model:{model}`, plus the tokenizer's
+files under `{p}:tokenizer:{sha}`), and a WorkerReport every few seconds with a TTL
+(`{p}:worker:{name}`, indexed by `{p}:live:{model}`): a worker that dies disappears by itself.
+Producers (the HTTP API, the CLI, the client library) validate sampling and context fitting against
+the card with the same code the worker runs, so every rejection a worker would make for the request's
+own sake is made before anything is stored or queued.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.prompts import PromptFormat
+
+LIVENESS_TTL_S = 15  # a worker's report expires this long after its last heartbeat
+HEARTBEAT_S = 5.0  # how often a worker renews its report
+
+
+class ModelCard(BaseModel):
+    """The facts about a served model that decide whether a request can be served."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str  # the model's name (preset name, hub id or path), as turns and queues name it
+    sequence_length: int = Field(ge=1)  # positions per sequence: prompt + output, in tokens
+    vocab_size: int = Field(ge=1)  # real tokens (ids below this); top_k may be at most this
+    prompt_format: PromptFormat
+    end_keys: list[str]  # tokens that end a reply (beside the tokenizer's eos)
+    special_tokens: list[str] = Field(default_factory=list)  # never produced from user text
+    tokenizer_sha: str  # sha256 of the tokenizer files: key of `{p}:tokenizer:{sha}`
+
+
+class WorkerReport(BaseModel):
+    """One worker's liveness and load, renewed every HEARTBEAT_S seconds."""
+
+    name: str
+    model: str
+    sequence_length: int
+    slots: int  # sequences it runs at once
+    busy: int = 0  # slots in use
+    host: str = ""
+    pid: int = 0
+    started_at: float = 0.0  # unix time
+    at: float = 0.0  # unix time of this report

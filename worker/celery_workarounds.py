@@ -1,0 +1,120 @@
+"""Every place this worker changes how Celery 5.7 / kombu 5.7 behave, each with the behaviour it guards
+against. The worker app selects them through its config (config/celery.py: broker_transport,
+worker_consumer); nothing here is patched into Celery's or kombu's modules.
+
+GuardedTransport (kombu's Redis transport, one method wider)
+    * Screens every item BRPOP returns before kombu parses it (worker/deliveries.py). kombu's
+      `_brpop_read` calls `loads()` on the raw item: a non-JSON item raises out of the event loop and
+      Celery exits ("Unrecoverable error"); an item that is JSON but not an envelope (`[1,2,3]`) dies
+      in `virtual.Message.__init__` (TypeError); an envelope without `body` dies in Celery's
+      `on_unknown_message` -> `dump_body` (len(None)). Each such exit restores the item, so every
+      worker of the model dies on it in turn. A refused item is dead-lettered and its turn answered.
+    * Gives each delivery its own delivery tag. kombu keeps a message's tag across redeliveries, and
+      its unacked hash is keyed by tag, so when a turn was redelivered while its first delivery was
+      still alive (a visibility timeout passed, or a dropped connection made kombu restore what that
+      channel held), the first delivery's ack deleted the entry the live delivery depended on, and a
+      crash of the live one then lost the turn for good. With a tag per delivery an ack removes only
+      its own entry.
+    * Makes a closed channel's Redis client a connection error (`_connparams`): when the connection
+      drops while turns are unacked, Celery closes the broken connection, and closing its channel
+      tries to restore the unacked messages through a Redis client built after kombu already cut the
+      channel loose (`transport.client = None`): AttributeError ('NoneType' object has no attribute
+      'hostname'; kombu issues 582, 970), which Celery does not tolerate there: the worker exits.
+      Raised as the connection error it is, the close goes on and the consumer reconnects.
+
+GuardedConsumer (Celery's consumer, four handlers)
+    Celery logs and drops a message it cannot route (unknown task, invalid headers, undecodable or
+    disallowed content): its turn then waits forever. The screen above refuses all of those first;
+    these overrides are the net behind it, dead-lettering and answering the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis as redis_py
+from celery.worker.consumer import Consumer
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import redis as kombu_redis
+
+from worker import runtime
+from worker.deliveries import Accepted, Refused, item_text, screen, turn_id_or_none
+
+log = logging.getLogger(__name__)
+
+
+def refuse(refused: Refused) -> None:
+    """Dead-letter a refused delivery and fail each queued turn it names, with the reason."""
+    rt = runtime.installed()
+    log.error("dead-lettering a delivery: %s", refused.reason)
+    if rt is None:
+        return
+    try:
+        rt.turns.dead_letter({"delivery": refused.item, "turn_ids": list(refused.turn_ids)}, refused.reason)
+        for tid in refused.turn_ids:
+            rt.turns.fail(tid, 0, refused.reason)
+    except redis_py.RedisError:
+        log.exception("could not dead-letter a refused delivery")
+
+
+def _screen_reply(reply: Any) -> Any:
+    dest, item = reply
+    rt = runtime.installed()
+    result = screen(item, rt.model.name if rt is not None else None)
+    if isinstance(result, Accepted):
+        return dest, result.item
+    refuse(result)
+    return None  # kombu treats it as an empty poll (Empty) and issues the next BRPOP
+
+
+class _ScreeningRedis(redis_py.Redis):
+    def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any:
+        reply = super().parse_response(connection, command_name, **options)
+        if command_name == "BRPOP" and reply:
+            return _screen_reply(reply)
+        return reply
+
+
+class GuardedChannel(kombu_redis.Channel):
+    def _get_client(self) -> Any:
+        client = super()._get_client()
+        if client is not redis_py.Redis:  # a global key prefix: kombu's own prefixed client, unscreened
+            log.warning("broker key prefix in use: deliveries are not screened")
+            return client
+        return _ScreeningRedis
+
+    def _connparams(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self.connection, "client", None) is None:
+            raise redis_py.ConnectionError("broker connection already closed")
+        return super()._connparams(*args, **kwargs)
+
+
+class GuardedTransport(kombu_redis.Transport):
+    Channel = GuardedChannel
+
+
+TRANSPORT_ALIASES.setdefault("chat-redis", f"{__name__}:GuardedTransport")  # the worker's broker_transport
+
+
+class GuardedConsumer(Consumer):
+    def _refuse_message(self, message: Any, reason: str) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        tid = headers.get("id") or (message.properties or {}).get("correlation_id")
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        tid = turn_id_or_none(tid)
+        refuse(Refused(reason, (tid,) if tid else (), item_text(body)))
+        message.reject_log_error(log, self.connection_errors)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._refuse_message(message, "malformed task message: no task name")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._refuse_message(message, f"malformed task message: unknown task ({exc})")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._refuse_message(message, f"malformed task message: {exc}")
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._refuse_message(message, f"malformed task message: cannot decode the body ({exc})")
+

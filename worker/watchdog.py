@@ -1,0 +1,75 @@
+"""The watchdog: a turn taken can be delayed by a lost ack or a lost delivery, never lost.
+
+Every worker runs one (a daemon thread). Each sweep (every lease_s / 4):
+
+1. Running turns whose lease expired are queued again from their kept task message
+   (TurnStore.rescue_expired). A lease is renewed by the flusher of the worker generating the turn
+   every half second, so an expired one means that worker died, froze (SIGSTOP, a swap storm) or lost
+   Redis for longer than the lease. If it comes back, its next flush finds the turn taken (a higher
+   attempt) and it stops; its commit is refused.
+2. Every lost_after_s / 2, one worker of the pool (a lock in Redis) looks for queued turns whose
+   message is on no queue and in no fresh delivery (TurnStore.requeue_lost): a worker killed
+   between popping a message and recording it in kombu's unacked hash, or any other path that drops
+   a message, only delays its turn.
+
+Neither depends on kombu's unacked bookkeeping, whose own redelivery (after the visibility timeout)
+then only produces duplicates, which BEGIN skips. After a Redis outage the watchdog waits one lease
+of uninterrupted connection before it requeues anything, so workers that were only cut off from
+Redis renew their leases first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from config.celery import UNACKED_INDEX_KEY, UNACKED_KEY
+from worker.turn_store import TurnStore
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    def __init__(self, turns: TurnStore, *, lease_s: float, lost_after_s: float):
+        self.turns = turns
+        self.lease_s = lease_s
+        self.lost_after_s = lost_after_s
+        self.sweep_s = max(0.5, lease_s / 4)
+        self.rescued = 0
+        self.recovered = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Watchdog:
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        connected_since = time.monotonic()
+        last_lost_check = 0.0
+        while not self._stop.wait(self.sweep_s):
+            now = time.monotonic()
+            try:
+                if now - connected_since < self.lease_s:
+                    self.turns.r.ping()
+                    continue
+                for tid in self.turns.rescue_expired():
+                    self.rescued += 1
+                    log.warning("watchdog: turn %s lost its worker (lease expired): queued again", tid)
+                if now - last_lost_check >= self.lost_after_s / 2:
+                    last_lost_check = now
+                    for tid in self.turns.requeue_lost(UNACKED_KEY, UNACKED_INDEX_KEY, self.lost_after_s):
+                        self.recovered += 1
+                        log.warning("watchdog: turn %s was queued but its message was lost: queued again", tid)
+            except redis.RedisError as e:
+                log.warning("watchdog: Redis unavailable (%s); waiting a lease after it returns", e)
+                connected_since = time.monotonic() + self.sweep_s
