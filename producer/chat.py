@@ -154,15 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_loading() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
+    hf_logging.set_verbosity_error()  # the model loads in this process: its warnings stay out of the chat
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class StartedTurn:
     dropped_messages: int = 0  # oldest messages the model will not see
     truncated_tokens: int = 0
     prompt_tokens: int | None = None  # when the model's tokenizer is known here
+    payload_bytes: int = 0  # the task message's size on the queue (bounded by the context, not the history)
 
 
 class ChatClient:
@@ -93,11 +94,20 @@ class ChatClient:
         return self.catalog.known()
 
     def create_conversation(self, model: str, system: str | None = None, owner: str = "") -> str:
+        """A new conversation. A system prompt that leaves no room for a turn in the model's context (when
+        its card is known) is refused here, not at every turn after."""
         try:
             known = self.models()
             if model not in known:
                 raise NotFound(f"unknown model {model!r}: known models are {', '.join(sorted(known))}", "model",
                                "model_not_found")
+            if system is not None:
+                self.store.check_text(system, "system")
+                info = self.catalog.info(model)
+                codec = self.catalog.codec(info.card) if info.card is not None else None
+                if codec is not None:
+                    fit_turn(codec, [ChatMessage(role=Role.system, text=system), ChatMessage(role=Role.prompter,
+                             text="?")], info.sequence_length, None)
             return self.store.create(model, system, owner)
         except redis.ConnectionError as e:
             raise Unavailable(f"Redis unreachable: {e}") from None
@@ -177,7 +187,7 @@ class ChatClient:
                     self._withdraw(tid, f"Redis error while starting the turn: {e}")
                 raise Unavailable(f"Redis unavailable: {e}") from None
             if reply.status in (Started.ok, Started.exists):
-                return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens)
+                return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens, len(message))
             if reply.status is Started.missing:
                 raise NotFound(f"conversation {cid!r} not found", "conversation_id")
             if reply.status is Started.busy:

@@ -23,7 +23,7 @@ import redis
 from shared.errors import InvalidInput, NotFound
 from shared.keys import Keys, check_id
 from shared.lua import PRELUDE
-from shared.messages import ChatMessage, Role, check_text
+from shared.messages import ChatMessage, Role, check_text, is_blank
 from shared.wire import FinishReason, TurnResult, TurnStatus
 
 START = PRELUDE + """
@@ -214,7 +214,7 @@ class ConversationStore:
         """What a person typed: a non-empty string within the length limit, no control characters."""
         if not isinstance(text, str):
             raise InvalidInput(f"{what}: must be a string", what)
-        if not text.strip():
+        if is_blank(text):
             raise InvalidInput(f"{what}: must not be empty", what)
         if len(text) > self.max_chars:
             raise InvalidInput(f"{what}: {len(text)} characters exceeds the limit of {self.max_chars}", what)

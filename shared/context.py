@@ -89,8 +89,9 @@ def fit(
             sizes[j] = sum(map(len, encode_messages(codec, head + body[cuts[j] :])))
         return sizes[j]
 
-    # Candidate cut points: where a user message starts, and the last message in any case.
-    cuts = [d for d in range(len(body)) if body[d].role is Role.prompter or d == len(body) - 1]
+    # Candidate cut points: keeping everything (whatever role the history opens with), where a user message
+    # starts, and the last message in any case.
+    cuts = [d for d in range(len(body)) if d == 0 or body[d].role is Role.prompter or d == len(body) - 1]
     best = len(cuts) - 1  # the newest message alone; truncated below if even that is too long
     if size(best) <= budget:
         # Doubling steps back from the newest cut until one does not fit (or the history ends) ...
@@ -141,12 +142,16 @@ def fit_turn(
     `output_length` (or one token) must fit as they are, else ContextLengthExceeded with the numbers."""
     if truncate:
         return fit(codec, messages, seq_len, output_length)
-    f = fit(codec, messages, seq_len, output_length, reserve=output_length or 1)
-    if f.dropped_messages or f.truncated_tokens:
-        total = sum(map(len, encode_messages(codec, messages)))
-        asked = f" and {output_length} for the output" if output_length else ""
+    if output_length is not None and output_length >= seq_len:
+        raise ContextError(
+            f"output_length: {output_length} is beyond this model's sequence length {seq_len}", "output_length"
+        )
+    total = sum(map(len, encode_messages(codec, messages)))
+    if total + (output_length or 1) > seq_len:
+        asked = f" and {output_length} for the output" if output_length else " and at least 1 for the output"
         raise ContextLengthExceeded(
             f"messages: this model's maximum context length is {seq_len} tokens, but the messages take "
-            f"{total} tokens{asked}; shorten the messages, or allow dropping the oldest turns (truncate: true)"
+            f"{total} tokens{asked}; shorten the messages or max_tokens, or allow dropping the oldest turns "
+            "(truncate: true)"
         )
-    return f
+    return fit(codec, messages, seq_len, output_length, reserve=output_length or 1)

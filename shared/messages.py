@@ -16,6 +16,12 @@ class Role(str, Enum):
     assistant = "assistant"
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a reader could see: only whitespace and invisible format characters (zero-width spaces,
+    direction marks; Unicode category Cf)."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
 def check_text(text: str, *, field: str = "text") -> str:
     """Reject text a tokenizer or a terminal would choke on: control characters and lone surrogates.
 

@@ -6,6 +6,8 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS)
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,7 +38,9 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Always the most likely token: temperature 0 (or below SAMPLING_EPS, which would only overflow the
+        division by it: vLLM draws the same line), or top_k 1."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def check_vocab(self, vocab_size: int) -> None:
         """top_k's upper bound depends on the model, so it is checked where the model is known."""

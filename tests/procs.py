@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from producer.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,12 +80,6 @@ def first_delta(client, turn_id: str, timeout: float = 30) -> str:
             return client.r.hget(client.keys.turn(turn_id), "worker").decode()
         assert ev.kind != "done", "the turn finished before it could be interrupted"
     raise AssertionError("no delta")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

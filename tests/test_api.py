@@ -143,6 +143,9 @@ def test_conversation_turn_streams_and_is_stored(a: httpx.Client) -> None:
     assert "".join(e["data"]["text"] for e in rest if e["event"] == "token") == streamed.split(
         "".join(e["data"]["text"] for e in evs[: evs.index(mid) + 1] if e["event"] == "token"), 1)[1]
     assert rest[-1]["data"]["reply"] == streamed
+    for end in (evs[-1]["id"], "99999999999999-0"):  # at or past the end: the final event still comes
+        last = read_sse(a, turn["events_url"], headers={"Last-Event-ID": end})
+        assert [e["event"] for e in last] == ["done"] and last[0]["data"]["reply"] == streamed
 
     msgs = a.get(f"/api/conversations/{cid}/messages").json()["messages"]
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"]
@@ -256,6 +259,8 @@ def test_missing_and_wrong_keys_are_401(server: LiveServer) -> None:
         ({"content": "hi", "max_tokens": True}, "max_tokens"),
         ({"content": "hi", "temperature": "0.5"}, "temperature"),
         ({"content": 5}, "content"),
+        ({"content": "\u200b\u200b"}, "content"),  # only zero-width characters: empty
+        ({"content": "hi", "stop": [1]}, "stop[0]"),
         # what the worker would refuse for this model, refused here first
         ({"content": "hi", "max_tokens": 256}, "max_tokens"),
         ({"content": "hi", "max_tokens": 10_000}, "max_tokens"),
@@ -275,11 +280,20 @@ def test_invalid_turn_fields_are_422_and_nothing_is_stored(a: httpx.Client, redi
     assert a.get(f"/api/conversations/{cid}/messages").json()["messages"] == [] and turn_keys(r) == before
 
 
-def test_a_system_prompt_longer_than_the_context_is_422_at_the_turn(a: httpx.Client) -> None:
-    cid = a.post("/api/conversations", json={"model": "tiny-neox", "system": "rules " * 60}).json()["id"]
-    resp = a.post(f"/api/conversations/{cid}/messages", json={"content": "hi"})
+def test_a_system_prompt_that_leaves_no_room_is_refused_when_the_conversation_is_made(a: httpx.Client) -> None:
+    resp = a.post("/api/conversations", json={"model": "tiny-neox", "system": "rules " * 60})
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "system"
     assert "the system prompt and template take" in resp.json()["error"]["message"]
+    for blank in ("\u200b", "\u202e\u200b", " \t\n"):  # nothing a reader could see is empty
+        assert a.post("/api/conversations", json={"model": "tiny-neox", "system": blank}).status_code == 422
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe{", b"[" * 5000, b'{"content": ' + b"9" * 5000 + b"}"])
+def test_a_body_no_parser_can_read_is_422_json_invalid(a: httpx.Client, body: bytes) -> None:
+    cid = a.post("/api/conversations", json={"model": "tiny-neox"}).json()["id"]
+    resp = a.post(f"/api/conversations/{cid}/messages", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "json_invalid", resp.text
+    assert a.get(f"/api/conversations/{cid}/messages").json()["messages"] == []
 
 
 def test_nan_bad_json_unknown_model_bad_ids_and_stream_ids(a: httpx.Client) -> None:

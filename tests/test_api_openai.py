@@ -139,6 +139,13 @@ CLIENT_ERRORS = [
     ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content",
      None),
+    ({"messages": [{"role": "user", "content": "\u200b"}]}, "messages[0].content", None),
+    ({"messages": [{"role": "system", "content": "bell \x07"}, *USER]}, "messages[0].content", None),
+    ({"messages": [{"role": "user", "content": "nul \x00"}, {"role": "assistant", "content": "?"}, *USER]},
+     "messages[0].content", None),
+    ({"messages": [*USER, {"role": "assistant", "content": "y" * 64_001}, *USER]}, "messages[1].content", None),
+    ({"messages": USER * 4097}, "messages", None),
+    ({"stop": [1]}, "stop[0]", None),
     ({"messages": [{"role": "robot", "content": "beep"}]}, "messages[0].role", None),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}, *USER]}, "messages[0]", None),
     ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
@@ -168,7 +175,8 @@ CLIENT_ERRORS = [
     ({"logit_bias": {"42": 10}}, "logit_bias", None),
     # what the worker would refuse for this model, refused before anything is queued
     ({"max_tokens": 256}, "max_tokens", None),
-    ({"max_completion_tokens": 5000}, "max_tokens", None),
+    ({"max_tokens": 252}, "messages", "context_length_exceeded"),  # the prompt's 5 tokens + 252 > 256
+    ({"max_completion_tokens": 5000}, "max_completion_tokens", None),
     ({"extra_body": {"top_k": 100_000}}, "top_k", None),
     ({"messages": [{"role": "system", "content": "rules " * 60}, *USER]}, "messages", None),
     ({"messages": LONG_HISTORY}, "messages", "context_length_exceeded"),
@@ -185,9 +193,12 @@ def test_every_client_error_is_400_naming_the_field_and_creates_no_turn(
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(**kw)
     assert e.value.status_code == 400 and e.value.type == "invalid_request_error"
-    assert e.value.param is not None and e.value.param.startswith(param), (e.value.param, e.value.message)
-    if code:
-        assert e.value.code == code
+    assert e.value.param == param or (param.startswith("messages[") is False and e.value.param.startswith(param)), (
+        e.value.param, e.value.message)
+    assert e.value.code == (code or e.value.code) and e.value.code != "bad_request"
+    message = e.value.body["message"]
+    assert message.startswith(e.value.param) or e.value.code == "context_length_exceeded", message
+    assert "type=" not in message and "input_value" not in message  # no pydantic internals
     assert turns(r) == before
 
 
@@ -204,6 +215,8 @@ def test_context_overflow_says_the_numbers_and_truncate_is_opt_in(oai: openai.Op
 
 
 @pytest.mark.parametrize("messages", [
+    [{"role": "assistant", "content": "Hello! How can I help?"}, *USER],  # a history opening with the assistant
+    [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi!"}, *USER],
     [*USER, {"role": "assistant", "content": None}, *USER],  # LangChain's tool loop shape, without tool calls
     [*USER, {"role": "assistant", "content": ""}, *USER],  # an empty reply (a stop string matched at once)
     [*USER, {"role": "assistant", "content": "odd \x0b bytes \x1c from the model"}, *USER],  # it emitted those
@@ -213,7 +226,22 @@ def test_context_overflow_says_the_numbers_and_truncate_is_opt_in(oai: openai.Op
 ])
 def test_replies_this_product_produced_are_accepted_as_history(oai: openai.OpenAI, messages: list[dict]) -> None:
     resp = oai.chat.completions.create(model="tiny-neox", messages=messages, max_tokens=2)
-    assert resp.choices[0].message.content is not None
+    assert resp.choices[0].message.content is not None and resp.usage.model_extra["dropped_messages"] == 0
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_turn_beside_it(oai: openai.OpenAI) -> None:
+    """A temperature of 1e-40 used to overflow the sampler and fail every turn decoding in its batch."""
+    import concurrent.futures
+
+    kw = {"model": "tiny-neox", "messages": USER, "max_tokens": 40}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(oai.chat.completions.create, **kw, temperature=t, extra_body={"top_k": 0})
+                   for t in (1e-40, 1.0, 1.0, 1.0)]
+        replies = [f.result() for f in futures]
+    greedy = oai.chat.completions.create(**kw, temperature=0)
+    assert replies[0].choices[0].message.content == greedy.choices[0].message.content
+    extreme = oai.chat.completions.create(**kw, extra_body={"repetition_penalty": 1e-300})
+    assert extreme.usage.completion_tokens > 0
 
 
 def test_nan_bad_json_and_lone_surrogates_are_400(server: LiveServer, r: redis.Redis) -> None:
@@ -227,8 +255,9 @@ def test_nan_bad_json_and_lone_surrogates_are_400(server: LiveServer, r: redis.R
         resp = post(b'{"model": "tiny-neox", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + value
                     + b"}")
         assert resp.status_code == 400 and resp.json()["error"]["param"] == "temperature", resp.text
-    resp = post(b'{"model": "tiny-neox", "messages": [')
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "json_invalid"
+    for bad in (b'{"model": "tiny-neox", "messages": [', b"\xff\xfe{", b"[" * 5000):
+        resp = post(bad)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "json_invalid", resp.text
     before = turns(r)
     for i, role in ((0, "user"), (1, "assistant")):  # JSON can escape what UTF-8 cannot carry
         bad = b'{"role": "' + role.encode() + b'", "content": "a\\ud800b"}'

@@ -174,7 +174,6 @@ def test_invalid_sampling_value_is_refused_naming_the_field(field, value):
     (SamplingParams(output_length=SEQ + 44), None, f"output_length: {SEQ + 44} is beyond this model's sequence "
      f"length {SEQ}", "output_length"),
     (SamplingParams(output_length=SEQ), None, "output_length", "output_length"),
-    (QUICK, "rules " * 60, r"prompt: the system prompt and template take \d+ tokens", "system"),
 ])
 def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(client, sampling, system, match, param):
     cid = client.create_conversation("tiny-neox", system=system)
@@ -186,6 +185,23 @@ def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(clien
     assert client.r.llen(QUEUE) == depth and set(client.r.keys("chat:turn:*")) == turns
     if system is None:
         still_serving(client, cid)  # and the conversation goes on
+
+
+def test_a_system_prompt_that_leaves_no_room_is_refused_when_the_conversation_is_made(client):
+    before = app_keys(client)
+    with pytest.raises(InvalidInput, match=r"prompt: the system prompt and template take \d+ tokens") as e:
+        client.create_conversation("tiny-neox", system="rules " * 60)  # 360 tokens > the 256 positions
+    assert e.value.param == "system" and app_keys(client) == before
+
+
+def test_queue_a_prompt_that_cannot_fit_fails_the_turn(client):
+    cid, payload = stored_turn(client)
+    payload["messages"].insert(0, {"role": "system", "text": "rules " * 60})  # past what the producer allows
+    enqueue(client, payload)
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
+    assert "the system prompt and template take" in client.store.turn(payload["turn_id"]).error
+    untouched(client, cid)
+    still_serving(client, cid)
 
 
 def test_a_busy_conversation_refuses_a_second_turn_and_stores_nothing(client):
@@ -381,6 +397,9 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("task id not the turn", lambda p: json.dumps(envelope(real_body(p), "other-id")), "differs from the task id"),
     ("properties missing", lambda p: json.dumps({k: v for k, v in envelope(real_body(p), p["turn_id"]).items()
                                                  if k != "properties"}), "properties.delivery_info missing"),
+    ("nested too deeply", lambda p: "[" * 1200, "the item is nested too deeply"),
+    ("body nested too deeply", lambda p: json.dumps(envelope(b"[" * 5000, p["turn_id"])),
+     "the body is nested too deeply"),
 ]
 
 
@@ -392,12 +411,32 @@ def test_queue_malformed_delivery_is_dead_lettered_its_turn_answered_and_the_wor
     push_raw(client, make(payload))
     entry = dead_letter(client, n0, reason)
     assert entry["reason"].startswith(("malformed task message", "invalid payload"))
-    if kind not in ("a JSON list", "not JSON", "not UTF-8"):  # those name no turn: nothing to answer
+    if kind not in ("a JSON list", "not JSON", "not UTF-8", "nested too deeply"):  # no turn named: none to answer
         assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
         assert reason in client.store.turn(payload["turn_id"]).error
         untouched(client, cid)
     assert worker.proc.poll() is None and "Unrecoverable error" not in worker.log()
     still_serving(client)
+
+
+def test_queue_options_celery_would_act_on_are_dropped_and_the_turn_served(client, worker):
+    """A dict as `shadow` used to leave the task received but never run (its slot taken for good, and back
+    after a restart); embedded callbacks and chains made Celery publish. Now the worker runs the turn."""
+    cid, payload = stored_turn(client)
+    payload["sampling"] = QUICK.model_dump(mode="json")
+    env = json.loads(generate_message(payload["turn_id"], QUEUE, payload))
+    env["headers"]["shadow"] = {"x": 1}
+    env["body"] = base64.b64encode(json.dumps([[payload], {}, {
+        "callbacks": [{"task": "celery.backend_cleanup", "options": {"queue": "chat.default"}}],
+        "chain": [{"task": "generate", "args": [payload], "options": {"queue": QUEUE}}],
+        "errbacks": None, "chord": None}]).encode()).decode()
+    n0 = dead_letters(client)
+    for _ in range(6):  # more than the worker's 4 slots: none may stay taken
+        push_raw(client, json.dumps(env))
+    assert wait_status(client, payload["turn_id"]) is TurnStatus.done
+    still_serving(client)
+    assert dead_letters(client) == n0 and not client.r.exists("chat.default")
+    assert [m.role for m in client.store.messages(cid)] == [Role.prompter, Role.assistant]
 
 
 def test_queue_malformed_fields_of_a_real_turn(client):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.context import ContextError, fit
+from shared.context import ContextError, ContextLengthExceeded, fit, fit_turn
 from shared.messages import ChatMessage, Role
 
 U, A, S = Role.prompter, Role.assistant, Role.system
@@ -67,3 +67,25 @@ def test_no_room_for_one_token_is_a_clear_error(tiny):
         fit(tiny.codec, [ChatMessage(role=S, text="s" * 500), ChatMessage(role=U, text="hi")], 128, 8)
     with pytest.raises(ContextError, match="output_length"):
         fit(tiny.codec, conv(1), 128, 128)
+
+
+def test_a_history_opening_with_an_assistant_message_is_kept_whole_when_it_fits(tiny):
+    msgs = [ChatMessage(role=S, text="sys"), ChatMessage(role=A, text="Hello! How can I help?"),
+            ChatMessage(role=U, text="hi")]
+    for truncate in (True, False):
+        f = fit_turn(tiny.codec, msgs, 256, 5, truncate=truncate)
+        assert (f.dropped_messages, f.truncated_tokens) == (0, 0)
+        assert decode(tiny, f.ids).startswith("<|system|>sys<|endoftext|><|assistant|>Hello!")
+
+
+def test_without_truncation_the_numbers_decide(tiny):
+    """OpenAI's rule: the prompt and max_tokens (or one token) must fit as they are."""
+    short = [ChatMessage(role=U, text="hi")]
+    n = len(fit(tiny.codec, short, 256, None).ids)
+    assert fit_turn(tiny.codec, short, 256, 256 - n, truncate=False).max_new == 256 - n
+    with pytest.raises(ContextLengthExceeded, match=rf"maximum context length is 256 tokens, but the messages "
+                       rf"take {n} tokens and {257 - n} for the output"):
+        fit_turn(tiny.codec, short, 256, 257 - n, truncate=False)
+    with pytest.raises(ContextLengthExceeded) as e:
+        fit_turn(tiny.codec, conv(20), 256, None, truncate=False)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"

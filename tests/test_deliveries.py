@@ -89,6 +89,36 @@ def test_an_oversized_item_is_refused_unparsed_and_still_names_its_turn():
     assert isinstance(out, Refused) and "exceeds" in out.reason and out.turn_ids == ("t-big",)
 
 
+def test_nesting_that_would_overflow_a_parser_is_refused_not_raised():
+    deep = screen("[" * 1200, "tiny-neox")
+    assert isinstance(deep, Refused) and "nested too deeply" in deep.reason
+    env = json.loads(generate_message("t3", QUEUE, payload("t3")))
+    env["body"] = base64.b64encode(b"[" * 5000).decode()
+    out = screen(json.dumps(env), "tiny-neox")
+    assert isinstance(out, Refused) and "the body is nested too deeply" in out.reason and out.turn_ids == ("t3",)
+
+
+def test_options_celery_would_act_on_never_reach_it():
+    """A non-string shadow left the task received but never run (its worker slot taken for good); embedded
+    callbacks and chains made Celery publish new messages. What goes on is the canonical message."""
+    env = json.loads(generate_message("t4", QUEUE, payload("t4")))
+    env["headers"].update(shadow={"x": 1}, group=["g"], retries="many", timelimit="soon", stamps=[1])
+    env["properties"].update(priority={"p": 1}, reply_to=["q"])
+    env["properties"]["delivery_info"]["routing_key"] = "chat.other-model"
+    env["body"] = base64.b64encode(json.dumps([[payload("t4")], {}, {
+        "callbacks": [{"task": "celery.backend_cleanup"}], "chain": [{"task": "generate", "options": {
+            "queue": QUEUE}}], "errbacks": "x", "chord": {"task": "y"}}]).encode()).decode()
+    out = screen(json.dumps(env), "tiny-neox", QUEUE)
+    assert isinstance(out, Accepted)
+    back = json.loads(out.item)
+    canonical = json.loads(generate_message("t4", QUEUE, payload("t4")))
+    for part in ("headers", "content-type", "content-encoding"):
+        assert back[part] == canonical[part]
+    assert back["properties"]["delivery_info"] == {"exchange": "", "routing_key": QUEUE}  # where it was popped
+    assert json.loads(base64.b64decode(back["body"]))[2] == {"callbacks": None, "errbacks": None, "chain": None,
+                                                             "chord": None}
+
+
 def test_refusals_name_the_problem():
     ok = json.loads(generate_message("t2", QUEUE, payload("t2")))
     cases = {

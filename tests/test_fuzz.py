@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 KEYS = Keys("chat")
 QUEUE, PARKED = "chat.tiny-neox", "chat.parked"
 QUICK = SamplingParams(temperature=0.0, output_length=2)
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
                     max_leaves=8)
@@ -77,13 +77,12 @@ class Stack:
         res = self.client.ask(self.probe, "still there?", QUICK, timeout=30)
         assert res.finish_reason.value in ("length", "end_key")
 
-    def settle(self, tid: str, timeout: float = 20) -> TurnStatus:
+    def idle(self, timeout: float = 30) -> None:
+        """Wait until no turn runs and nothing waits on the worker's queue."""
         end = time.monotonic() + timeout
-        while not (st := self.client.store.turn(tid)).status.finished:
-            if time.monotonic() > end:
-                return st.status
+        while self.r.zcard(KEYS.running) or self.r.llen(QUEUE):
+            assert time.monotonic() < end, (self.r.zrange(KEYS.running, 0, -1), self.r.llen(QUEUE))
             time.sleep(0.02)
-        return st.status
 
     def check_keys(self) -> None:
         """Every turn key has a lifetime or an index that owns it; no conversation waits on a turn that ended."""
@@ -182,18 +181,21 @@ def queue_item(stack: Stack, raw: Any, env_edits: list, pay_edits: list, samp_ed
             env["body"] = base64.b64encode(body if isinstance(body, bytes) else json.dumps(body).encode()).decode()
         item = json.dumps(env)
     stack.r.lpush(QUEUE, item)
-    stack.still_serving()
-    if tid is not None:
-        status = stack.settle(tid)
-        named = any(tid in json.loads(x)["payload"].get("turn_ids", []) or tid in str(json.loads(x)["payload"])
-                    for x in stack.r.lrange(KEYS.dead, 0, stack.r.llen(KEYS.dead) - dead0 - 1))
-        if status is TurnStatus.queued:
-            assert not named  # a delivery that names a turn it refuses answers that turn
-            stack.client.cancel(tid)  # this one never reached a queue a worker reads: end it here
-        else:
-            assert status.finished
+    stack.still_serving()  # the worker popped the item before the probe ...
+    stack.idle()  # ... and whatever it started for it has ended (a refusal after BEGIN happens in a pool thread)
+    refused = [json.loads(x)["payload"] for x in stack.r.lrange(KEYS.dead, 0, stack.r.llen(KEYS.dead) - dead0 - 1)]
+    named = {t for entry in refused for t in (entry.get("turn_ids") or [entry.get("turn_id")]) if t}
+    if tid is None:
+        assert refused  # nothing to serve: dead-lettered with the reason
+        return stack.check_keys()
+    status = stack.client.store.turn(tid).status
+    if tid in named:
+        assert status is TurnStatus.failed  # the turn it names is answered
+    elif status is TurnStatus.queued:
+        assert refused  # refused, naming another turn or none
+        stack.client.cancel(tid)  # this one's real message is parked where no worker reads it: end it here
     else:
-        assert stack.r.llen(KEYS.dead) > dead0  # nothing served: dead-lettered with the reason
+        assert status is TurnStatus.done  # accepted: served
     stack.check_keys()
 
 

@@ -43,3 +43,18 @@ def test_each_row_draws_from_its_own_distribution_and_seed():
     noisy[[0, 2, 3]] = torch.randn(3, vocab)  # other batch mates, same row 1
     assert [out[1] for out in draws(noisy)] == [out[1] for out in got]
     assert len({out[1] for out in got}) > 3  # row 1 really draws (flat over 50 tokens)
+
+
+def test_one_rows_overflowing_parameters_never_fail_its_batch():
+    """A temperature or repetition penalty so small the division overflows (1e-40, 1e-300) used to make
+    the batch's one multinomial draw raise, failing every turn decoding beside it."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]] * 4)
+    params = [SamplingParams(temperature=1e-40, top_k=0),  # below SAMPLING_EPS: greedy
+              SamplingParams(temperature=1.0, top_k=0, repetition_penalty=1e-300),
+              SamplingParams(temperature=5e-6 + 1e-5, top_k=0, repetition_penalty=5e-324),
+              SamplingParams(temperature=1.0, top_k=0)]
+    assert params[0].greedy and not params[1].greedy
+    for _ in range(20):
+        out = sample(logits.clone(), params, [None] * 4, [[1], [1, 2], [1], []])
+        assert out[0] == 1 and 0 <= out[3] < 4  # the healthy row still draws from its distribution
+        assert out[1] in (1, 2) and out[2] == 1  # overflowed rows take their most likely token

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--slots", type=int, help="concurrent sequences (overrides the device preset)")
     ap.add_argument("--sequence-length", type=int, help="positions per sequence (overrides the model preset)")
-    ap.add_argument("--hostname", help="worker name (default: MODEL@HOST)")
+    ap.add_argument("--hostname", help="worker name, unique in the pool (default: MODEL-PID@HOST)")
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,11 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    import redis
+
+    try:  # before the heavy imports and the model load: an unreachable Redis fails the start in a second
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
+    except redis.RedisError as e:
+        logging.getLogger("worker.lifecycle").error("worker cannot start: %s: %s", type(e).__name__, e)
+        return 3
     from worker.app import make_worker_app, worker_options
     from worker.lifecycle import detach_installed
 
     app = make_worker_app(settings)
-    hostname = args.hostname or f"{settings.model_preset().name}@{socket.gethostname()}"
+    # Unique per process: two workers on one host must not share a liveness report or a name in Flower.
+    hostname = args.hostname or f"{settings.model_preset().name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     w = app.Worker(**worker_options(settings, hostname, args.loglevel.upper()))
     try:
         w.start()

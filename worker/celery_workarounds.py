@@ -9,7 +9,10 @@ GuardedTransport (kombu's Redis transport, one method wider)
       in `virtual.Message.__init__` (TypeError); an envelope without `body` dies in Celery's
       `on_unknown_message` -> `dump_body` (len(None)). Each such exit restores the item, so every
       worker of the model dies on it in turn. A refused item is dead-lettered and its turn answered.
-    * Gives each delivery its own delivery tag. kombu keeps a message's tag across redeliveries, and
+    * Passes on the canonical message for the validated payload, not the item as it came (see
+      deliveries.py: a non-string `shadow` header wedged a worker slot for good, embedded chains and
+      callbacks made Celery publish), with a delivery tag of its own.
+    * Why a tag per delivery: kombu keeps a message's tag across redeliveries, and
       its unacked hash is keyed by tag, so when a turn was redelivered while its first delivery was
       still alive (a visibility timeout passed, or a dropped connection made kombu restore what that
       channel held), the first delivery's ack deleted the entry the live delivery depended on, and a
@@ -61,7 +64,8 @@ def refuse(refused: Refused) -> None:
 def _screen_reply(reply: Any) -> Any:
     dest, item = reply
     rt = runtime.installed()
-    result = screen(item, rt.model.name if rt is not None else None)
+    queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
+    result = screen(item, rt.model.name if rt is not None else None, queue)
     if isinstance(result, Accepted):
         return dest, result.item
     refuse(result)

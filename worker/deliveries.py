@@ -13,6 +13,12 @@ Valid = kombu's virtual-transport envelope holding Celery task protocol 2 for th
 JSON content, base64 body `[[payload], {}, embed]`, no eta / countdown / expires (a turn runs as soon
 as a worker is free; its deadline travels in the payload), a task id that is a turn id, and a payload
 that validates as a GenerateTask (shared/wire.py).
+
+What goes on to Celery is not the item as it came but the canonical message for its validated payload
+(shared/task_message.py), with a delivery tag of its own: no header, property or embedded option
+(shadow names, callbacks, chains, chords, priorities, routing) that a producer of this project never
+sets can reach Celery, whatever its type. Celery acted on those: a dict as `shadow` left the task
+received but never run, its slot taken for good; an embedded chain published new messages.
 """
 
 from __future__ import annotations
@@ -21,14 +27,13 @@ import base64
 import binascii
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.keys import check_id
-from shared.task_message import GENERATE_TASK, MAX_ITEM_BYTES
+from shared.task_message import GENERATE_TASK, MAX_ITEM_BYTES, generate_message
 from shared.wire import GenerateTask
 
 MAX_DEAD_ITEM_CHARS = 10_000  # how much of a refused item the dead letter keeps
@@ -70,8 +75,9 @@ def item_text(raw: bytes) -> str:
     return text if len(text) <= MAX_DEAD_ITEM_CHARS else text[:MAX_DEAD_ITEM_CHARS] + "...<truncated>"
 
 
-def screen(raw: bytes | str, model: str | None = None) -> Accepted | Refused:
-    """Check one queue item. `model`: the model this worker serves (a turn for another is refused)."""
+def screen(raw: bytes | str, model: str | None = None, queue: str | None = None) -> Accepted | Refused:
+    """Check one queue item (never raises). `model`: the model this worker serves (a turn for another is
+    refused); `queue`: the list it was popped from, where a redelivery of it must go."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_ITEM_BYTES:
@@ -80,14 +86,24 @@ def screen(raw: bytes | str, model: str | None = None) -> Accepted | Refused:
         return Refused(f"payload: the task message of {len(raw)} bytes exceeds {MAX_ITEM_BYTES}", ids, item_text(raw))
     recovered: list[str] = []
     try:
-        return _screen(raw, model, recovered)
+        return _screen(raw, model, queue, recovered)
     except _Bad as e:
-        return Refused(str(e), tuple(dict.fromkeys(t for t in recovered if t)), item_text(raw))
+        reason = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever the item does to a parser, the worker lives
+        reason = f"malformed task message: cannot be read ({type(e).__name__})"
+    return Refused(reason, tuple(dict.fromkeys(t for t in recovered if t)), item_text(raw))
 
 
-def _screen(raw: bytes, model: str | None, recovered: list[str]) -> Accepted:
+def _json(text: str | bytes, what: str) -> Any:
     try:
-        env = json.loads(raw.decode("utf-8"))
+        return json.loads(text)
+    except RecursionError:
+        raise _Bad(f"malformed task message: {what} is nested too deeply") from None
+
+
+def _screen(raw: bytes, model: str | None, queue: str | None, recovered: list[str]) -> Accepted:
+    try:
+        env = _json(raw.decode("utf-8"), "the item")
     except UnicodeDecodeError:
         raise _Bad("malformed task message: not UTF-8 text") from None
     except ValueError as e:
@@ -133,7 +149,7 @@ def _screen(raw: bytes, model: str | None, recovered: list[str]) -> Accepted:
     elif encoding is not None:
         raise _Bad(f"malformed task message: body encoding {str(encoding)[:60]!r} (only base64)")
     try:
-        decoded: Any = json.loads(body)
+        decoded: Any = _json(body, "the body")
     except ValueError:
         raise _Bad("malformed task message: the body is not JSON") from None
     if not (isinstance(decoded, list) and len(decoded) == 3 and isinstance(decoded[0], list)
@@ -154,5 +170,6 @@ def _screen(raw: bytes, model: str | None, recovered: list[str]) -> Accepted:
         raise _Bad(f"invalid payload: turn_id {gen.turn_id!r} differs from the task id {headers['id']!r}")
     if model is not None and gen.model != model:
         raise _Bad(f"model {gen.model!r} is not served by this worker ({model})")
-    props["delivery_tag"] = uuid.uuid4().hex  # each delivery its own tag: see celery_workarounds.py
-    return Accepted(json.dumps(env).encode("utf-8"), gen)
+    # The canonical message, with a fresh delivery tag (each delivery its own: see celery_workarounds.py).
+    return Accepted(generate_message(gen.turn_id, queue or info["routing_key"], gen.model_dump(mode="json"))
+                    .encode("utf-8"), gen)

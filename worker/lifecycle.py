@@ -3,12 +3,15 @@
     start   load and attach the pipeline (PipelineStep.start runs before Celery's Consumer step), so no
             turn is taken before the model can serve it. A load that fails ends the process with
             EXIT_START_FAILED and one clear error line; a stop signal during the load abandons it (exit 0).
-    warm    first SIGTERM or SIGINT: stop taking turns, let the turns in flight finish (up to
-            CHAT_SHUTDOWN_GRACE_S), detach, exit 0.
+    warm    first SIGTERM or SIGINT: withdraw the liveness report (producers stop counting on this
+            worker), stop taking turns, let the turns in flight finish (up to CHAT_SHUTDOWN_GRACE_S),
+            detach, exit 0.
     cold    SIGQUIT, a second SIGTERM/SIGINT, or the grace period running out: abandon the turns in
-            flight. Each one's task raises Reject(requeue=True), so its message goes back to the queue
-            (not acked, not marked failed) and another worker starts it over with a higher attempt;
-            then detach, exit 0. A signal after that exits at once (EXIT_HARD), without detaching.
+            flight. Each one's task queues its turn again from the kept task message (worker/turns.py
+            _hand_back: status back to queued, not marked failed, no loss counted) and acks its
+            delivery; another worker starts it over with a higher attempt. A delivery not yet begun
+            goes back through kombu (Reject with requeue). Then detach, exit 0. A signal after that
+            exits at once (EXIT_HARD), without detaching: its turns come back when their leases expire.
 
 Why our own signal handlers: Celery's cold shutdown is an "Unrecoverable error" in the threads pool
 (and in solo it marks the running task failed and acks it), and its warm shutdown stops this step

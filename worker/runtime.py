@@ -77,6 +77,8 @@ class Runtime:
         model, device = settings.model_preset(), settings.device_preset()
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        r = sync_client(settings.redis_url)
+        r.ping()  # fail in seconds, not after a model load, when Redis is unreachable
         t0 = time.perf_counter()
         log.info(
             "loading model %s for device %s (%d slots, sequence length %d)",
@@ -102,7 +104,6 @@ class Runtime:
 
         engine, (loaded, backend) = start_on_own_thread(attach)
         try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
-            r = sync_client(settings.redis_url)
             keys = Keys(settings.key_prefix)
             turns = TurnStore(
                 r,

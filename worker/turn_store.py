@@ -210,6 +210,9 @@ return out
 """
 
 
+DEAD_LETTERS = 10_000  # dead letters kept in `{p}:dead`
+
+
 class Claim(str, Enum):
     """What BEGIN says about a delivery."""
 
@@ -325,7 +328,11 @@ class TurnStore:
         return [t.decode() for t in out]
 
     def dead_letter(self, payload: object, reason: str) -> None:
-        self.r.lpush(
-            self.keys.dead,
-            json.dumps({"payload": payload, "reason": reason, "at": time.time(), "worker": self.worker}, default=str),
-        )
+        """Keep the delivery or payload with the reason, newest first; only the newest DEAD_LETTERS are kept, so a
+        flood of garbage cannot fill Redis."""
+        entry = json.dumps({"payload": payload, "reason": reason, "at": time.time(), "worker": self.worker},
+                           default=str)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(self.keys.dead, entry)
+        pipe.ltrim(self.keys.dead, 0, DEAD_LETTERS - 1)
+        pipe.execute()

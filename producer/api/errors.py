@@ -70,19 +70,31 @@ def is_openai(request: Request) -> bool:
 
 def error_response(err: ApiError, openai: bool = False) -> JSONResponse:
     status = 400 if openai and err.status == 422 else err.status
-    return JSONResponse(error_body(status, err.message, err.param, err.code), status, headers=err.headers)
+    # The body keeps the client error's own code (invalid_value, json_invalid...) whatever the status.
+    return JSONResponse(error_body(err.status, err.message, err.param, err.code), status, headers=err.headers)
 
 
-def from_chat_error(e: ChatError, openai: bool = False) -> ApiError:
-    """shared.errors -> ApiError, the field named as the route's request names it."""
-    names = OPENAI_PARAMS if openai else CONVERSATION_PARAMS
-    param = names.get(e.param, e.param) if e.param else None
+def from_chat_error(e: ChatError, openai: bool = False, names: dict[str, str] | None = None) -> ApiError:
+    """shared.errors -> ApiError, the field named as the route's request names it (also at the head of the
+    message: "output_length: ..." reads "max_tokens: ..."). `names` adds the request's own renamings."""
+    table = {**(OPENAI_PARAMS if openai else CONVERSATION_PARAMS), **(names or {})}
+    param = table.get(e.param, e.param) if e.param else None
+    message = e.message
+    if e.param and param != e.param and message.startswith(f"{e.param}:"):
+        message = f"{param}:{message[len(e.param) + 1:]}"
     headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, Unavailable) else None
-    return ApiError(e.status, e.message, param=param, code=e.code, headers=headers)
+    return ApiError(e.status, message, param=param, code=e.code, headers=headers)
+
+
+# pydantic puts the member of a union it tried into an error's location ("stop.list[str][0]"); a request's
+# field path never holds those.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "model", "literal", "union", "tagged-union",
+              "is-instance", "function-after", "function-before", "function-wrap", "function-plain", "nullable"}
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if p.isdigit() or (p not in _TYPE_TAGS and not any(c in p for c in "[(<"))]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -120,6 +132,12 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and str(e.detail).startswith("There was an error parsing the body"):
+            # FastAPI's answer for a body it cannot decode at all (not UTF-8, nested past the parser's depth,
+            # an integer of thousands of digits): a client error like any other invalid JSON.
+            err = ApiError(422, "invalid JSON body: it cannot be decoded (not UTF-8, or nested or sized past "
+                           "what a parser accepts)", code="json_invalid")
+            return error_response(err, is_openai(request))
         return error_response(ApiError(e.status_code, str(e.detail), headers=dict(e.headers or {})))
 
     @app.exception_handler(redis.RedisError)

@@ -172,7 +172,11 @@ async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterat
             continue
         updates = asm.feed(ev)
         if until is not None and ev.id and (sse.entry_id(ev.id) or (0, 0)) <= until:
-            continue
+            # Replayed silently, up to the resume point; but a stream always ends with its final event,
+            # even for a client that saw it already (else EventSource reconnects every second, forever).
+            updates = [u for u in updates if isinstance(u, Done | Error)]
+            if isinstance(next(iter(updates), None), Done):
+                updates = [Done(updates[0].result, "")]
         if ev.kind is EventKind.start and not started:
             started = True
             yield out({"attempt": ev.attempt, "text": ""}, "start", ev.id)

@@ -22,17 +22,18 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse
 from producer.api.deps import Authed, Service
-from producer.api.errors import ApiError, error_body
+from producer.api.errors import ApiError, error_body, from_chat_error
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
 from producer.client import TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
-from shared.messages import ChatMessage, Role
+from shared.errors import ChatError
+from shared.messages import ChatMessage, Role, check_text, is_blank
 from shared.wire import FinishReason, TurnResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -47,23 +48,32 @@ ROLES = {"system": Role.system, "developer": Role.system, "user": Role.prompter,
 STRICT = ConfigDict(strict=True, extra="forbid")
 
 
-class TextPart(BaseModel):
-    model_config = STRICT
-    type: Literal["text"]
-    text: str
+MAX_MESSAGES = 4096  # more can never fit a context (every message costs at least one token of markup)
 
 
 class Message(BaseModel):
-    """One message as OpenAI clients send it. `content` may be null or empty on an assistant message (a
-    reply this product produced can be empty); tool calls and tool results are not supported yet."""
+    """One message as OpenAI clients send it. `content` is a string, null, or a list of text parts (joined);
+    it may be null or empty on an assistant message (a reply this product produced can be empty); tool
+    calls and tool results are not supported yet."""
 
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | None = None
     name: str | None = None  # accepted, not used
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        for part in v:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"only text content parts are supported (got {str(kind)[:40]!r})")
+        return "".join(p["text"] for p in v)
 
     @model_validator(mode="after")
     def _supported(self) -> Message:
@@ -75,8 +85,6 @@ class Message(BaseModel):
 
     @property
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -90,7 +98,7 @@ class ChatCompletionRequest(SamplingFields):
     # are ignored; those that would change it are declared below and refused unless left at their default.
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str = Field(min_length=1, max_length=100)
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
@@ -185,23 +193,28 @@ def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, 
     rest = messages[i:]
     for j, m in enumerate(rest):
         if ROLES[m.role] is Role.system:
-            raise ApiError(400, f"messages[{i + j}].role: a system message may only come before the others",
+            raise ApiError(422, f"messages[{i + j}].role: a system message may only come before the others",
                            param=f"messages[{i + j}].role")
     last = len(messages) - 1
     if not rest or rest[-1].role != "user":
-        raise ApiError(400, f"messages[{last}].role: the last message must be a user message",
+        raise ApiError(422, f"messages[{last}].role: the last message must be a user message",
                        param=f"messages[{last}].role")
     history = []
     for j, m in enumerate(rest[:-1]):
         try:
             history.append(ChatMessage(role=ROLES[m.role], text=m.text))
-        except ValueError as e:
-            raise ApiError(400, f"messages[{i + j}].content: {str(e).split(', ', 1)[-1]}",
-                           param=f"messages[{i + j}].content") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            why = str(err["msg"]).removeprefix("Value error, ").removeprefix("text: ")
+            raise ApiError(422, f"messages[{i + j}].content: {why}", param=f"messages[{i + j}].content") from None
     for k, part in enumerate(sys_parts):
-        if not part.strip():
-            raise ApiError(400, f"messages[{k}].content: a system message must not be empty",
-                           param=f"messages[{k}].content")
+        field = f"messages[{k}].content"
+        if is_blank(part):
+            raise ApiError(422, f"{field}: a system message must not be empty", param=field)
+        try:
+            check_text(part, field=field)
+        except ValueError as e:
+            raise ApiError(422, str(e), param=field) from None
     return ("\n\n".join(sys_parts) or None), history, rest[-1].text, last
 
 
@@ -239,10 +252,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     system, history, last, index = split(req.messages)
     await run_in_threadpool(svc.check_model, req.model)
     sampling = req.sampling(req.max_completion_tokens)
-    turn = await run_in_threadpool(svc.start, TurnRequest(
-        last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
-        ttl_s=svc.settings.openai_conversation_ttl_s, truncate=req.truncate,
-        text_field=f"messages[{index}].content"))
+    try:
+        turn = await run_in_threadpool(svc.start, TurnRequest(
+            last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
+            ttl_s=svc.settings.openai_conversation_ttl_s, truncate=req.truncate,
+            text_field=f"messages[{index}].content"))
+    except ChatError as e:  # named as this request named it
+        names = {"output_length": "max_completion_tokens"} if req.max_completion_tokens is not None else {}
+        raise from_chat_error(e, openai=True, names=names) from None
     tid = turn.turn_id
     base = {"id": f"chatcmpl-{tid}", "created": int(time.time()), "model": req.model}
     if req.stream:

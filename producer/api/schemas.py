@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.messages import is_blank
 from shared.sampling import SamplingParams
 from shared.wire import TurnResult
 
@@ -14,7 +15,7 @@ STRICT = ConfigDict(strict=True, extra="forbid")
 
 
 def _not_blank(v: str | None) -> str | None:
-    if v is not None and not v.strip():
+    if v is not None and is_blank(v):
         raise ValueError("must not be empty")
     return v
 

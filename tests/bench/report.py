@@ -256,6 +256,117 @@ def stack_md(s: dict[str, Any]) -> list[str]:
     return lines
 
 
+def http_md(h: dict[str, Any]) -> list[str]:
+    if "error" in h:
+        return [f"**Not measured: {h['error']}**"]
+    lines = [
+        f"Redis {h.get('redis_version')} at `{h['redis_url']}` (a private redis-server started for this run); one "
+        f"worker subprocess (`python -m worker`, model `{h['model']}`, preset `{h['device_preset']}`, "
+        f"{h['slots']} slots, CHAT_THREADS={h['threads']}, stream flush {h['stream_flush_ms']} ms) and one API "
+        "subprocess (`python -m producer.api`, auth off, rate limiter on with a burst the run cannot empty); the "
+        "bench process is the HTTP client (httpx, keep-alive connections, one thread per client). Streaming "
+        f"`/v1/chat/completions`, greedy (`temperature: 0`), `max_tokens` {h['max_tokens']}, "
+        "`stream_options.include_usage`; section 1's questions (1 client: one request after another, cycling "
+        f"through them; {h['clients']} clients: the {h['clients']} questions sent at once, one round after "
+        f"another). Worker ready in {h.get('worker_ready_s')} s; {h.get('warm_up_requests')} warm-up requests "
+        "(excluded).",
+        "",
+        "TTFT = request sent → first non-empty content delta read by the client. tok/s per stream = the "
+        "request's completion tokens (`usage.completion_tokens` of the final chunk) ÷ (sent → finish chunk "
+        "read), median; tok/s total = all completion tokens ÷ the rounds' wall times (first send → last "
+        "finish), as section 1 computes them. **The HTTP path cannot ignore end keys**, so replies may stop "
+        "before `max_tokens` (section 1 generates exactly its new tokens): tokens/s are computed from the "
+        "tokens each reply really had, and a short reply carries its prefill over fewer tokens.",
+        "",
+    ]
+    v = h.get("vs_engine") or {}
+    if v.get("available"):
+        eos = "end keys ignored" if v.get("engine_ignore_eos") else "end keys respected"
+        lines.append(
+            f"Engine alone = section 1 of this run, preset `{v['engine_preset']}` ({v['engine_new_tokens']} new "
+            f"tokens, {eos}): `1 stream` beside 1 client, `8 together` beside {h['clients']} clients. Targets: "
+            "HTTP TTFT p50 ≤ engine TTFT p50 + 25 ms (1 client) and + 50 ms (8 clients); HTTP tok/s total at 8 "
+            "clients ≥ 95% of the engine's 8 together."
+            + ("" if v.get("same_length_setting") else " **The two ran with different token counts.**")
+        )
+    else:
+        why = v.get("why") or "no engine figures"
+        lines.append(f"Engine alone: **not available** ({why}); differences and targets not evaluated.")
+    lines.append("")
+    head = [
+        "setting",
+        "requests",
+        "tokens (got/max)",
+        "per reply min–max",
+        "finish",
+        "wall s",
+        "tok/s total",
+        "tok/s per stream",
+        "TTFT p50 ms",
+        "TTFT p95 ms",
+        "engine TTFT p50 ms",
+        "HTTP − engine TTFT ms (target)",
+        "engine tok/s total",
+        "HTTP ÷ engine tok/s (target)",
+    ]
+    rows = []
+    for key, label in (("1_client", "1 client"), ("8_clients", f"{h['clients']} clients at once")):
+        s = h.get(key)
+        if not s:
+            continue
+        e = v.get(key) or {}
+        diff = "–"
+        if e.get("ttft_diff_ms") is not None:
+            diff = f"{e['ttft_diff_ms']:+,.1f} (≤ +{e['target_ttft_diff_ms']:g}){_mark(e.get('meets_ttft_target'))}"
+        ratio = "–"
+        if e.get("tok_s_ratio") is not None:
+            ratio = f"{e['tok_s_ratio'] * 100:.0f}%"
+            if "target_tok_s_ratio" in e:
+                ratio += f" (≥ {e['target_tok_s_ratio'] * 100:.0f}%){_mark(e.get('meets_tok_s_target'))}"
+        lo, hi = s["completion_tokens_min_max"]
+        rows.append(
+            [
+                label,
+                f"{s['requests']}" + (f" ({s['groups']} rounds)" if key != "1_client" else ""),
+                f"{s['tokens']}/{s['tokens_max']}",
+                f"{lo}" if lo == hi else f"{lo}–{hi}",
+                ", ".join(s["finish_reasons"]),
+                s["wall_s"],
+                s["tok_s_total"],
+                s["tok_s_per_stream_median"],
+                s["ttft_ms_p50"],
+                s["ttft_ms_p95"],
+                e.get("engine_ttft_ms_p50"),
+                diff,
+                e.get("engine_tok_s_total"),
+                ratio,
+            ]
+        )
+    lines += _table(head, rows)
+    extra = []
+    c8 = h.get("8_clients") or {}
+    if c8.get("group_tok_s_total"):
+        extra.append(
+            f"tok/s total per round at {h['clients']} clients: {', '.join(_f(x) for x in c8['group_tok_s_total'])}."
+        )
+    for key in ("1_client", "8_clients"):
+        n = (h.get(key) or {}).get("no_content")
+        if n:
+            extra.append(f"{key}: {n} replies had no text (no TTFT; left out of the percentiles).")
+    by_q = {r["question"]: r["prompt_tokens"] for k in ("1_client", "8_clients") for r in h[k]["per_request"]}
+    if by_q:
+        ours = [by_q[q] for q in h.get("questions", []) if q in by_q]
+        same = v.get("engine_prompt_tokens")
+        extra.append(
+            f"Prompt tokens per question over HTTP (`usage.prompt_tokens`): {ours}"
+            + (f" (section 1: {same})" if same else "")
+            + "."
+        )
+    if extra:
+        lines += [""] + [" ".join(extra)]
+    return lines
+
+
 def gpu_md(g: dict[str, Any]) -> list[str]:
     if "error" in g:
         return [f"**Not measured: {g['error']}**"]
@@ -358,9 +469,10 @@ def markdown(res: dict[str, Any]) -> str:
         "# Benchmarks",
         "",
         "Run: `make bench` (everything, a few minutes; on a quiet machine), `make bench ARGS=--quick` (smoke test, "
-        "about 2 minutes, no CPU baseline), `ARGS='--only cpu'` (or `queue`, `gpu`). The stack section uses "
-        "`$REDIS_URL` (default `redis://127.0.0.1:6379/13`) and FLUSHES that db; `--private-redis` starts a "
-        "throw-away redis-server instead. `python -m tests.bench.run --help` lists the sizes. On a GPU machine "
+        "about 2 minutes, no CPU baseline), `ARGS='--only cpu'` (or `http`, `queue`, `gpu`; `cpu,http` for the "
+        "HTTP path beside the engine alone). The stack section uses `$REDIS_URL` (default "
+        "`redis://127.0.0.1:6379/13`) and FLUSHES that db; `--private-redis` starts a throw-away redis-server instead; "
+        "the http section always starts its own. `python -m tests.bench.run --help` lists the sizes. On a GPU machine "
         "that has only torch and transformers: `make gpu-bench-prep` here, `tests/bench/gpu_device.sh` there "
         "(carrying `.whl` and `.baselines`), then `python -m tests.bench.report --merge <its benchmarks.json>` "
         "puts its GPU section beside this machine's.",
@@ -379,6 +491,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("cpu", "1. CPU: engine vs plain transformers", cpu_md),
         ("stack", "2. Whole stack on Redis", stack_md),
         ("gpu", "3. GPU", gpu_md),
+        ("http", "4. HTTP serving path beside the engine alone", http_md),
     ):
         lines += [f"## {title}", ""]
         if key not in sections:

@@ -1,4 +1,4 @@
-"""`make bench`: python -m tests.bench.run [--quick] [--only cpu|queue|gpu] [--out docs/BENCHMARKS.md]
+"""`make bench`: python -m tests.bench.run [--quick] [--only cpu|http|queue|gpu] [--out docs/BENCHMARKS.md]
 [--json docs/benchmarks.json]
 
 1. cpu   — the engine on CPU (SmolLM2-135M; presets cpu = int8 and cpu-fp32): 1 stream, 8 together,
@@ -8,6 +8,11 @@
 3. gpu   — only with CUDA: the engine on a Pythia-12B-shaped model at 1/8/32/64 streams beside
            ../shared/bench/gpu_baseline.py. Without a GPU the report says it was not measured (and a
            tiny CPU smoke run checks the code path).
+4. http  — the HTTP serving path: a private redis-server, a worker (`python -m worker`, SmolLM2-135M,
+           preset cpu, 8 slots) and the API (`python -m producer.api`); streaming /v1/chat/completions
+           from 1 client (one request after another) and 8 clients at once: TTFT p50/p95, tok/s per
+           stream and in total, beside section 1's engine-alone figures (preset cpu) with targets. Run
+           right after cpu (before queue and gpu), so that the two are measured close together.
 
 Prints the Markdown report, writes it to --out and the same figures to --json. Run it on a quiet
 machine: everything is wall-clock time.
@@ -26,7 +31,7 @@ from typing import Any
 from tests.bench import report
 from tests.bench.common import ROOT, log, machine_info
 
-SECTIONS = ("cpu", "queue", "gpu")
+SECTIONS = ("cpu", "http", "queue", "gpu")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke-test sizes: few tokens and turns, CPU baseline skipped (it has no small mode)",
     )
-    ap.add_argument("--only", help="comma-separated sections: cpu, queue, gpu (default: all)")
+    ap.add_argument("--only", help="comma-separated sections: cpu, http, queue, gpu (default: all)")
     ap.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown report ('' = do not write)")
     ap.add_argument("--json", default="docs/benchmarks.json", help="JSON results ('' = do not write)")
     b = ap.add_mutually_exclusive_group()
@@ -46,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     b.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the baselines")
     ap.add_argument("--note", help="a line of context for the report (e.g. 'busy shared machine')")
     g = ap.add_argument_group("cpu")
-    g.add_argument("--new-tokens", type=int, help="new tokens per stream (default 128; --quick 24)")
+    g.add_argument(
+        "--new-tokens", type=int, help="new tokens per stream, also http's max_tokens (default 128; --quick 24)"
+    )
     g.add_argument(
         "--respect-eos",
         action="store_true",
@@ -55,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--window", type=float, help="random arrivals spread over this many seconds (default 5; quick 2)")
     g.add_argument("--seed", type=int, default=1234, help="arrival offsets seed")
     g.add_argument("--repeat", type=int, default=1, help="1-stream runs per preset (the median is reported)")
+    g = ap.add_argument_group("http")
+    g.add_argument("--http-requests", type=int, help="1 client: requests one after another (default 5; quick 3)")
+    g.add_argument("--http-rounds", type=int, help="8 clients: rounds of 8 requests at once (default 3; quick 2)")
     g = ap.add_argument_group("queue")
     g.add_argument("--redis-url", help="default $REDIS_URL or redis://127.0.0.1:6379/13 (the db is flushed)")
     g.add_argument(
@@ -152,6 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                 repeat=a.repeat,
             ),
         )
+    if "http" in only:
+        from tests.bench import http
+        from tests.bench.cpu import BASELINE_NEW
+
+        section(
+            "http",
+            lambda: http.run(
+                new=a.new_tokens or (24 if q else BASELINE_NEW),
+                singles=a.http_requests or (3 if q else 5),
+                rounds=a.http_rounds or (2 if q else 3),
+            ),
+        )
+        if "error" not in res["sections"]["http"]:
+            # Beside the engine alone of this run (section cpu, when it ran), with the targets.
+            res["sections"]["http"]["vs_engine"] = http.vs_engine(res["sections"]["http"], res["sections"].get("cpu"))
     if "queue" in only:
         from config.settings import Settings
         from tests.bench import stack

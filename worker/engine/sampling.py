@@ -1,8 +1,12 @@
 """Per-row sampling for a batch whose rows each carry their own parameters.
 
-Rows with temperature 0 (or top_k 1) take the argmax; the others are tempered, cut to their own
-top-k and top-p, and drawn (from their own seeded generator when they have a seed, so a seeded
-turn gives the same reply whatever else shares its batch).
+Rows with temperature 0 (or below SAMPLING_EPS, or top_k 1) take the argmax; the others are tempered,
+cut to their own top-k and top-p, and drawn (from their own seeded generator when they have a seed, so
+a seeded turn gives the same reply whatever else shares its batch).
+
+One row's parameters can never fail its batch: logits a tiny temperature or repetition penalty pushed
+to infinity are clamped, and a row whose probabilities still came out invalid takes its most likely
+token, so the batch's one multinomial draw always has valid rows.
 """
 
 from __future__ import annotations
@@ -55,12 +59,17 @@ def sample(
     if rows:
         idx = torch.tensor(rows, device=logits.device)
         sub = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
+        sub = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30)  # overflowed: huge, not inf (inf - inf = nan)
         sub = filter_top_k_top_p(
             sub,
             torch.tensor([params[i].top_k for i in rows], device=logits.device),
             torch.tensor([params[i].top_p for i in rows], device=logits.device),
         )
         probs = torch.softmax(sub, dim=-1)
+        # Without a host sync: a row whose probabilities are not a distribution gets its argmax as one.
+        ok = torch.isfinite(probs).all(dim=-1, keepdim=True) & (probs.sum(dim=-1, keepdim=True) > 0)
+        onehot = torch.zeros_like(probs).scatter_(1, sub.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(ok, probs, onehot)
         # Unseeded rows draw together (one kernel, not one per row); a seeded row draws from its own
         # generator, so its reply doesn't depend on its batch mates.
         free = [j for j, i in enumerate(rows) if generators[i] is None]

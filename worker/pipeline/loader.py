@@ -42,7 +42,18 @@ def resolve_source(preset: ModelPreset) -> str:
     return preset.source
 
 
+def quiet_progress_bars() -> None:
+    """No tqdm bars while loading: in a worker Celery logs them as WARNING lines (one per refresh), and in
+    the CLI they would mix with the chat. The loader logs its own INFO lines instead."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(preset: ModelPreset, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    quiet_progress_bars()
     t0 = time.perf_counter()
     try:
         if preset.source == "builtin:tiny-neox":
