@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     # `trimmed` field). 0 = keep everything. What a turn sends the model is bounded by its context anyway.
     max_history_messages: int = Field(10_000, ge=0)
 
-    # Streaming: deltas are coalesced and flushed at most this often, so Redis load follows turns, not tokens.
+    # Streaming: deltas are coalesced and flushed at most this often (x1 up to 2 streams, growing to x4 at 8
+    # streams on a worker), so Redis and reader load follow turns, not tokens. A turn's first text goes at once.
     stream_flush_ms: int = Field(50, ge=0, le=5000)
     stream_maxlen: int = Field(10_000, ge=10)
     stream_ttl_s: int = Field(3600, ge=10)

@@ -76,6 +76,7 @@ class StartedTurn:
     truncated_tokens: int = 0
     prompt_tokens: int | None = None  # when the model's tokenizer is known here
     payload_bytes: int = 0  # the task message's size on the queue (bounded by the context, not the history)
+    enqueued_at: float = 0.0  # unix time the turn was queued
 
 
 class ChatClient:
@@ -187,7 +188,8 @@ class ChatClient:
                     self._withdraw(tid, f"Redis error while starting the turn: {e}")
                 raise Unavailable(f"Redis unavailable: {e}") from None
             if reply.status in (Started.ok, Started.exists):
-                return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens, len(message))
+                return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens, len(message),
+                                   task.enqueued_at)
             if reply.status is Started.missing:
                 raise NotFound(f"conversation {cid!r} not found", "conversation_id")
             if reply.status is Started.busy:

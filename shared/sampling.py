@@ -19,6 +19,9 @@ class SamplingParams(BaseModel):
     output_length: int | None = Field(None, ge=1)  # max new tokens; None = until the end key or context full
     seed: int | None = Field(None, ge=0, lt=2**63)  # per-turn RNG seed; None = nondeterministic
     stop: list[str] = Field(default_factory=list, max_length=8)  # stop strings (not included in the reply)
+    # Generate past the end key (until output_length or the context is full), as vLLM's ignore_eos: for
+    # benchmarks that need exactly output_length tokens.
+    ignore_eos: bool = False
 
     @field_validator("temperature", "top_p", "repetition_penalty")
     @classmethod

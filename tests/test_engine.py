@@ -263,3 +263,54 @@ def test_a_tokens_text_goes_out_while_the_next_step_runs(tiny):
         assert seen == [1, *range(1, 11)]
     finally:
         eng.stop()
+
+
+def test_ignore_eos_generates_past_the_end_key_to_the_output_length(model):
+    """vLLM's ignore_eos, for benchmarks that need exactly N tokens: the end key is just another token."""
+    tok, m = model
+    eng = engine_for(m, tok, slots=2)
+    try:
+        p = prompts(eng.codec)[1]
+        first = final(eng.submit(p, GREEDY, 20)).token_ids[0]
+        eng.codec.end_ids = {first}  # the model's first reply token now ends the reply at once ...
+        assert final(eng.submit(p, GREEDY, 20)).reason is FinishReason.end_key
+        out = final(eng.submit(p, SamplingParams(temperature=0, ignore_eos=True), 20))
+        assert (out.reason, out.completion_tokens) == (FinishReason.length, 20)  # ... unless ignored
+    finally:
+        eng.stop()
+
+
+def test_prompts_announced_as_arriving_join_the_prefill_and_none_waits_when_none_are_coming(tiny):
+    """Turns reaching a worker together are submitted a few ms apart; a prefill about to start waits (up to
+    ARRIVAL_WINDOW_S) for prompts announced with Engine.arriving(), so they share it."""
+    import threading
+
+    codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
+    eng = Engine(TorchBackend(tiny.model, slots=4, max_len=256), codec).start()
+    calls: list[int] = []
+    prefill = eng.backend.prefill
+    eng.backend.prefill = lambda ps: calls.append(len(ps)) or prefill(ps)
+    try:
+        ps = prompts(codec)[:3]
+        go = threading.Barrier(3)
+
+        def arrive(i: int, out: list) -> None:
+            with eng.arriving():
+                go.wait()
+                time.sleep(0.004 * i)  # claimed and fitted a few ms apart
+                out.append(eng.submit(ps[i], GREEDY, 2))
+
+        out: list = []
+        threads = [threading.Thread(target=arrive, args=(i, out)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(final(h), Finished) for h in out)
+        assert calls == [3]  # one prefill for the three
+        calls.clear()
+        assert eng._arriving == 0  # every announcement ended with its submit (or its failure)
+        final(eng.submit(ps[0], GREEDY, 1))  # nothing announced: nothing to wait for
+        assert calls == [1]
+    finally:
+        eng.stop()

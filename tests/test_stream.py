@@ -76,3 +76,13 @@ def test_each_flush_renews_the_lease_of_the_attempt_it_carries(r):
     pub.register("b", 1, lambda code: None)  # a stale attempt renews nothing
     pub.flush()
     assert r.zscore(keys.running, "b") == 1.0
+
+
+def test_the_flush_interval_grows_with_the_streams_a_worker_carries(r):
+    keys = Keys("t")
+    pub = StreamPublisher(r, keys, flush_ms=50)
+    intervals = []
+    for i in range(10):
+        intervals.append(pub.interval())
+        pub.register(f"t{i}", 1, lambda code: None)
+    assert intervals[:3] == [0.05] * 3 and intervals[4] == 0.1 and intervals[8:] == [0.2, 0.2]

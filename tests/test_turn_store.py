@@ -115,6 +115,7 @@ def test_interrupted_attempt_leaves_a_new_start_marker_readers_restart_on(r, cli
     codes: list[Signal] = []
     one = pub.register(turn.turn_id, 1, codes.append)
     pub.append(one, "partial text of attempt 1")
+    pub.flush()
     pub.take(one)  # attempt 1 is cut off here (worker killed)
     expire_lease(r, turn.turn_id)
     ts.begin(turn.turn_id, "d2")  # redelivered
@@ -138,6 +139,7 @@ def test_stale_attempt_cannot_stream_into_the_new_one(r, client):
     expire_lease(r, turn.turn_id)
     ts.begin(turn.turn_id, "d2")  # attempt 2 takes the turn while attempt 1 is still generating
     pub.append(old, "late text from attempt 1")
+    pub.flush()
     assert signals == [Signal.stale]  # attempt 1 is told to stop ...
     assert all(e.get("t") != "late text from attempt 1" for e in stream(r, turn.turn_id))  # ... and wrote nothing
 

@@ -67,6 +67,8 @@ def _screen_reply(reply: Any) -> Any:
     queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
     result = screen(item, rt.model.name if rt is not None else None, queue)
     if isinstance(result, Accepted):
+        if rt is not None:
+            rt.engine.expect(result.task.turn_id)  # a prefill about to start may wait for it (Engine.expect)
         return dest, result.item
     refuse(result)
     return None  # kombu treats it as an empty poll (Empty) and issues the next BRPOP

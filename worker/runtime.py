@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -143,12 +144,13 @@ class Runtime:
         return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, presence, watchdog,
                    hostname)
 
-    def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None) -> Handle:
-        """Start generating, unless the worker is abandoning its turns (then raise Abandoned)."""
+    def submit(self, prompt: list[int], params: SamplingParams, max_new: int, deadline: float | None,
+               on_text: Callable[[str], None] | None = None) -> Handle:
+        """Start generating (Engine.submit), unless the worker is abandoning its turns (then raise Abandoned)."""
         with self._gate:
             if self.abandoning:
                 raise Abandoned("worker shutting down")
-            return self.engine.submit(prompt, params, max_new, deadline)
+            return self.engine.submit(prompt, params, max_new, deadline, on_text)
 
     def abandon(self, reason: str) -> int:
         """Cold shutdown: refuse new turns and abandon those generating (each is handed back).

@@ -2,8 +2,11 @@
 
 Every attempt's new text is buffered, and one flusher thread writes all of this worker's buffers in a
 single script call every `flush_ms`: Redis sees one round trip per worker per interval, whatever
-the number of turns or tokens. A turn's first text is the exception: it wakes the flusher at once,
-so time to first token does not wait for the interval. The same call
+the number of turns or tokens. The interval grows with the streams a worker carries (`interval()`:
+x1 up to 2 streams, to x4 at 8 or more), because every flush costs each reader a wake-up on the same
+machines as the engine: at 8 streams on 2 cores a 50 ms interval took 17% of the decode throughput
+over HTTP (docs/BENCHMARKS.md). A turn's first text is the exception: it wakes the flusher at once,
+so time to first token never waits for the interval. The same call
 
 - fences each write with the turn's attempt: a stale attempt's text is refused and the attempt is
   told (STALE), so it stops generating at its next step;
@@ -120,6 +123,10 @@ class StreamPublisher:
         if self._thread:
             self._thread.join(5)
 
+    def interval(self) -> float:
+        """Seconds between flushes: flush_ms, times half the streams in flight, between x1 and x4."""
+        return self.flush_s * min(4.0, max(1.0, len(self._attempts) / 2))
+
     def register(self, turn_id: str, attempt: int, on_signal: Callable[[Signal], None]) -> Attempt:
         a = Attempt(turn_id, attempt, on_signal, checked=time.monotonic())
         with self._lock:
@@ -127,15 +134,15 @@ class StreamPublisher:
         return a
 
     def append(self, a: Attempt, text: str) -> None:
+        """Buffer text for the next flush (never I/O here: the engine thread calls this). The first text of
+        an attempt, or any text with flush_ms 0, wakes the flusher at once."""
         with self._lock:
             if a.done:
                 return
             a.buf += text
             first = not a.started
             a.started = True
-        if self.flush_s == 0:
-            self.flush()
-        elif first:
+        if first or self.flush_s == 0:
             self._kick.set()
 
     def take(self, a: Attempt) -> list[tuple[int, str]]:
@@ -154,7 +161,7 @@ class StreamPublisher:
     def _run(self) -> None:
         beat = 0.0
         while not self._stop.is_set():
-            self._kick.wait(self.flush_s)
+            self._kick.wait(self.interval())
             self._kick.clear()
             try:
                 self.flush()

@@ -8,6 +8,7 @@ by other means (tests, a future Celery path), and such a payload is answered the
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -23,7 +24,7 @@ from shared.messages import ChatMessage, Role
 from shared.wire import FinishReason, GenerateTask, Timings, TurnResult
 from worker.celery_workarounds import refuse
 from worker.deliveries import Refused, item_text, turn_id_or_none, validation_message
-from worker.engine.engine import Failed, Finished, Token
+from worker.engine.engine import Failed, Finished, Handle
 from worker.runtime import Abandoned, Runtime
 from worker.stream import Signal
 from worker.turn_store import Claim, Commit
@@ -71,55 +72,46 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
 
 
 def _serve(rt: Runtime, payload: Any) -> Outcome:
+    """validate -> claim (BEGIN) -> fit -> generate while streaming -> commit."""
     t_pick = time.time()
-    try:
-        task = GenerateTask.model_validate(payload)
-    except ValidationError as e:
-        tid = turn_id_or_none(payload.get("turn_id")) if isinstance(payload, dict) else None
-        refuse(Refused(f"invalid payload: {validation_message(e)}", (tid,) if tid else (),
-                       item_text(str(payload).encode())))
-        return Outcome.refused
-    if task.model != rt.model.name:
-        refuse(Refused(f"model {task.model!r} is not served by this worker ({rt.model.name})", (task.turn_id,),
-                       item_text(task.model_dump_json().encode())))
+    task = _validate(rt, payload)
+    if task is None:
         return Outcome.refused
     if rt.abandoning:  # cold shutdown under way: hand the delivery back before claiming the turn
         raise Reject("worker shutting down", requeue=True)
     delivery = uuid.uuid4().hex  # this delivery's id: a retried BEGIN or COMMIT is recognised as its own
-    lease = rt.turns.begin(task.turn_id, delivery)
-    if lease.status is Claim.missing:
-        refuse(Refused("unknown turn (not created by a producer)", (), item_text(task.model_dump_json().encode())))
-        return Outcome.refused
-    if lease.status is Claim.poison:
-        rt.turns.dead_letter(task.model_dump(mode="json"), "too many attempts")
-        return Outcome.failed
-    if lease.status is not Claim.ok:
-        log.info("turn %s: %s, skipped", task.turn_id, lease.status.value)
-        return Outcome.held if lease.status is Claim.held else Outcome.finished
-    try:
-        task.sampling.check_vocab(rt.loaded.codec.vocab_size)
-        prompt = fit_turn(rt.loaded.codec, task.messages, rt.engine.max_len, task.sampling.output_length,
-                          truncate=task.truncate)
-    except (ContextError, ValueError) as e:
-        rt.turns.fail(task.turn_id, lease.attempt, str(e))
-        rt.counters.add("finished")
-        return Outcome.failed
-    deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
-    try:
-        handle = rt.submit(prompt.ids, task.sampling, prompt.max_new, deadline)
-    except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
-        return _hand_back(rt, task, lease.attempt)
     signals: list[Signal] = []
+    handles: list[Handle] = []
 
-    def on_signal(sig: Signal) -> None:
+    def on_signal(sig: Signal) -> None:  # the flusher's thread: stop generating at the next step
         signals.append(sig)
-        handle.cancel()
+        for h in handles:
+            h.cancel()
 
-    stream = rt.publisher.register(task.turn_id, lease.attempt, on_signal)
+    with rt.engine.arriving(task.turn_id):  # until submit, a prefill about to start may wait for this prompt
+        lease = rt.turns.begin(task.turn_id, delivery)
+        if lease.status is not Claim.ok:
+            return _not_claimed(rt, task, lease.status)
+        try:
+            task.sampling.check_vocab(rt.loaded.codec.vocab_size)
+            prompt = fit_turn(rt.loaded.codec, task.messages, rt.engine.max_len, task.sampling.output_length,
+                              truncate=task.truncate)
+        except (ContextError, ValueError) as e:
+            rt.turns.fail(task.turn_id, lease.attempt, str(e))
+            rt.counters.add("finished")
+            return Outcome.failed
+        deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
+        stream = rt.publisher.register(task.turn_id, lease.attempt, on_signal)
+        try:  # the engine thread hands each piece of text straight to the publisher (Engine.submit on_text)
+            handles.append(rt.submit(prompt.ids, task.sampling, prompt.max_new, deadline,
+                                     functools.partial(rt.publisher.append, stream)))
+        except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
+            rt.publisher.take(stream)
+            return _hand_back(rt, task, lease.attempt)
     try:
-        for ev in handle:
-            if isinstance(ev, Token):
-                rt.publisher.append(stream, ev.text)
+        if signals:  # told to stop before the handle existed
+            handles[0].cancel()
+        *_, ev = handles[0]  # its last event: Finished or Failed (text went to the publisher)
     finally:
         tail = rt.publisher.take(stream)
     if isinstance(ev, Failed):
@@ -157,6 +149,34 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
     log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
              result.completion_tokens, lease.attempt)
     return {Commit.done: Outcome.done, Commit.duplicate: Outcome.duplicate, Commit.stale: Outcome.stale}[code]
+
+
+def _validate(rt: Runtime, payload: Any) -> GenerateTask | None:
+    """The payload as a GenerateTask for this worker's model, or None after refusing it."""
+    try:
+        task = GenerateTask.model_validate(payload)
+    except ValidationError as e:
+        tid = turn_id_or_none(payload.get("turn_id")) if isinstance(payload, dict) else None
+        refuse(Refused(f"invalid payload: {validation_message(e)}", (tid,) if tid else (),
+                       item_text(str(payload).encode())))
+        return None
+    if task.model != rt.model.name:
+        refuse(Refused(f"model {task.model!r} is not served by this worker ({rt.model.name})", (task.turn_id,),
+                       item_text(task.model_dump_json().encode())))
+        return None
+    return task
+
+
+def _not_claimed(rt: Runtime, task: GenerateTask, status: Claim) -> Outcome:
+    """What a delivery BEGIN did not give the turn to does."""
+    if status is Claim.missing:
+        refuse(Refused("unknown turn (not created by a producer)", (), item_text(task.model_dump_json().encode())))
+        return Outcome.refused
+    if status is Claim.poison:
+        rt.turns.dead_letter(task.model_dump(mode="json"), "too many attempts")
+        return Outcome.failed
+    log.info("turn %s: %s, skipped", task.turn_id, status.value)
+    return Outcome.held if status is Claim.held else Outcome.finished
 
 
 def _commit(rt: Runtime, task: GenerateTask, attempt: int, delivery: str, tail: list[tuple[int, str]],

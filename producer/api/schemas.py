@@ -32,6 +32,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] | str | None = None  # a string or a list of up to 8
+    ignore_eos: bool | None = None  # extension (vLLM's): generate past the end key, to max_tokens
 
     @field_validator("stop")
     @classmethod
@@ -54,6 +55,7 @@ class SamplingFields(BaseModel):
             "output_length": max_tokens or self.max_tokens,
             "seed": self.seed,
             "stop": self.stop,
+            "ignore_eos": self.ignore_eos,
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 

@@ -11,9 +11,9 @@ their SSE lines read as they arrive:
   `8 together`.
 
 Per request: TTFT = request sent -> first non-empty content delta read; completion tokens from the final
-usage chunk; end = the chunk with the finish reason read. The HTTP path cannot ignore end keys (section 1
-does, to generate exactly its new tokens), so a reply may be shorter than max_tokens: tokens/s are computed
-from the completion tokens each reply really had.
+usage chunk; end = the chunk with the finish reason read. Like section 1 (unless --respect-eos), requests
+set `ignore_eos` (the API's extension, vLLM's name) so each reply has exactly max_tokens tokens; tokens/s
+are computed from the completion tokens each reply really had either way.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Req:
         }
 
 
-def body(question: str, max_tokens: int) -> dict[str, Any]:
+def body(question: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
     return {
         "model": MODEL,
         "messages": [{"role": "user", "content": question}],
@@ -80,15 +80,17 @@ def body(question: str, max_tokens: int) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
         "temperature": 0.0,
         "max_tokens": max_tokens,
+        "ignore_eos": ignore_eos,
     }
 
 
 def stream_one(
-    client: Any, base_url: str, question: str, max_tokens: int, start: threading.Barrier | None = None
+    client: Any, base_url: str, question: str, max_tokens: int, ignore_eos: bool,
+    start: threading.Barrier | None = None,
 ) -> Req:
     """One streaming request; its SSE `data:` lines parsed as they arrive. Errors are kept in the Req."""
     req = Req(question)
-    payload = json.dumps(body(question, max_tokens)).encode()
+    payload = json.dumps(body(question, max_tokens, ignore_eos)).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if start is not None:
         start.wait()
@@ -130,13 +132,13 @@ def stream_one(
     return req
 
 
-def concurrent(client: Any, base_url: str, questions: list[str], max_tokens: int) -> list[Req]:
+def concurrent(client: Any, base_url: str, questions: list[str], max_tokens: int, ignore_eos: bool) -> list[Req]:
     """All questions at once, one thread each, released together by a barrier."""
     out: list[Req | None] = [None] * len(questions)
     barrier = threading.Barrier(len(questions))
 
     def go(i: int) -> None:
-        out[i] = stream_one(client, base_url, questions[i], max_tokens, barrier)
+        out[i] = stream_one(client, base_url, questions[i], max_tokens, ignore_eos, barrier)
 
     threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(len(questions))]
     for th in threads:
@@ -231,7 +233,7 @@ class ApiProcess:
         self._log.close()
 
 
-def run(*, new: int, singles: int, rounds: int) -> dict[str, Any]:
+def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict[str, Any]:
     import httpx
     import redis
     import torch
@@ -294,15 +296,15 @@ def run(*, new: int, singles: int, rounds: int) -> dict[str, Any]:
         client = httpx.Client(timeout=httpx.Timeout(600, connect=10), limits=limits)
         # Warm-up, outside the timings: one request alone, one round of `clients` at once (every batch
         # width the runs below use; it also opens the keep-alive connections the clients then reuse).
-        warm = [stream_one(client, api.url, QUESTIONS[0], 4)]
-        warm += concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], 4)
+        warm = [stream_one(client, api.url, QUESTIONS[0], 4, ignore_eos)]
+        warm += concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], 4, ignore_eos)
         check(warm)
         out["warm_up_requests"] = len(warm)
 
         log(f"http: 1 client, {singles} requests one after another ({new} max tokens)")
         groups = []
         for i in range(singles):
-            g = [stream_one(client, api.url, QUESTIONS[i % len(QUESTIONS)], new)]
+            g = [stream_one(client, api.url, QUESTIONS[i % len(QUESTIONS)], new, ignore_eos)]
             check(g)
             groups.append(g)
         out["1_client"] = summarize(groups, new)
@@ -312,7 +314,7 @@ def run(*, new: int, singles: int, rounds: int) -> dict[str, Any]:
         log(f"http: {clients} clients at once, {rounds} round(s)")
         groups = []
         for _ in range(rounds):
-            g = concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], new)
+            g = concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], new, ignore_eos)
             check(g)
             groups.append(g)
         out["8_clients"] = summarize(groups, new)

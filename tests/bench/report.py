@@ -274,9 +274,9 @@ def http_md(h: dict[str, Any]) -> list[str]:
         "TTFT = request sent → first non-empty content delta read by the client. tok/s per stream = the "
         "request's completion tokens (`usage.completion_tokens` of the final chunk) ÷ (sent → finish chunk "
         "read), median; tok/s total = all completion tokens ÷ the rounds' wall times (first send → last "
-        "finish), as section 1 computes them. **The HTTP path cannot ignore end keys**, so replies may stop "
-        "before `max_tokens` (section 1 generates exactly its new tokens): tokens/s are computed from the "
-        "tokens each reply really had, and a short reply carries its prefill over fewer tokens.",
+        "finish), as section 1 computes them. Requests set `ignore_eos` (the API's extension, vLLM's name) "
+        "when section 1 ignores end keys, so both generate exactly their new tokens; tokens/s are computed "
+        "from the tokens each reply really had either way.",
         "",
     ]
     v = h.get("vs_engine") or {}
@@ -554,6 +554,17 @@ READING = [
     "stack measured 0.48 executed / 0.18 round trips per token "
     "(`python -m tests.bench.run --only queue --private-redis --flush-ms 200 --turns 50`, 2026-11-27, same "
     "machine).",
+    "- **HTTP path** (section 4, 2026-11-30): on these 2 cores the worker's 2 torch threads take the whole "
+    "machine, so everything the serving path adds competes with decoding. Three changes took 8 streaming "
+    "clients from 54% to 95-111% of the engine-alone tokens/s (same machine, same day, `python -m tests.bench.run "
+    "--only cpu,http --no-baseline`): the requests set `ignore_eos` so both sides generate exactly 128 tokens "
+    "(the first run compared short replies with full ones); the engine thread hands text straight to the "
+    "stream publisher instead of waking a pool thread per token; and the flush interval grows with the "
+    "streams a worker carries (x1 to x4), since each flush wakes every reader: 270 tok/s at a fixed 50 ms, "
+    "327 at 250 ms. TTFT at 8 clients comes out 22-63 ms above the engine's across runs: the worker's "
+    "consumer pops deliveries one by one, ~4 ms apart under load, and an idle engine holds its first prefill "
+    "(at most 30 ms) only for deliveries it already knows are coming (`Engine.expect` / `arriving`), so the "
+    "first one is sometimes prefilled alone.",
     "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True, compile_decode=True)`) has not run on "
     "a GPU yet (no GPU was lent to the sessions so far). What a CPU can check is tested "
     "(`tests/test_torch_backend.py`): the static step (a bucket of rows, fixed buffers per row bucket × kv "

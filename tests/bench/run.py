@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 new=a.new_tokens or (24 if q else BASELINE_NEW),
                 singles=a.http_requests or (3 if q else 5),
                 rounds=a.http_rounds or (2 if q else 3),
+                ignore_eos=not a.respect_eos,
             ),
         )
         if "error" not in res["sections"]["http"]:
