@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     slots: int | None = Field(None, ge=1, le=1024)  # overrides the device preset
     sequence_length: int | None = Field(None, ge=16)  # overrides the model preset
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU
+    # Where a model loaded from a GGUF is kept as safetensors after its first load, so the next start skips
+    # dequantizing it (worker/pipeline/weights_cache.py); "" = no cache.
+    weights_cache: str = "~/.cache/chat-worker-pool/weights"
 
     # Delivery. A running turn holds a lease its worker renews every half second; a turn whose lease is
     # older than this is queued again by the other workers' watchdog (its worker died or froze).

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    def __init__(self, redis_url: str, name: str, log_dir: Path, **env: str):
+    def __init__(self, redis_url: str, name: str, log_dir: Path, named: bool = True, **env: str):
+        """`named=False`: the worker picks its own default name (`name` only names the log file)."""
         self.name = name
         self.redis_url = redis_url
         self.log_path = log_dir / f"{name}.log"
@@ -35,7 +36,7 @@ class WorkerProcess:
         }
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--redis", redis_url, "--hostname", name],
+            [sys.executable, "-m", "worker", "--redis", redis_url, *(["--hostname", name] if named else [])],
             cwd=ROOT,
             env=full_env,
             stdout=self._log,

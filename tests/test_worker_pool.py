@@ -50,3 +50,43 @@ def test_worker_of_another_model_leaves_the_turn_queued(r, redis_url, tmp_path):
         client.close()
     finally:
         w.stop()
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_host_are_two_and_log_no_user_or_reply_text(r, redis_url, tmp_path):
+    """Started the README's way (no --hostname), each worker names itself MODEL-PID@HOST: two workers are two
+    liveness reports (two rows in /metrics, two in Flower). What people write and what the model replies
+    never reaches the workers' logs (a turn is logged by its id and counts)."""
+    import re
+    import socket
+
+    ws = [WorkerProcess(redis_url, f"default{i}", tmp_path, named=False) for i in range(2)]
+    try:
+        for w in ws:
+            w.wait_ready()
+        client = ChatClient(tiny_settings(redis_url))
+        info = client.catalog.info("tiny-neox", fresh=True)
+        names = sorted(rep.name for rep in info.workers)
+        pids = sorted(w.proc.pid for w in ws)
+        assert names == sorted(f"tiny-neox-{pid}@{socket.gethostname()}" for pid in pids)
+        assert info.slots == 8
+        secret = "my secret question about zebras"
+        results = []
+        for i in range(4):
+            cid = client.create_conversation("tiny-neox", system="a private system prompt")
+            results.append(client.ask(cid, f"{secret} {i}", SamplingParams(temperature=1.0, top_k=0, seed=i,
+                                                                            output_length=40), timeout=60))
+        import time
+
+        end = time.monotonic() + 10  # each worker logs its turn just after the commit the client saw
+        while not all(f"turn {res.turn_id}: done" in (logs := "".join(w.log() for w in ws)) for res in results):
+            assert time.monotonic() < end, logs[-2000:]
+            time.sleep(0.05)
+        assert "zebras" not in logs and "private system prompt" not in logs
+        for res in results:
+            words = [w for w in re.findall(r"\w{4,}", res.text)]
+            assert not any(f" {w} " in logs for w in words[:5]), res.text  # none of the reply's words
+        client.close()
+    finally:
+        for w in ws:
+            w.stop()

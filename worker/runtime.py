@@ -91,7 +91,7 @@ class Runtime:
 
         def attach() -> tuple[Engine, tuple[LoadedModel, Backend]]:
             """On the engine's own thread: all tensor work on one thread (own_thread.py)."""
-            loaded = load_model(model, backend_dtype(device))
+            loaded = load_model(model, backend_dtype(device), settings.weights_cache)
             backend = build_backend(device, loaded, model.sequence_length)
             try:
                 if hasattr(backend, "warm_up"):

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ def resolve_source(preset: ModelPreset) -> str:
 
 def quiet_progress_bars() -> None:
     """No tqdm bars while loading: in a worker Celery logs them as WARNING lines (one per refresh), and in
-    the CLI they would mix with the chat. The loader logs its own INFO lines instead."""
+    the CLI they would mix with the chat. The loader logs its own INFO lines instead. (tqdm reads
+    TQDM_DISABLE when it is imported: processes set it first thing, as worker/__main__.py does.)"""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
@@ -52,7 +54,9 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(preset: ModelPreset, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(preset: ModelPreset, dtype: torch.dtype = torch.float32, cache_dir: str | None = None) -> LoadedModel:
+    """The model and its tokenizer. A GGUF source is read from `cache_dir`'s copy when there is a good one
+    (worker/pipeline/weights_cache.py), and cached there after a full load; "" or None = no cache."""
     quiet_progress_bars()
     t0 = time.perf_counter()
     try:
@@ -62,12 +66,7 @@ def load_model(preset: ModelPreset, dtype: torch.dtype = torch.float32) -> Loade
             tokenizer, model = tiny_neox.build()
             model = model.to(dtype)
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            src = resolve_source(preset)
-            kw: dict[str, Any] = {"gguf_file": preset.gguf_file} if preset.gguf_file else {}
-            tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **kw)
+            tokenizer, model = _load_pretrained(preset, dtype, cache_dir)
     except LoadError:
         raise
     except Exception as e:  # hub unreachable, bad path, corrupt weights...
@@ -78,3 +77,27 @@ def load_model(preset: ModelPreset, dtype: torch.dtype = torch.float32) -> Loade
     dt = time.perf_counter() - t0
     log.info("loaded model %s (%s) in %.1fs", preset.name, preset.source, dt)
     return LoadedModel(preset, model, tokenizer, codec, dt)
+
+
+def _load_pretrained(preset: ModelPreset, dtype: torch.dtype, cache_dir: str | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from worker.pipeline import weights_cache
+
+    src = resolve_source(preset)
+    kw: dict[str, Any] = {"gguf_file": preset.gguf_file} if preset.gguf_file else {}
+    root = Path(cache_dir).expanduser() if cache_dir and preset.gguf_file else None
+    key = weights_cache.cache_key(Path(src, preset.gguf_file), dtype) if root and preset.gguf_file else None
+    if root is not None and key is not None:
+        hit = weights_cache.load(root, key, dtype)
+        if hit is not None:
+            log.info("loaded model %s from the weight cache %s", preset.name, root / key)
+            return hit
+    tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **kw)
+    if root is not None and key is not None:
+        try:
+            weights_cache.store(root, key, tokenizer, model)
+        except OSError as e:  # a read-only or full disk: the worker still serves, it only starts slowly again
+            log.warning("weight cache not written (%s): the next start loads %s again", e, preset.gguf_file)
+    return tokenizer, model

@@ -1,0 +1,96 @@
+"""Loaded weights kept on disk, so a worker's second start skips the slow part of loading.
+
+A GGUF is dequantized at every load (transformers converts its tensors one by one: ~15 s for
+SmolLM2-135M on 2 cores, most of a worker's start). After the first load the model and tokenizer are
+saved once as a plain transformers folder (safetensors) under CHAT_WEIGHTS_CACHE, keyed by the source
+file's identity (path, size, modification time), the dtype and the torch/transformers versions; the
+next start loads that folder instead (about a second). Sources that are already safetensors folders,
+and the built-in tiny-neox, are not cached: they load as fast as the cache would.
+
+A stale entry cannot be used (its key names the source file as it was). A corrupt one (a truncated
+or damaged file, a missing one, sizes that differ from the manifest written last) fails to load, is
+removed and rebuilt; an entry is written to a temporary folder and renamed into place complete, so a
+worker killed while writing leaves no half entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "chat-weights.json"
+
+
+def cache_key(source_file: Path, dtype: torch.dtype) -> str:
+    """The entry's name: what the loaded weights depend on."""
+    import transformers
+
+    st = source_file.stat()
+    ident = [str(source_file.resolve()), st.st_size, st.st_mtime_ns, str(dtype), torch.__version__,
+             transformers.__version__]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def load(root: Path, key: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    """(tokenizer, model) from the entry, or None when there is none or it is corrupt (then it is removed)."""
+    folder = root / key
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+        if _files(folder) != expected:
+            raise ValueError("its files differ from its manifest")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with it, the source is still there
+        log.warning("weight cache %s is unreadable (%s: %s): rebuilding it", folder, type(e).__name__, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return tokenizer, model
+
+
+def store(root: Path, key: str, tokenizer: Any, model: Any) -> None:
+    """Write the entry (a no-op if another worker just did). transformers will not save a model loaded from a
+    GGUF, so a copy is built from its config and given its weights."""
+    from transformers import AutoModelForCausalLM
+
+    folder = root / key
+    if (folder / MANIFEST).exists():
+        return
+    tmp = root / f".{key}.{os.getpid()}.tmp"
+    t0 = time.perf_counter()
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        plain.load_state_dict(model.state_dict(), assign=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp), "written": time.time()}))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another worker renamed its own copy in first: keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("weight cache: saved %s in %.1fs (next start loads from it)", folder, time.perf_counter() - t0)
