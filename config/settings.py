@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.presets import DevicePreset, ModelPreset, load_presets
@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(86_400, ge=10)
 
     max_message_chars: int = Field(16_000, ge=1)
+
+    @field_validator("slots", "sequence_length", "threads", mode="before")
+    @classmethod
+    def _blank_is_default(cls, v: object) -> object:
+        """`CHAT_THREADS=` (as docker-compose passes an unset `${CPU_THREADS:-}`) means the default."""
+        return None if isinstance(v, str) and not v.strip() else v
 
     def model_preset(self) -> ModelPreset:
         try:

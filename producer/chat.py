@@ -94,6 +94,8 @@ def turn(client: ChatClient, cid: str, text: str, sampling: SamplingParams) -> N
     notes = [NOTES[result.finish_reason]] if result.finish_reason in NOTES else []
     if result.dropped_messages:
         notes.append(f"{result.dropped_messages} oldest messages left out")
+    if result.truncated_tokens:
+        notes.append(f"the start of your message ({result.truncated_tokens} tokens) left out: too long for the context")
     print(f" [{'; '.join(notes)}]" if notes else "", flush=True)
 
 

@@ -73,7 +73,7 @@ class StartedTurn:
     model: str
     position: int  # in the queue, 1 = served next
     dropped_messages: int = 0  # oldest messages the model will not see
-    truncated_tokens: int = 0
+    truncated_tokens: int = 0  # cut from the start of the newest message, too long for the context alone
     prompt_tokens: int | None = None  # when the model's tokenizer is known here
     payload_bytes: int = 0  # the task message's size on the queue (bounded by the context, not the history)
     enqueued_at: float = 0.0  # unix time the turn was queued

@@ -118,6 +118,17 @@ def turn_keys(r: redis.Redis) -> set[bytes]:
     return {k for k in r.keys("chat:turn:*") if not k.endswith(b":stream")}
 
 
+def test_a_message_longer_than_the_context_keeps_its_end_and_says_how_much_was_cut(a: httpx.Client) -> None:
+    cid, turn = new_turn(a, system=None, max_tokens=4)
+    read_sse(a, turn["events_url"])
+    assert turn["truncated_tokens"] == 0
+    turn = a.post(f"/api/conversations/{cid}/messages", json={"content": "word " * 600, "max_tokens": 4}).json()
+    assert turn["truncated_tokens"] > 0 and turn["dropped_messages"] == 2  # the first turn made room, then the cut
+    done = read_sse(a, turn["events_url"])[-1]["data"]
+    assert done["truncated_tokens"] == turn["truncated_tokens"] and done["dropped_messages"] == 2
+    assert a.get(turn["turn_url"]).json()["truncated_tokens"] == turn["truncated_tokens"]
+
+
 def test_conversation_turn_streams_and_is_stored(a: httpx.Client) -> None:
     cid, turn = new_turn(a, max_tokens=12, seed=1, temperature=0.8, top_k=20, top_p=0.9)
     evs = read_sse(a, turn["events_url"])

@@ -212,6 +212,12 @@ def test_context_overflow_says_the_numbers_and_truncate_is_opt_in(oai: openai.Op
     dropped = resp.usage.model_extra["dropped_messages"]
     assert dropped > 0 and dropped % 2 == 0  # whole oldest turns, and the response says how many
     assert resp.usage.prompt_tokens + 8 <= 256
+    # One message longer than the whole context: its start is cut, and the response says by how much.
+    resp = oai.chat.completions.create(model="tiny-neox", messages=[{"role": "user", "content": "word " * 600}],
+                                       max_tokens=8, extra_body={"truncate": True})
+    extra = resp.usage.model_extra
+    assert extra["dropped_messages"] == 0 and extra["truncated_tokens"] > 0
+    assert resp.usage.prompt_tokens + 8 <= 256
 
 
 @pytest.mark.parametrize("messages", [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 from config.celery import queue_name
 from producer.client import ChatClient
@@ -87,6 +88,8 @@ def test_worker_that_cannot_load_fails_at_start_with_a_clear_error(r, redis_url,
         "ipu-without-poptorch": (redis_url, {"CHAT_DEVICE": "ipu-pod4"}, "needs poptorch"),
         "redis-down": (down, {}, "ConnectionError: Error 111 connecting to 127.0.0.1:1"),
     }
+    if not torch.cuda.is_available():  # CI's case: no GPU
+        cases["cuda-without-gpu"] = (redis_url, {"CHAT_DEVICE": "cuda"}, "device 'cuda': no CUDA GPU is visible")
     procs = {name: WorkerProcess(url, name, tmp_path, **env) for name, (url, env, _) in cases.items()}
     t0 = time.monotonic()
     try:
@@ -104,6 +107,9 @@ def test_worker_that_cannot_load_fails_at_start_with_a_clear_error(r, redis_url,
         assert "ready." not in log and "Unrecoverable error" not in log and "Traceback" not in log
     # Redis is checked before the model is loaded: the worker fails in seconds, having loaded nothing.
     assert down_s < 5 and "loading model" not in procs["redis-down"].log()
+    # A missing device is found before any weights are read (24 GB for the 12B model).
+    for name in cases.keys() - {"missing-model", "redis-down"}:
+        assert "loaded model" not in procs[name].log(), name
     assert r.llen("chat:dead") == 0 and not r.exists("chat:models")  # it never got to serve anything
 
 

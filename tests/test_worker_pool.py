@@ -56,14 +56,18 @@ def test_worker_of_another_model_leaves_the_turn_queued(r, redis_url, tmp_path):
 def test_two_workers_on_one_host_are_two_and_log_no_user_or_reply_text(r, redis_url, tmp_path):
     """Started the README's way (no --hostname), each worker names itself MODEL-PID@HOST: two workers are two
     liveness reports (two rows in /metrics, two in Flower). What people write and what the model replies
-    never reaches the workers' logs (a turn is logged by its id and counts)."""
+    never reaches the workers' logs (a turn is logged by its id and counts). The second worker, left on
+    torch's default of every core (CHAT_THREADS blank, as compose passes it unset), warns that it shares them."""
     import re
     import socket
 
-    ws = [WorkerProcess(redis_url, f"default{i}", tmp_path, named=False) for i in range(2)]
+    ws = [WorkerProcess(redis_url, "default0", tmp_path, named=False)]
     try:
-        for w in ws:
-            w.wait_ready()
+        ws[0].wait_ready()
+        ws.append(WorkerProcess(redis_url, "default1", tmp_path, named=False, CHAT_THREADS="").wait_ready())
+        (warning,) = [ln for ln in ws[1].log().splitlines() if "other worker(s) run on this host" in ln]
+        assert f"tiny-neox-{ws[0].proc.pid}@" in warning and "set CHAT_THREADS" in warning
+        assert "other worker(s)" not in ws[0].log()  # it set its threads (and was alone when it started)
         client = ChatClient(tiny_settings(redis_url))
         info = client.catalog.info("tiny-neox", fresh=True)
         names = sorted(rep.name for rep in info.workers)

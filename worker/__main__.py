@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--slots", type=int, help="concurrent sequences (overrides the device preset)")
     ap.add_argument("--sequence-length", type=int, help="positions per sequence (overrides the model preset)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: every core; with N workers on one "
+                    "host, about cores / N)")
     ap.add_argument("--hostname", help="worker name, unique in the pool (default: MODEL-PID@HOST)")
-    ap.add_argument("--loglevel", default="INFO")
+    ap.add_argument("--loglevel", default="INFO", help="DEBUG, INFO (default), WARNING, ERROR")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in vars(args).items() if k not in ("hostname", "loglevel") and v is not None}

@@ -101,3 +101,13 @@ class Presence:
         pipe.delete(self.keys.worker(self.report.name))
         pipe.zrem(self.keys.live(self.report.model), self.report.name)
         pipe.execute()
+
+
+def workers_on_host(r: redis.Redis, keys: Keys, host: str) -> list[WorkerReport]:
+    """The live workers (of any model) whose reports name `host`: CPU workers sharing a host share its
+    cores, so each should run on its part of them (runtime.py warns)."""
+    names = [n for model in r.smembers(keys.models) for n in r.zrange(keys.live(model.decode()), 0, -1)]
+    raw = r.mget([keys.worker(n.decode()) for n in names]) if names else []
+    reports = [WorkerReport.model_validate_json(x) for x in raw if x]  # an expired one reads as None
+    return [w for w in reports if w.host == host]
+

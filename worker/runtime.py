@@ -26,9 +26,9 @@ from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
 from worker.engine.own_thread import start_on_own_thread
 from worker.pipeline.backend import Backend
-from worker.pipeline.factory import backend_dtype, build_backend
+from worker.pipeline.factory import backend_dtype, build_backend, check_device
 from worker.pipeline.loader import LoadedModel, load_model
-from worker.presence import Presence, files_sha, model_card, tokenizer_files
+from worker.presence import Presence, files_sha, model_card, tokenizer_files, workers_on_host
 from worker.stream import StreamPublisher
 from worker.turn_store import TurnStore
 from worker.watchdog import Watchdog
@@ -80,6 +80,7 @@ class Runtime:
             torch.set_num_threads(settings.threads)
         r = sync_client(settings.redis_url)
         r.ping()  # fail in seconds, not after a model load, when Redis is unreachable
+        check_device(device)  # ... or when the device is missing
         t0 = time.perf_counter()
         log.info(
             "loading model %s for device %s (%d slots, sequence length %d)",
@@ -124,6 +125,8 @@ class Runtime:
             presence = Presence(r, keys, report)
             presence.publish_card(card, files)
             presence.heartbeat(0)
+            if device.device == "cpu" and not settings.threads:
+                warn_if_sharing_cores(r, keys, report)
             publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen,
                                         lease_s=settings.lease_s)
             publisher.heartbeat = lambda: None if presence.withdrawn else presence.heartbeat(engine.busy)
@@ -184,6 +187,19 @@ class Runtime:
             self.counters.finished,
             self.counters.handed_back,
             time.perf_counter() - t0,
+        )
+
+
+def warn_if_sharing_cores(r: redis.Redis, keys: Keys, me: WorkerReport) -> None:
+    """Torch's default is one thread per core for each process: two CPU workers on one host then fight
+    over every core and both run many times slower (12x for two smollm2 workers on 2 cores, measured)."""
+    others = [w for w in workers_on_host(r, keys, me.host) if w.name != me.name]
+    if others:
+        cores = os.cpu_count() or 1
+        log.warning(
+            "%d other worker(s) run on this host (%s) and CHAT_THREADS is unset: every worker uses all %d cores "
+            "and they slow each other down; set CHAT_THREADS to about cores / workers (%d here) on each",
+            len(others), ", ".join(w.name for w in others), cores, max(1, cores // (len(others) + 1)),
         )
 
 

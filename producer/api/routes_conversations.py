@@ -79,6 +79,7 @@ def post_message(cid: str, body: PostMessage, svc: Service, caller: Authed) -> T
         conversation_id=cid,
         queue_position=turn.position,
         dropped_messages=turn.dropped_messages,
+        truncated_tokens=turn.truncated_tokens,
         events_url=f"{base}/events",
         turn_url=base,
     )
@@ -106,6 +107,7 @@ def turn_out(svc: ChatService, view: TurnView) -> TurnOut:
         out.finish_reason = st.result.finish_reason.value
         out.usage = usage(st.result)
         out.dropped_messages = st.result.dropped_messages
+        out.truncated_tokens = st.result.truncated_tokens
         out.timings = st.result.timings.model_dump()
     return out
 
@@ -195,6 +197,7 @@ async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterat
                     "finish_reason": res.finish_reason.value,
                     "usage": usage(res).model_dump(),
                     "dropped_messages": res.dropped_messages,
+                    "truncated_tokens": res.truncated_tokens,
                     "timings": res.timings.model_dump(),
                     "worker": res.worker,
                     "attempt": res.attempt,

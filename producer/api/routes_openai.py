@@ -224,6 +224,7 @@ def usage(res: TurnResult) -> dict[str, int]:
         "completion_tokens": res.completion_tokens,
         "total_tokens": res.prompt_tokens + res.completion_tokens,
         "dropped_messages": res.dropped_messages,
+        "truncated_tokens": res.truncated_tokens,
     }
 
 

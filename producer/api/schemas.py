@@ -88,6 +88,7 @@ class TurnCreated(BaseModel):
     status: str = "queued"
     queue_position: int  # 1 = served next
     dropped_messages: int = 0  # oldest messages the model will not see (they did not fit its context)
+    truncated_tokens: int = 0  # cut from the start of this message: alone it was longer than the context
     events_url: str
     turn_url: str
 
@@ -109,6 +110,7 @@ class TurnOut(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     dropped_messages: int | None = None  # oldest messages left out to fit the context (when done)
+    truncated_tokens: int | None = None  # cut from the start of the newest message (when done)
     timings: dict[str, float] | None = None
     error: str | None = None
     enqueued_at: float | None = None

@@ -32,6 +32,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def make_server(app: FastAPI, host: str, port: int, log_level: str = "info", grace_s: float = 10.0) -> GracefulServer:
+    # log_config=None: uvicorn's lines go through the process's logging set-up (one format for all lines)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=True, lifespan="on",
-                            timeout_graceful_shutdown=max(1, round(grace_s)))
+                            timeout_graceful_shutdown=max(1, round(grace_s)), log_config=None)
     return GracefulServer(config, app.state.svc.draining)

@@ -14,7 +14,22 @@ def backend_dtype(device: DevicePreset) -> torch.dtype:
     return DTYPES[device.dtype]
 
 
+def check_device(device: DevicePreset) -> None:
+    """Fail before any weights are loaded (a 24 GB model, say) when the device cannot exist here.
+
+    Raises RuntimeError naming the device: an IPU preset without poptorch, `cuda` without a visible GPU.
+    Whether the host has enough IPUs for the preset's plan is checked when the pipeline is built."""
+    if device.backend == "ipu":
+        from worker.pipeline.ipu_backend import import_poptorch
+
+        import_poptorch(device)
+    elif device.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device.name!r}: no CUDA GPU is visible to torch on this host")
+
+
 def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Backend:
+    """The backend for `device` over `loaded`'s weights, `max_len` positions per slot (see check_device)."""
+    check_device(device)
     if device.backend == "ipu":
         from worker.pipeline.ipu_backend import IPUBackend, resolve_device  # poptorch is optional: import only here
 
@@ -22,8 +37,6 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
         return IPUBackend(loaded.model, device, slots=device.slots, max_len=max_len)
     from worker.pipeline.torch_backend import TorchBackend
 
-    if device.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda': no CUDA GPU is visible to torch on this host")
     return TorchBackend(
         loaded.model,
         slots=device.slots,
