@@ -179,11 +179,15 @@ async def afollow(ar: aredis.Redis, keys: Keys, turn_id: str, position: Callable
             down_since = None
         except (redis.ConnectionError, redis.TimeoutError) as e:
             now = time.monotonic()
-            down_since = down_since or now
-            if now - down_since > outage_s:
-                yield StreamEvent("", EventKind.error, error=f"Redis unavailable for {outage_s:g}s ({e}); the turn "
-                                  f"goes on: read it again later")
-                return
+            try:  # a blocking read whose connections keep being dropped is not an outage if Redis answers
+                await ar.ping()
+                down_since = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                down_since = down_since or now
+                if now - down_since > outage_s:
+                    yield StreamEvent("", EventKind.error, error=f"Redis unavailable for {outage_s:g}s ({e}); the "
+                                      f"turn goes on: read it again later")
+                    return
             events = []
             await asyncio.sleep(0.5)
         for ev in events:
