@@ -314,3 +314,35 @@ def test_prompts_announced_as_arriving_join_the_prefill_and_none_waits_when_none
         assert calls == [1]
     finally:
         eng.stop()
+
+
+def test_deliveries_queued_behind_the_first_join_its_prefill_and_stop_counting_once_received(tiny):
+    """The worker tells an idle engine how many deliveries are queued behind the one it received
+    (Engine.expect(behind=)): the first prefill waits for them, each received one takes one off, and
+    once they are in nothing waits any more."""
+    codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
+    eng = Engine(TorchBackend(tiny.model, slots=4, max_len=256), codec).start()
+    calls: list[int] = []
+    prefill = eng.backend.prefill
+    eng.backend.prefill = lambda ps: calls.append(len(ps)) or prefill(ps)
+    try:
+        ps = prompts(codec)[:3]
+        assert eng.idle
+        out: list = []
+        eng.expect("t0", behind=2)  # two more on the queue
+        with eng.arriving("t0"):
+            out.append(eng.submit(ps[0], GREEDY, 2))
+        for i in (1, 2):  # the consumer pops them one by one, a few ms apart
+            time.sleep(0.004)
+            eng.expect(f"t{i}")
+            with eng.arriving(f"t{i}"):
+                out.append(eng.submit(ps[i], GREEDY, 2))
+        assert all(isinstance(final(h), Finished) for h in out)
+        assert calls == [3]  # one prefill for the three
+        with eng._cv:
+            assert not eng._coming()  # the backlog was taken off as they came
+        calls.clear()
+        final(eng.submit(ps[0], GREEDY, 1))
+        assert calls == [1]
+    finally:
+        eng.stop()

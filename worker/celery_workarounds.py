@@ -33,6 +33,7 @@ GuardedConsumer (Celery's consumer, four handlers)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -67,8 +68,12 @@ def _screen_reply(reply: Any) -> Any:
     queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
     result = screen(item, rt.model.name if rt is not None else None, queue)
     if isinstance(result, Accepted):
-        if rt is not None:
-            rt.engine.expect(result.task.turn_id)  # a prefill about to start may wait for it (Engine.expect)
+        if rt is not None:  # a prefill about to start may wait for it and for those queued behind (Engine.expect)
+            behind = 0
+            if rt.engine.idle:  # only an idle engine holds a prefill: one LLEN per burst, not per turn
+                with contextlib.suppress(redis_py.RedisError):
+                    behind = int(rt.redis.llen(queue))
+            rt.engine.expect(result.task.turn_id, behind)
         return dest, result.item
     refuse(result)
     return None  # kombu treats it as an empty poll (Empty) and issues the next BRPOP

@@ -44,7 +44,11 @@ PREFILL_BUDGET = PREFILL_CHUNKS[-1]  # prompt tokens prefilled per iteration, be
 # join it. Turns that reach a worker together are submitted milliseconds apart (each delivery is popped,
 # screened and claimed in turn); prefilling the first alone made the others wait for that whole prefill,
 # then another (8 streams over HTTP: TTFT +60 ms over the engine alone).
-ARRIVAL_WINDOW_S = 0.03
+ARRIVAL_WINDOW_S = 0.04
+# Within such a hold, the next delivery of a burst is announced only once the previous one is claimed (the
+# consumer pops them one by one, 3-4 ms apart on 2 busy cores): the hold lasts this long past the latest
+# announcement, so a gap between two of them does not start the prefill with half the burst.
+LINGER_S = 0.008
 EXPECT_S = 0.1  # an expected prompt that never comes (its task never ran) stops counting after this
 
 
@@ -145,6 +149,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._arriving = 0  # callers between Engine.arriving() and their submit
         self._expected: dict[str, float] = {}  # Engine.expect(): key -> when it stops counting (monotonic)
+        self._announced_at = -1e9  # monotonic time of the latest expect() or arriving()
+        self._backlog = 0  # deliveries queued behind the latest expected one (expect(behind=)), not yet received
+        self._backlog_until = -1e9  # ... counted until then (monotonic)
         self.tokens_generated = 0
         self.finished = 0
 
@@ -212,11 +219,24 @@ class Engine:
             self._cv.notify()
         return Handle(seq, self)
 
-    def expect(self, key: str) -> None:
+    @property
+    def idle(self) -> bool:
+        """No sequence in a slot and none waiting: the next prompt would be prefilled at once."""
+        return self.busy == 0 and not self._waiting
+
+    def expect(self, key: str, behind: int = 0) -> None:
         """A prompt is on its way (its delivery was just received): count it as arriving (see `arriving`)
-        until `arriving(key)` takes over, or for EXPECT_S at most."""
+        until `arriving(key)` takes over, or for EXPECT_S at most. `behind`: deliveries still queued after
+        it (its queue's length), which count as coming too until they are received (each expect() takes
+        one off) or for EXPECT_S."""
         with self._cv:
-            self._expected[key] = time.monotonic() + EXPECT_S
+            now = self._announced_at = time.monotonic()
+            if key not in self._expected:
+                self._backlog = max(0, self._backlog - 1)
+            self._expected[key] = now + EXPECT_S
+            if behind:
+                self._backlog = max(self._backlog, min(behind, len(self.slots)))
+                self._backlog_until = now + EXPECT_S
 
     @contextlib.contextmanager
     def arriving(self, key: str | None = None) -> Iterator[None]:
@@ -225,6 +245,7 @@ class Engine:
         that arrive together are prefilled together. Nothing waits when nothing is announced."""
         with self._cv:
             self._arriving += 1
+            self._announced_at = time.monotonic()
             if key is not None:
                 self._expected.pop(key, None)
         try:
@@ -259,7 +280,8 @@ class Engine:
         if self._expected:
             now = time.monotonic()
             self._expected = {k: t for k, t in self._expected.items() if t > now}
-        return bool(self._arriving or self._expected)
+        backlog = self._backlog and time.monotonic() < self._backlog_until
+        return bool(self._arriving or self._expected or backlog)
 
     def _wake(self) -> None:
         with self._cv:
@@ -276,8 +298,9 @@ class Engine:
                 # nothing waits: a prompt arriving then joins the next iteration anyway.)
                 if self._waiting and self.busy == 0 and self._coming():
                     end = time.monotonic() + ARRIVAL_WINDOW_S
-                    while self._coming() and not self._stopping and (left := end - time.monotonic()) > 0:
-                        self._cv.wait(min(left, 0.005))
+                    while (self._coming() or time.monotonic() - self._announced_at < LINGER_S) and not self._stopping \
+                            and len(self._waiting) < len(self.slots) and (left := end - time.monotonic()) > 0:
+                        self._cv.wait(min(left, 0.002))
                 for i, s in enumerate(self.slots):
                     if s is None and self._waiting:
                         seq = self._waiting.popleft()
