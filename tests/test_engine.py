@@ -280,18 +280,24 @@ def test_ignore_eos_generates_past_the_end_key_to_the_output_length(model):
         eng.stop()
 
 
-def test_prompts_announced_as_arriving_join_the_prefill_and_none_waits_when_none_are_coming(tiny):
-    """Turns reaching a worker together are submitted a few ms apart; a prefill about to start waits (up to
-    ARRIVAL_WINDOW_S) for prompts announced with Engine.arriving(), so they share it."""
-    import threading
-
+def counting_prefills(tiny) -> tuple[Engine, list[int]]:
+    """A started 4-slot engine whose backend records the rows of each prefill call."""
     codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
     eng = Engine(TorchBackend(tiny.model, slots=4, max_len=256), codec).start()
     calls: list[int] = []
     prefill = eng.backend.prefill
     eng.backend.prefill = lambda ps: calls.append(len(ps)) or prefill(ps)
+    return eng, calls
+
+
+def test_prompts_announced_as_arriving_join_the_prefill_and_none_waits_when_none_are_coming(tiny):
+    """Turns reaching a worker together are submitted a few ms apart; a prefill about to start waits (up to
+    ARRIVAL_WINDOW_S) for prompts announced with Engine.arriving(), so they share it."""
+    import threading
+
+    eng, calls = counting_prefills(tiny)
     try:
-        ps = prompts(codec)[:3]
+        ps = prompts(eng.codec)[:3]
         go = threading.Barrier(3)
 
         def arrive(i: int, out: list) -> None:
@@ -320,13 +326,9 @@ def test_deliveries_queued_behind_the_first_join_its_prefill_and_stop_counting_o
     """The worker tells an idle engine how many deliveries are queued behind the one it received
     (Engine.expect(behind=)): the first prefill waits for them, each received one takes one off, and
     once they are in nothing waits any more."""
-    codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
-    eng = Engine(TorchBackend(tiny.model, slots=4, max_len=256), codec).start()
-    calls: list[int] = []
-    prefill = eng.backend.prefill
-    eng.backend.prefill = lambda ps: calls.append(len(ps)) or prefill(ps)
+    eng, calls = counting_prefills(tiny)
     try:
-        ps = prompts(codec)[:3]
+        ps = prompts(eng.codec)[:3]
         assert eng.idle
         out: list = []
         eng.expect("t0", behind=2)  # two more on the queue
