@@ -70,8 +70,19 @@ class InProcessWorker:
         return self
 
     def stop(self) -> None:
-        self.controller.stop(in_sighandler=False)
-        self.thread.join(30)
+        """Stop as a signal would: the worker's own thread ends its event loop and runs the warm shutdown.
+        (Calling WorkController.stop from this thread raced the event loop still running in the worker's:
+        kombu's timer then saw a set change mid-iteration and logged a traceback at exit.)"""
+        from celery.worker import state
+
+        lifecycle = getattr(self.controller, "chat_lifecycle", None)
+        if lifecycle is not None and self.thread.is_alive():
+            lifecycle.request_stop("embedded worker stopped by its owner")
+            self.thread.join(self.settings.shutdown_grace_s + 30)
+        if self.thread.is_alive():  # it never got as far as its event loop
+            self.controller.stop(in_sighandler=False)
+            self.thread.join(30)
+        state.should_stop = None  # process-wide in Celery: another embedded worker in this process must run
 
 
 class EmbeddedStack:

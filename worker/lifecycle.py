@@ -113,6 +113,15 @@ class Lifecycle:
             )
             self._end_event_loop()
 
+    def request_stop(self, reason: str) -> None:
+        """A warm shutdown asked for by the worker's owner (the embedded worker), from any thread: the
+        worker's own thread ends its event loop and shuts down, as after a first SIGTERM."""
+        if self.phase in ("created", "loading", "running"):
+            self.phase = "warm"
+            self.stop_reason = reason
+            log.info("%s: warm shutdown", reason)
+        self._end_event_loop()
+
     def go_cold(self, reason: str) -> None:
         """Abandon every turn in flight (safe from a signal handler or any thread)."""
         if self.phase in ("cold", "stopped"):
