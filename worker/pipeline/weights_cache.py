@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ def store(root: Path, key: str, tokenizer: Any, model: Any) -> None:
     folder = root / key
     if (folder / MANIFEST).exists():
         return
-    tmp = root / f".{key}.{os.getpid()}.tmp"
+    tmp = root / f".{key}.{uuid.uuid4().hex}.tmp"  # not the pid: containers sharing the volume repeat pids
     t0 = time.perf_counter()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
