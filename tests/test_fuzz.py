@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from producer.client import ChatClient
@@ -148,6 +148,8 @@ QUEUE_ITEMS = {"raw": st.one_of(st.none(), raw_items), "env_edits": envelope_edi
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(**QUEUE_ITEMS)
+@example(raw=None, env_edits=[], pay_edits=[], samp_edits=[("top_k", 264)], body=None)  # CI, stop 20
+@example(raw=None, env_edits=[], pay_edits=[], samp_edits=[("output_length", 10**6)], body=None)
 def test_whatever_sits_on_the_queue_the_worker_lives_and_every_turn_is_answered(
         stack: Stack, raw: Any, env_edits: list, pay_edits: list, samp_edits: list, body: Any) -> None:
     queue_item(stack, raw, env_edits, pay_edits, samp_edits, body)
@@ -194,9 +196,16 @@ def queue_item(stack: Stack, raw: Any, env_edits: list, pay_edits: list, samp_ed
     elif status is TurnStatus.queued:
         assert refused  # refused, naming another turn or none
         stack.client.cancel(tid)  # this one's real message is parked where no worker reads it: end it here
+    elif status is TurnStatus.failed:  # well formed, but past what only the worker knows: the model's
+        error = stack.client.store.turn(tid).error or ""  # vocabulary (top_k) or sequence length
+        assert error.split(":")[0] in WORKER_LIMITS, error  # answered, naming the field at fault
     else:
         assert status is TurnStatus.done  # accepted: served
     stack.check_keys()
+
+
+# The fields a worker-side refusal names (shared/sampling.check_vocab, shared/context.fit).
+WORKER_LIMITS = {"top_k", "output_length", "prompt", "messages", "system"}
 
 
 user_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]), min_size=1, max_size=300)
