@@ -87,7 +87,9 @@ def turn(client: ChatClient, cid: str, text: str, sampling: SamplingParams) -> N
     try:
         result = reply.follow()
     except KeyboardInterrupt:  # stop this reply, keep the chat: the worker keeps what it generated so far
-        client.cancel(started.turn_id)
+        if client.cancel(started.turn_id) == "finished":  # it had ended; only the display was behind
+            print(" [interrupted: the rest of the reply is not shown, the conversation keeps it whole]", flush=True)
+            return
         result = reply.follow()
     if result is None:
         return

@@ -8,10 +8,18 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from hypothesis import settings
 
 from config.settings import Settings, load_settings
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
+
+# Property tests draw the same inputs on every run of a commit ("repeatable", the default: `make test` and
+# CI pass or fail on the code, not on the draw); HYPOTHESIS_PROFILE=explore draws new ones each run, for
+# hunting (with FUZZ_EXAMPLES and `-m long`). An input found while exploring is kept as an @example.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="session")

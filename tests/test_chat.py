@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 
 from tests.procs import ROOT, WorkerProcess
 
@@ -104,6 +105,17 @@ class Terminal:
             os.close(self.master)
 
 
+def mid_reply(r: redis.Redis, tid: str, timeout: float = 30) -> None:
+    """Wait until the worker has streamed some of the turn's reply and is still generating (a fixed sleep
+    raced a loaded machine: the reply could end before the Ctrl-C, which then only stops the display)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not (r.hget(f"chat:turn:{tid}", "status") == b"running" and r.xlen(f"chat:turn:{tid}:stream") > 1):
+        assert time.monotonic() < end, r.hgetall(f"chat:turn:{tid}")
+        time.sleep(0.01)
+
+
 def test_ctrl_c_mid_reply_cancels_the_turn_and_the_chat_goes_on(r, redis_url, tmp_path):
     """Ctrl-C during a reply cancels that turn (the worker stops, the partial reply is kept) and brings the
     prompt back; the arrow keys edit the line and Up recalls the last one; Ctrl-D leaves with exit 0."""
@@ -116,14 +128,12 @@ def test_ctrl_c_mid_reply_cancels_the_turn_and_the_chat_goes_on(r, redis_url, tm
         term.expect("Prompter:")
         term.send("a long ansXwer\x1b[D\x1b[D\x1b[D\x7f\r")  # Left x3, Backspace: the X goes
         term.expect("Assistant: ")
-        import time
-
-        time.sleep(0.3)  # mid-reply
+        convs = [k for k in r.keys("chat:conv:*") if not k.endswith(b":messages")]
+        (tid,) = [r.hget(convs[0], "turn").decode()]
+        mid_reply(r, tid)
         term.send("\x03")  # Ctrl-C
         out = term.expect("[cancelled]", timeout=30)
         term.expect("Prompter:", timeout=10)
-        convs = [k for k in r.keys("chat:conv:*") if not k.endswith(b":messages")]
-        (tid,) = [r.hget(convs[0], "turn").decode()]
         result = json.loads(r.hget(f"chat:turn:{tid}", "result"))
         assert result["finish_reason"] == "cancelled" and 0 < result["completion_tokens"] < 1800
         assert json.loads(r.lindex(convs[0] + b":messages", 0))["text"] == "a long answer"
@@ -138,4 +148,41 @@ def test_ctrl_c_mid_reply_cancels_the_turn_and_the_chat_goes_on(r, redis_url, tm
     finally:
         if term is not None and term.proc.poll() is None:
             term.proc.kill()
+        w.stop()
+
+
+def test_ctrl_c_after_the_reply_ended_stops_the_display_and_keeps_the_reply(r, redis_url, tmp_path, capsys):
+    """The display can lag the worker: a Ctrl-C that lands after the turn ended stops the printing at once
+    (what a terminal user means) and says the conversation keeps the whole reply; nothing is cancelled."""
+    from producer.chat import turn
+    from producer.client import ChatClient
+    from shared.sampling import SamplingParams
+    from shared.wire import TurnStatus
+    from tests.conftest import tiny_settings
+
+    class LaggingDisplay(ChatClient):  # the person presses Ctrl-C once the first event is on screen
+        pressed = False
+
+        def events(self, turn_id, after="0-0", timeout=None):
+            if self.pressed:  # read again after the Ctrl-C: as it is
+                yield from super().events(turn_id, after, timeout)
+                return
+            for _ in super().events(turn_id, after, timeout=60):  # the worker ends before the screen shows it
+                pass
+            self.pressed = True
+            raise KeyboardInterrupt
+
+    w = WorkerProcess(redis_url, "lag@test", tmp_path)
+    client = LaggingDisplay(tiny_settings(redis_url))
+    try:
+        w.wait_ready()
+        cid = client.create_conversation("tiny-neox")
+        turn(client, cid, "hello", SamplingParams(output_length=20))
+        out = capsys.readouterr().out
+        assert out.startswith("Assistant: ") and "[interrupted" in out and "cancelled" not in out
+        (tid,) = [r.hget(k, "turn").decode() for k in r.keys("chat:conv:*") if not k.endswith(b":messages")]
+        state = client.store.turn(tid)
+        assert state.status is TurnStatus.done and state.result.completion_tokens > 0
+    finally:
+        client.close()
         w.stop()

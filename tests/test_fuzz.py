@@ -9,7 +9,8 @@ After every example: the worker process is alive and still serving, the item was
 dead-lettered (and then the turn it names is answered), no conversation is left busy with a turn that
 will never end, and every key a turn made has a TTL or an index that owns it. FUZZ_EXAMPLES sets the
 number of examples per property (the bounded profile in `make test` keeps both under a minute);
-`pytest -m long tests/test_fuzz.py` runs a long profile.
+`pytest -m long tests/test_fuzz.py` runs a long profile; HYPOTHESIS_PROFILE=explore draws new inputs
+(tests/conftest.py).
 """
 
 from __future__ import annotations
