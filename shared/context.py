@@ -82,12 +82,12 @@ def fit(
     if not body:
         raise ContextError("messages: a turn needs at least one user message")
 
-    sizes: dict[int, int] = {}
+    encoded: dict[int, list[list[int]]] = {}  # cut index -> the prompt's segments' ids (rendered once each)
 
     def size(j: int) -> int:  # tokens of the prompt that keeps body[cuts[j]:]
-        if j not in sizes:
-            sizes[j] = sum(map(len, encode_messages(codec, head + body[cuts[j] :])))
-        return sizes[j]
+        if j not in encoded:
+            encoded[j] = encode_messages(codec, head + body[cuts[j] :])
+        return sum(map(len, encoded[j]))
 
     # Candidate cut points: keeping everything (whatever role the history opens with), where a user message
     # starts, and the last message in any case.
@@ -112,7 +112,8 @@ def fit(
                 lo = mid + 1
         best = hi
     drop = cuts[best]
-    parts = encode_messages(codec, head + body[drop:])
+    size(best)
+    parts = list(encoded[best])
     truncated = 0
     excess = sum(map(len, parts)) - budget
     if excess > 0:

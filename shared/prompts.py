@@ -63,6 +63,9 @@ def _oasst(messages: list[ChatMessage]) -> list[Segment]:
     return out
 
 
+_PLACEHOLDER = re.compile("\ue000([0-9a-f]{16}):(\\d+)\ue001")  # one compile: the nonce is matched as a group
+
+
 def _chat_template(messages: list[ChatMessage], tokenizer: HasChatTemplate) -> list[Segment]:
     # Render the template with a unique placeholder in place of each message's text, then cut the
     # rendered string at the placeholders: what lies between is the template's markup.
@@ -71,12 +74,13 @@ def _chat_template(messages: list[ChatMessage], tokenizer: HasChatTemplate) -> l
     conv = [{"role": _CHAT_ROLES[m.role], "content": mark} for m, mark in zip(messages, marks)]
     rendered: str = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
     out: list[Segment] = []
-    pattern = re.compile("\ue000" + nonce + r":(\d+)\ue001")
     pos = 0
-    for m in pattern.finditer(rendered):
+    for m in _PLACEHOLDER.finditer(rendered):
+        if m.group(1) != nonce:  # a message's own text that looks like a placeholder stays text
+            continue
         if m.start() > pos:
             out.append(Segment(rendered[pos : m.start()], False))
-        out.append(Segment(messages[int(m.group(1))].text, True))
+        out.append(Segment(messages[int(m.group(2))].text, True))
         pos = m.end()
     if pos < len(rendered):
         out.append(Segment(rendered[pos:], False))

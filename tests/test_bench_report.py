@@ -54,3 +54,26 @@ def test_a_measured_gpu_section_renders_a_row_per_variant_and_stream_count():
     assert "Baseline not run: --no-baseline." in md
     assert re.search(r"Decode check on the card .*: `graphs` max \|Δlogit\| [-+.e\d]+ \(logits up to [.\d]+\), "
                      r"same argmax \d+/25 steps, 3 graphs, uncompiled", md)
+
+
+def test_http_stages_come_from_each_request_own_record(r):
+    """stage_times reads a turn's record and stream (as the worker and API write them) into the request's
+    stages; the summary's p50s render in the HTTP section."""
+    import json as _json
+
+    from tests.bench.http import Req, stage_times, summarize
+    from tests.bench.report import http_md
+
+    q = Req("q", sent=100.0, first=100.120, end=101.0, completion_tokens=4, prompt_tokens=9, finish_reason="length",
+            sent_wall=5000.0, turn_id="a" * 32)
+    r.hset(f"chat:turn:{q.turn_id}", mapping={"enqueued_at": 5000.010, "started_at": 5000.015,
+                                               "result": _json.dumps({"timings": {"prefill_s": 0.080}})})
+    r.xadd(f"chat:turn:{q.turn_id}:stream", {"ev": "start", "a": "1"}, id="5000016-0")
+    r.xadd(f"chat:turn:{q.turn_id}:stream", {"a": "1", "t": "Hi"}, id="5000100-0")
+    stage_times(r, [q])
+    assert q.stages == {"api": 10.0, "pickup": 5.0, "worker": 85.0, "prefill": 80.0, "out": 20.0, "path": 40.0}
+    s = summarize([[q]], 4)
+    assert s["stages_ms_p50"]["path"] == 40.0 and s["path_ms_p95"] == 40.0
+    h = {"redis_url": "redis://x", "model": "m", "device_preset": "cpu", "slots": 8, "threads": 2,
+         "stream_flush_ms": 50, "max_tokens": 4, "clients": 8, "questions": ["q"], "1_client": s}
+    assert "p50 40.0, p95 40.0" in "\n".join(http_md(h))

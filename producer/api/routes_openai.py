@@ -30,7 +30,7 @@ from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body, from_chat_error
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
-from producer.client import TurnRequest
+from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.errors import ChatError
 from shared.messages import ChatMessage, Role, check_text, is_blank
@@ -251,13 +251,17 @@ def get_model(model: str, svc: Service, caller: Authed) -> dict[str, Any]:
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Service, caller: Authed) -> Response:
     system, history, last, index = split(req.messages)
-    await run_in_threadpool(svc.check_model, req.model)
     sampling = req.sampling(req.max_completion_tokens)
-    try:
-        turn = await run_in_threadpool(svc.start, TurnRequest(
+
+    def start() -> StartedTurn:  # one hop to the thread pool for both (each hop is a wake-up under load)
+        svc.check_model(req.model)
+        return svc.start(TurnRequest(
             last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
             ttl_s=svc.settings.openai_conversation_ttl_s, truncate=req.truncate,
             text_field=f"messages[{index}].content"))
+
+    try:
+        turn = await run_in_threadpool(start)
     except ChatError as e:  # named as this request named it
         names = {"output_length": "max_completion_tokens"} if req.max_completion_tokens is not None else {}
         raise from_chat_error(e, openai=True, names=names) from None

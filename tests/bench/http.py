@@ -55,6 +55,9 @@ class Req:
     finish_reason: str | None = None
     chars: int = 0
     error: str | None = None
+    sent_wall: float = 0.0  # time.time() at `sent`: the turn record's and the stream's clock
+    turn_id: str | None = None  # from the chunks' id (chatcmpl-<turn id>)
+    stages: dict[str, float] | None = None  # where the TTFT went (ms), from the turn's record: see stage_times
 
     @property
     def ttft(self) -> float | None:
@@ -69,6 +72,7 @@ class Req:
             "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
             "chars": self.chars,
+            "stages_ms": self.stages,
         }
 
 
@@ -94,7 +98,7 @@ def stream_one(
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if start is not None:
         start.wait()
-    req.sent = time.perf_counter()
+    req.sent, req.sent_wall = time.perf_counter(), time.time()
     try:
         with client.stream("POST", f"{base_url}/v1/chat/completions", content=payload, headers=headers) as resp:
             if resp.status_code != 200:
@@ -109,6 +113,8 @@ def stream_one(
                     done = True
                     break
                 chunk = json.loads(data)
+                if req.turn_id is None and str(chunk.get("id", "")).startswith("chatcmpl-"):
+                    req.turn_id = chunk["id"].removeprefix("chatcmpl-")
                 if "error" in chunk:
                     raise RuntimeError(f"error event: {chunk['error']}")
                 for choice in chunk.get("choices") or []:
@@ -148,6 +154,34 @@ def concurrent(client: Any, base_url: str, questions: list[str], max_tokens: int
     return [r for r in out if r is not None]
 
 
+# The stages of one request's TTFT, each from the same request (so this VM's drift between sections cancels):
+# api = sent -> the API built the turn (enqueued_at); pickup = -> the worker claimed it (started_at, BEGIN);
+# worker = -> its first text was in the stream (the entry id's Redis time), of which prefill = the engine's
+# forward for this prompt (TurnResult.timings.prefill_s); out = -> the client read it. path = TTFT - prefill:
+# what the serving path adds to the model's own work, arrival holds and batch mates' prefills included.
+STAGES = ("api", "pickup", "worker", "prefill", "out", "path")
+
+
+def stage_times(r: Any, reqs: list[Req]) -> None:
+    """Fill each request's `stages` (ms) from its turn's record and stream (read after the timings)."""
+    for q in reqs:
+        if q.turn_id is None or q.first is None:
+            continue
+        rec = r.hmget(f"chat:turn:{q.turn_id}", ["enqueued_at", "started_at", "result"])
+        if None in rec:
+            continue
+        texts = [eid for eid, f in r.xrange(f"chat:turn:{q.turn_id}:stream") if b"t" in f]
+        if not texts:
+            continue
+        enq, started = float(rec[0]), float(rec[1])
+        prefill = json.loads(rec[2])["timings"]["prefill_s"]
+        flushed = int(texts[0].split(b"-")[0]) / 1e3
+        first_wall = q.sent_wall + (q.first - q.sent)
+        ms = {"api": enq - q.sent_wall, "pickup": started - enq, "worker": flushed - started, "prefill": prefill,
+              "out": first_wall - flushed, "path": (q.first - q.sent) - prefill}
+        q.stages = {k: round(v * 1e3, 1) for k, v in ms.items()}
+
+
 def check(reqs: list[Req]) -> None:
     errors = [r.error for r in reqs if r.error]
     if errors:
@@ -182,6 +216,8 @@ def summarize(groups: list[list[Req]], max_tokens: int) -> dict[str, Any]:
         "tok_s_per_stream_median": rnd(median(per_stream), 1) if per_stream else None,
         "ttft_ms_p50": rnd(pct(ttfts, 50) * 1e3 if ttfts else None, 1),
         "ttft_ms_p95": rnd(pct(ttfts, 95) * 1e3 if ttfts else None, 1),
+        "stages_ms_p50": {k: rnd(median(v), 1) for k in STAGES if (v := [r.stages[k] for r in reqs if r.stages])},
+        "path_ms_p95": rnd(pct(paths, 95), 1) if (paths := [r.stages["path"] for r in reqs if r.stages]) else None,
         "per_request": [r.row() for r in reqs],
     }
 
@@ -260,6 +296,7 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
     }
     log_dir = Path(tempfile.mkdtemp(prefix="bench-http-"))
     priv: PrivateRedis | None = None
+    rc: redis.Redis | None = None
     worker: WorkerProcess | None = None
     api: ApiProcess | None = None
     client: httpx.Client | None = None
@@ -269,7 +306,7 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
         r = redis.Redis.from_url(priv.url)
         out["redis_url"] = priv.url
         out["redis_version"] = r.info("server")["redis_version"]
-        r.close()
+        rc = r  # read after each group, outside the timings (stage_times)
         log(f"http: starting a worker ({MODEL}, {DEVICE}, {SLOTS} slots, {threads} threads) on {priv.url}")
         t0 = time.perf_counter()
         worker = WorkerProcess(
@@ -306,6 +343,7 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
         for i in range(singles):
             g = [stream_one(client, api.url, QUESTIONS[i % len(QUESTIONS)], new, ignore_eos)]
             check(g)
+            stage_times(rc, g)
             groups.append(g)
         out["1_client"] = summarize(groups, new)
         s = out["1_client"]
@@ -316,6 +354,7 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
         for _ in range(rounds):
             g = concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], new, ignore_eos)
             check(g)
+            stage_times(rc, g)
             groups.append(g)
         out["8_clients"] = summarize(groups, new)
         s = out["8_clients"]
@@ -329,6 +368,7 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
     finally:
         # Every process started above, even when something failed (each stop on its own).
         stops: list[tuple[str, Any]] = [("HTTP client", client and client.close), ("API", api and api.stop)]
+        stops.append(("Redis client", rc and rc.close))
         stops += [("worker", worker and worker.stop), ("redis-server", priv and priv.close)]
         for name, stop in stops:
             if stop is None:

@@ -349,11 +349,22 @@ def http_md(h: dict[str, Any]) -> list[str]:
         extra.append(
             f"tok/s total per round at {h['clients']} clients: {', '.join(_f(x) for x in c8['group_tok_s_total'])}."
         )
+    for key, label in (("1_client", "1 client"), ("8_clients", f"{h['clients']} clients")):
+        st = (h.get(key) or {}).get("stages_ms_p50") or {}
+        if "path" in st:
+            extra.append(
+                f"Where the TTFT went at {label} (p50 ms, each request's own record): API {_f(st['api'])} → "
+                f"queue and claim {_f(st['pickup'])} → first text in the stream {_f(st['worker'])} (of which the "
+                f"engine's forward for this prompt {_f(st['prefill'])}) → read by the client {_f(st['out'])}; "
+                f"TTFT less the request's own prefill, the serving path's cost with arrival holds and batch mates' "
+                f"prefills: p50 {_f(st['path'])}, p95 {_f(h[key].get('path_ms_p95'))}."
+            )
     for key in ("1_client", "8_clients"):
         n = (h.get(key) or {}).get("no_content")
         if n:
             extra.append(f"{key}: {n} replies had no text (no TTFT; left out of the percentiles).")
-    by_q = {r["question"]: r["prompt_tokens"] for k in ("1_client", "8_clients") for r in h[k]["per_request"]}
+    by_q = {r["question"]: r["prompt_tokens"]
+            for k in ("1_client", "8_clients") for r in (h.get(k) or {}).get("per_request", [])}
     if by_q:
         ours = [by_q[q] for q in h.get("questions", []) if q in by_q]
         same = v.get("engine_prompt_tokens")
