@@ -565,6 +565,14 @@ READING = [
     "stack measured 0.48 executed / 0.18 round trips per token "
     "(`python -m tests.bench.run --only queue --private-redis --flush-ms 200 --turns 50`, 2026-11-27, same "
     "machine).",
+    "- **The machine changed under the same name** (2026-11-30): this VM ran on an AMD EPYC in the morning "
+    "and on an Intel Xeon (AMX, AVX-512) in the afternoon, the CPU line of the table above says which. The "
+    "fp32 baseline kept its speed (24.5 vs 20.9-23.6 tok/s, 1 stream); the `cpu` preset's 1-stream step went "
+    "from 11.8 to 31 ms: `_weight_int8pack_mm` takes 66 µs per call inside a decode step there (211 calls, "
+    "torch.profiler; 116 µs with one thread), against 27-30 µs for the same shapes with the weight hot in "
+    "L2, so it is the kernel on cold weights, not our code (same commit, same wheels). Its `8 together` ratio "
+    "fell to 1.56-1.62× (target 1.7×) there. Which kernel wins is a per-CPU question, left to the CPU decode "
+    "issue (#15: measure bf16 GEMV and other int8 paths per machine).",
     "- **HTTP path** (section 4, 2026-11-30): on these 2 cores the worker's 2 torch threads take the whole "
     "machine, so everything the serving path adds competes with decoding. Three changes took 8 streaming "
     "clients from 54% to 95-111% of the engine-alone tokens/s (same machine, same day, `python -m tests.bench.run "
@@ -580,7 +588,17 @@ READING = [
     "share one or two prefills (TTFT p50 ~175 ms) or the first goes alone (~240 ms). Four full runs that "
     "day gave HTTP − engine TTFT p50 of +64, +64 (before the LLEN), −30, +77, +68 and +49 ms (after), with "
     "the engine-alone figure itself moving 160-227 ms; HTTP ÷ engine tok/s at 8 clients ranged 87-113% over "
-    "the same runs (the two sections run a minute apart, and this VM's speed drifts by more than that).",
+    "the same runs (the two sections run a minute apart, and this VM's speed drifts by more than that). "
+    "Since the afternoon of 2026-11-30 each request's TTFT is also split into stages from its own turn record "
+    "(the lines under the table), and 'TTFT less the request's own prefill' measures the path's cost free of "
+    "that drift: at 1 client 21-25 ms p50 in three runs, of which the API (request to turn built) 10-12 ms, "
+    "about twice what it takes with the worker idle for 0.3 s first (6-7 ms): right after a reply the "
+    "worker's OpenMP threads still spin on both cores. At 8 clients the API needs 28-33 ms p50 to build its "
+    "turn (8 requests through one event loop and thread pool, sharing the cores with the worker's prefill), "
+    "and each request waits ~130 ms p50 beyond its own forward for holds and its batch mates' prefills: "
+    "the spread of arrivals, not Redis or Celery (queue and claim: 4-5 ms at 1 client). Taking the API's "
+    "start to one thread-pool hop, rendering a prompt once per fit and compiling the template regex once "
+    "took the API's own `start_turn` from 3.6 to 2.9 ms per request (in-process, same machine).",
     "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True, compile_decode=True)`) has not run on "
     "a GPU yet (no GPU was lent to the sessions so far). What a CPU can check is tested "
     "(`tests/test_torch_backend.py`): the static step (a bucket of rows, fixed buffers per row bucket × kv "
