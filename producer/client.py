@@ -26,6 +26,7 @@ from config.settings import Settings
 from producer.cards import ModelCatalog, ModelInfo
 from producer.reader import TERMINAL, EventKind, StreamEvent, follow
 from producer.store import ConversationStore, Started, new_id
+from shared.arrivals import Arrivals
 from shared.context import ContextLengthExceeded, fit_turn
 from shared.errors import Busy, InvalidInput, NotFound, TurnFailed, Unavailable
 from shared.keys import Keys, check_id
@@ -89,6 +90,7 @@ class ChatClient:
                                        result_ttl_s=settings.result_ttl_s)
         self.catalog = ModelCatalog(self.r, self.keys)
         self._position = self.r.register_script(POSITION)
+        self.arrivals = Arrivals(self.r, self.keys)
 
     def models(self) -> set[str]:
         """Preset names plus every model a worker has served on this Redis."""
@@ -120,10 +122,21 @@ class ChatClient:
 
     # -- the one way a turn starts -------------------------------------------------------------------
     def start_turn(self, req: TurnRequest) -> StartedTurn:
-        """Check, fit and queue one turn; on any error nothing is stored (the errors name the field)."""
+        """Check, fit and queue one turn; on any error nothing is stored (the errors name the field).
+        While it is checked the turn is announced on its queue (shared/arrivals.py), so an idle worker
+        popping a turn of the same burst waits for it instead of prefilling alone."""
+        tid = new_id()
+        announced: list[str] = []  # queues this turn was announced on
+        try:
+            return self._start_turn(req, tid, announced)
+        except BaseException:
+            for queue in announced:
+                self.arrivals.withdraw(queue, tid)
+            raise
+
+    def _start_turn(self, req: TurnRequest, tid: str, announced: list[str]) -> StartedTurn:
         text = self.store.check_text(req.text, req.text_field)
         user = ChatMessage(role=Role.prompter, text=text)
-        tid = new_id()
         cid = new_id() if req.conversation_id is None else req.conversation_id
         create = None
         if req.conversation_id is not None:
@@ -148,6 +161,10 @@ class ChatClient:
                         raise NotFound(f"conversation {cid!r} not found", "conversation_id")
                     model, system, total, earlier, expect = conv.model, conv.system, hist.total, hist.tail, conv.turn
                 assert model is not None
+                queue = queue_name(self.settings, model)
+                if queue not in announced:
+                    self.arrivals.announce(queue, tid)
+                    announced.append(queue)
                 info = self.catalog.info(model)
                 if not info.served and not self.settings.queue_without_workers:
                     raise Unavailable(
@@ -161,7 +178,6 @@ class ChatClient:
                     n *= 4  # everything read fits: older messages may fit too
                     continue
                 dropped += total - len(earlier)
-                queue = queue_name(self.settings, model)
                 while True:
                     task = GenerateTask(turn_id=tid, conversation_id=cid, model=model,
                                         messages=head + kept + [user], sampling=req.sampling,

@@ -27,13 +27,14 @@ from shared.messages import ChatMessage, Role, check_text, is_blank
 from shared.wire import FinishReason, TurnResult, TurnStatus
 
 START = PRELUDE + """
--- KEYS: conv, messages, turn, queue, queued zset, live zset
+-- KEYS: conv, messages, turn, queue, queued zset, live zset, arriving zset (shared/arrivals.py)
 -- ARGV: 1 turn id, 2 conversation id, 3 user message json, 4 enqueued_at, 5 task message,
 --       6 expected last turn ('' for none), 7 history cap, 8 require a live worker, 9 max queue depth (-1: none),
 --       10 model, 11 create the conversation ('1'), 12 its ttl s (0 = none), 13 n: how many of the
 --       arguments after 14 are its hash (field, value) pairs, 14 turn key prefix, then 2n field/value
 --       arguments, then its earlier messages (create only)
 local now = now_s()
+redis.call('ZREM', KEYS[7], ARGV[1])  -- whatever the answer, the turn is no longer about to be queued
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'exists'} end
 if ARGV[11] == '1' then
   if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict'} end
@@ -304,7 +305,7 @@ class ConversationStore:
         args += [m.model_dump_json() for m in earlier or []]
         out = self._start(
             keys=[self.keys.conv(conversation_id), self.keys.messages(conversation_id), self.keys.turn(turn_id),
-                  queue, self.keys.queued, self.keys.live(model)],
+                  queue, self.keys.queued, self.keys.live(model), self.keys.arriving(queue)],
             args=args,
         )
         status = Started(_s(out[0]))

@@ -21,6 +21,8 @@
     {p}:worker:{name}         string  WorkerReport JSON, with a TTL: gone by itself when the worker is
     {p}:ratelimit:{key id}    hash    the HTTP API's token bucket per API key (with a TTL)
     {p}:dead                  list    dead-lettered deliveries and payloads with the reason
+    {p}:arriving:{queue}      zset    turn id -> until when it counts as about to be queued (Redis clock):
+                                      announced by a producer while it checks the turn (shared/arrivals.py)
 
 Ids are checked against ID_PATTERN before they are put into a key, so a crafted id cannot
 reach another key (no ':' '*' or spaces). Model and worker names come from configuration.
@@ -73,6 +75,9 @@ class Keys:
     @property
     def queued(self) -> str:
         return f"{self.prefix}:queued"
+
+    def arriving(self, queue: str) -> str:
+        return f"{self.prefix}:arriving:{queue}"
 
     @property
     def models(self) -> str:

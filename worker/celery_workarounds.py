@@ -68,11 +68,11 @@ def _screen_reply(reply: Any) -> Any:
     queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
     result = screen(item, rt.model.name if rt is not None else None, queue)
     if isinstance(result, Accepted):
-        if rt is not None:  # a prefill about to start may wait for it and for those queued behind (Engine.expect)
+        if rt is not None:  # a prefill about to start may wait for it and for what is coming (Engine.expect)
             behind = 0
-            if rt.engine.idle:  # only an idle engine holds a prefill: one LLEN per burst, not per turn
+            if rt.engine.idle:  # only an idle engine holds a prefill: one call per burst, not per turn
                 with contextlib.suppress(redis_py.RedisError):
-                    behind = int(rt.redis.llen(queue))
+                    behind = rt.arrivals.backlog(queue)  # queued behind it + announced by producers
             rt.engine.expect(result.task.turn_id, behind)
         return dest, result.item
     refuse(result)

@@ -6,6 +6,7 @@ Tasks run in the worker's threads and reach it through `current()`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ import torch
 from config.presets import DevicePreset, ModelPreset
 from config.redis_clients import sync_client
 from config.settings import Settings
+from shared.arrivals import Arrivals
 from shared.cards import HEARTBEAT_S, WorkerReport
 from shared.keys import Keys
 from shared.sampling import SamplingParams
@@ -68,6 +70,11 @@ class Runtime:
     hostname: str
     counters: Counters = field(default_factory=Counters)
     detached: bool = False
+
+    @functools.cached_property
+    def arrivals(self) -> Arrivals:
+        """What is coming on this worker's queue (celery_workarounds._screen_reply asks when idle)."""
+        return Arrivals(self.redis, self.keys)
     # Set once by a cold shutdown (or detach): no turn starts generating after it, and every turn in
     # the engine is abandoned, so its task hands it back to the queue instead of failing it.
     abandoning: bool = False

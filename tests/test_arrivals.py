@@ -1,0 +1,66 @@
+"""shared/arrivals.py: producers announce a turn while they check it; an idle worker counts what is queued
+and announced on its queue (real Redis, db flushed around each test)."""
+
+import time
+
+import pytest
+
+from config.celery import queue_name
+from producer.client import ChatClient, TurnRequest
+from shared.arrivals import Arrivals
+from shared.errors import Unavailable
+from shared.keys import Keys
+from shared.sampling import SamplingParams
+from tests.conftest import tiny_settings
+
+QUEUE = "chat.tiny-neox"
+
+
+def test_backlog_counts_queued_deliveries_and_live_announcements(r):
+    a = Arrivals(r, Keys("chat"))
+    assert a.backlog(QUEUE) == 0
+    r.lpush(QUEUE, "m1", "m2")
+    a.announce(QUEUE, "t1")
+    a.announce(QUEUE, "t2")
+    a.announce("chat.other", "t3")  # another model's queue
+    assert a.backlog(QUEUE) == 4
+    a.withdraw(QUEUE, "t1")
+    assert a.backlog(QUEUE) == 3
+    assert 0 < r.pttl(Keys("chat").arriving(QUEUE)) <= 2000  # the set itself goes when producers stop
+
+
+def test_an_announcement_whose_producer_died_stops_counting(r, monkeypatch):
+    monkeypatch.setattr("shared.arrivals.ANNOUNCE_TTL_S", 0.05)
+    a = Arrivals(r, Keys("chat"))
+    a.announce(QUEUE, "gone")
+    assert a.backlog(QUEUE) == 1
+    time.sleep(0.1)
+    assert a.backlog(QUEUE) == 0
+    a.announce(QUEUE, "next")  # and the next announcement sweeps it out
+    assert r.zrange(Keys("chat").arriving(QUEUE), 0, -1) == [b"next"]
+
+
+def test_a_turn_is_announced_while_checked_and_not_after_it_is_queued(r, redis_url):
+    client = ChatClient(tiny_settings(redis_url, queue_without_workers=True))
+    key = client.keys.arriving(queue_name(client.settings, "tiny-neox"))
+    seen: list[list[bytes]] = []
+    info = client.catalog.info
+
+    def spy(model, fresh=False):  # the check runs after the announcement
+        seen.append(r.zrange(key, 0, -1))
+        return info(model, fresh)
+
+    client.catalog.info = spy
+    started = client.start_turn(TurnRequest("hi", SamplingParams(), model="tiny-neox"))
+    assert seen and seen[0] == [started.turn_id.encode()]
+    assert r.zcard(key) == 0 and r.llen(queue_name(client.settings, "tiny-neox")) == 1  # START took it off
+    client.close()
+
+
+def test_a_turn_refused_after_its_announcement_is_withdrawn(r, redis_url):
+    client = ChatClient(tiny_settings(redis_url))  # no live worker serves tiny-neox here: refused
+    with pytest.raises(Unavailable):
+        client.start_turn(TurnRequest("hi", SamplingParams(), model="tiny-neox"))
+    assert r.zcard(client.keys.arriving(queue_name(client.settings, "tiny-neox"))) == 0
+    assert not r.keys("chat:turn:*")
+    client.close()
