@@ -9,6 +9,7 @@ queued (producer/store.py START).
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import redis
 
 from config.presets import load_presets
-from shared.cards import ModelCard, WorkerReport
+from shared.cards import ModelCard, WorkerReport, read_card, read_reports
 from shared.codec import Codec
 from shared.keys import Keys
 
@@ -35,6 +36,9 @@ if #names > 0 then
 end
 return {redis.call('GET', KEYS[1]) or '', reports}
 """
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,17 +82,26 @@ class ModelCatalog:
 
     def known(self) -> set[str]:
         """Preset names plus every model a worker has served on this Redis."""
-        return set(load_presets().models) | {m.decode() for m in self.r.smembers(self.keys.models)}
+        try:
+            served = self.r.smembers(self.keys.models)
+        except redis.ResponseError as e:  # another type under the key: workers repair it (worker/presence.py)
+            log.warning("%s is unreadable (%s): listing the presets only", self.keys.models, e)
+            served = set()
+        return set(load_presets().models) | {m.decode() for m in served}
 
     def info(self, model: str, fresh: bool = False) -> ModelInfo:
         now = time.monotonic()
         hit = self._cache.get(model)
         if hit is not None and not fresh and now - hit[0] < self.ttl_s:
             return hit[1]
-        card_raw, reports = self._info(keys=[self.keys.card(model), self.keys.live(model)],
-                                       args=[f"{self.keys.prefix}:worker:"])
-        card = ModelCard.model_validate_json(card_raw) if card_raw else None
-        workers = [WorkerReport.model_validate_json(x) for x in reports if x]  # an expired one reads as None
+        try:
+            card_raw, reports = self._info(keys=[self.keys.card(model), self.keys.live(model)],
+                                           args=[f"{self.keys.prefix}:worker:"])
+        except redis.ResponseError as e:  # a key of another type: as if unknown until workers repair it
+            log.warning("model %r: its card or liveness is unreadable (%s)", model, e)
+            card_raw, reports = None, []
+        card = read_card(card_raw, model)
+        workers = [w for w in read_reports(reports) if w.model == model]
         info = ModelInfo(model, card, workers)
         self._cache[model] = (now, info)
         return info
@@ -98,16 +111,24 @@ class ModelCatalog:
         with self._lock:
             if card.tokenizer_sha in self._codecs:
                 return self._codecs[card.tokenizer_sha]
-            files = self.r.hgetall(self.keys.tokenizer(card.tokenizer_sha))
+            try:
+                files = self.r.hgetall(self.keys.tokenizer(card.tokenizer_sha))
+            except redis.ResponseError:  # another type under the key (a worker's start repairs it)
+                files = {}
             if not files:
                 return None
             from transformers import AutoTokenizer  # only producers that check prompts pay for the import
 
-            with tempfile.TemporaryDirectory() as d:
-                for name, content in unpack_files(files).items():
-                    Path(d, Path(name).name).write_bytes(content)
-                tokenizer = AutoTokenizer.from_pretrained(d)
-            codec = Codec(tokenizer, card.prompt_format, card.end_keys)
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    for name, content in unpack_files(files).items():
+                        Path(d, Path(name).name).write_bytes(content)
+                    tokenizer = AutoTokenizer.from_pretrained(d)
+                codec = Codec(tokenizer, card.prompt_format, card.end_keys)
+            except Exception as e:  # stored files that are not a tokenizer: as without a card (the worker checks)
+                log.warning("model %r: its stored tokenizer is unreadable, ignored (%s: %s)", card.model,
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                return None
             self._codecs[card.tokenizer_sha] = codec
             return codec
 

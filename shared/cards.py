@@ -10,12 +10,15 @@ own sake is made before anything is stored or queued.
 
 from __future__ import annotations
 
+import logging
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.prompts import PromptFormat
 
 LIVENESS_TTL_S = 15  # a worker's report expires this long after its last heartbeat
 HEARTBEAT_S = 5.0  # how often a worker renews its report
+log = logging.getLogger(__name__)
 
 
 class ModelCard(BaseModel):
@@ -44,3 +47,30 @@ class WorkerReport(BaseModel):
     pid: int = 0
     started_at: float = 0.0  # unix time
     at: float = 0.0  # unix time of this report
+
+
+def read_card(raw: bytes | str | None, model: str) -> ModelCard | None:
+    """The card stored for `model`, or None when there is none or it cannot be read (then the caller
+    goes on as without one: the worker checks what the card would have; a warning names the key's model)."""
+    if not raw:
+        return None
+    try:
+        card = ModelCard.model_validate_json(raw)
+    except ValueError as e:
+        log.warning("model %r: its stored card is unreadable, ignored (%s)", model, str(e).splitlines()[0])
+        return None
+    return card if card.model == model else None
+
+
+def read_reports(raws: list[bytes | str | None]) -> list[WorkerReport]:
+    """The worker reports that can be read (an expired one reads as None and is skipped; so is one that
+    is not a report, with a warning: whatever is stored, no reader fails on it)."""
+    out = []
+    for raw in raws:
+        if not raw:
+            continue
+        try:
+            out.append(WorkerReport.model_validate_json(raw))
+        except ValueError as e:
+            log.warning("an unreadable worker report was ignored (%s)", str(e).splitlines()[0])
+    return out

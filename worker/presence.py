@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from shared.cards import LIVENESS_TTL_S, ModelCard, WorkerReport
+from shared.cards import LIVENESS_TTL_S, ModelCard, WorkerReport, read_reports
 from shared.codec import Codec
 from shared.keys import Keys
 
 # SET the report with a TTL and index it by its expiry on Redis' clock; drop index entries long expired.
+log = logging.getLogger(__name__)
+
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -80,20 +84,48 @@ class Presence:
 
     def publish_card(self, card: ModelCard, files: dict[str, bytes]) -> None:
         key = self.keys.tokenizer(card.tokenizer_sha)
+        self._fix_types({key: "hash"})
         if not self.r.exists(key):  # content-addressed: written once, then only read
             staging = f"{key}:staging:{self.report.name}"
+            self.r.delete(staging)
             for field, piece in pack_files(files).items():
                 self.r.hset(staging, field, piece)
             self.r.rename(staging, key)  # readers see all pieces or none
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.keys.card(card.model), card.model_dump_json())
-        pipe.sadd(self.keys.models, card.model)
-        pipe.execute()
+
+        def write() -> None:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(self.keys.card(card.model), card.model_dump_json())
+            pipe.sadd(self.keys.models, card.model)
+            pipe.execute()
+
+        self._repairing({self.keys.card(card.model): "string", self.keys.models: "set"}, write)
 
     def heartbeat(self, busy: int) -> None:
         rep = self.report.model_copy(update={"busy": busy, "at": time.time()})
-        self._beat(keys=[self.keys.worker(rep.name), self.keys.live(rep.model)],
-                   args=[rep.model_dump_json(), LIVENESS_TTL_S, rep.name])
+        keys = [self.keys.worker(rep.name), self.keys.live(rep.model)]
+        self._repairing(dict(zip(keys, ("string", "zset"), strict=True)),
+                        lambda: self._beat(keys=keys, args=[rep.model_dump_json(), LIVENESS_TTL_S, rep.name]))
+
+    def _repairing(self, expected: dict[str, str], write: Callable[[], object]) -> None:
+        """`write`, once more after `_fix_types` if a key held another type (WRONGTYPE)."""
+        try:
+            write()
+        except redis.ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            self._fix_types(expected)
+            write()
+
+    def _fix_types(self, expected: dict[str, str]) -> None:
+        """Presence keys are the workers' to rebuild: one that holds another type (written by hand or by
+        another program) would stop every worker's heartbeat and every producer's check, so it is deleted,
+        with an error log naming it; heartbeats rebuild it within HEARTBEAT_S."""
+        for key, kind in expected.items():
+            actual = self.r.type(key)
+            actual = actual.decode() if isinstance(actual, bytes) else str(actual)
+            if actual not in ("none", kind):
+                log.error("%s held a %s, not a %s: deleted (workers rebuild it)", key, actual, kind)
+                self.r.delete(key)
 
     def withdraw(self) -> None:
         self.withdrawn = True
@@ -106,8 +138,12 @@ class Presence:
 def workers_on_host(r: redis.Redis, keys: Keys, host: str) -> list[WorkerReport]:
     """The live workers (of any model) whose reports name `host`: CPU workers sharing a host share its
     cores, so each should run on its part of them (runtime.py warns)."""
-    names = [n for model in r.smembers(keys.models) for n in r.zrange(keys.live(model.decode()), 0, -1)]
+    names = []
+    for model in r.smembers(keys.models):
+        try:
+            names += r.zrange(keys.live(model.decode()), 0, -1)
+        except redis.ResponseError:  # another type under that model's key: its own workers repair it
+            continue
     raw = r.mget([keys.worker(n.decode()) for n in names]) if names else []
-    reports = [WorkerReport.model_validate_json(x) for x in raw if x]  # an expired one reads as None
-    return [w for w in reports if w.host == host]
+    return [w for w in read_reports(raw) if w.host == host]
 

@@ -165,11 +165,14 @@ class StreamPublisher:
             self._kick.clear()
             try:
                 self.flush()
-                if self.heartbeat is not None and time.monotonic() - beat >= self.heartbeat_s:
-                    beat = time.monotonic()
-                    self.heartbeat()
             except redis.RedisError as e:  # Redis restarting: keep the text, retry next interval
                 log.warning("stream flush failed (will retry): %s", e)
+            if self.heartbeat is not None and time.monotonic() - beat >= self.heartbeat_s:
+                beat = time.monotonic()
+                try:
+                    self.heartbeat()
+                except redis.RedisError as e:
+                    log.warning("heartbeat failed (will retry): %s", e)
 
     def flush(self) -> None:
         with self._io:
