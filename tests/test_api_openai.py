@@ -164,6 +164,8 @@ CLIENT_ERRORS = [
     ({"extra_body": {"stream": "yes"}}, "stream", None),
     ({"extra_body": {"max_tokens": True}}, "max_tokens", None),
     ({"extra_body": {"temperature": "0.5"}}, "temperature", None),
+    ({"model": 5}, "model", None),  # `model` is also pydantic's tag for a model member of a union
+    ({"model": ""}, "model", None),
     # fields that would change the answer and are not supported yet
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", None),
     ({"tool_choice": "required"}, "tool_choice", None),

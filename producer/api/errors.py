@@ -94,7 +94,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "model", "l
 
 def _param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    parts = [p for p in parts if p.isdigit() or (p not in _TYPE_TAGS and not any(c in p for c in "[(<"))]
+    # The first part is always a field of the request (`model` is one, not only a tag).
+    parts = parts[:1] + [p for p in parts[1:]
+                         if p.isdigit() or (p not in _TYPE_TAGS and not any(c in p for c in "[(<"))]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
