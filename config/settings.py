@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # preset name in presets.yaml
     slots: int | None = Field(None, ge=1, le=1024)  # overrides the device preset
     sequence_length: int | None = Field(None, ge=16)  # overrides the model preset
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU
+    threads: int | None = Field(None, ge=1, le=1024)  # torch intra-op threads on CPU (more than the cores: warned)
     # Where a model loaded from a GGUF is kept as safetensors after its first load, so the next start skips
     # dequantizing it (worker/pipeline/weights_cache.py); "" = no cache.
     weights_cache: str = "~/.cache/chat-worker-pool/weights"

@@ -101,8 +101,17 @@ def turn(client: ChatClient, cid: str, text: str, sampling: SamplingParams) -> N
     print(f" [{'; '.join(notes)}]" if notes else "", flush=True)
 
 
+def default_output_length(client: ChatClient, model: str) -> int:
+    """DEFAULT_OUTPUT_LENGTH, or half the model's sequence length where that is less (a 256-token model
+    could never take 512: every turn would be refused)."""
+    seq = client.catalog.info(model).sequence_length
+    return max(1, min(DEFAULT_OUTPUT_LENGTH, seq // 2)) if seq else DEFAULT_OUTPUT_LENGTH
+
+
 def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingParams) -> int:
     cid = client.create_conversation(model, system)
+    if sampling.output_length is None:
+        sampling = sampling.model_copy(update={"output_length": default_output_length(client, model)})
     for text in prompts():
         if not text.strip():
             break
@@ -121,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = always the most likely token (default)")
     ap.add_argument("--top-k", type=int, default=5, help="0 = off (default 5)")
-    ap.add_argument("--output-length", type=int, default=DEFAULT_OUTPUT_LENGTH,
-                    help=f"max new tokens per reply (default {DEFAULT_OUTPUT_LENGTH})")
+    ap.add_argument("--output-length", type=int, default=None,
+                    help=f"max new tokens per reply (default {DEFAULT_OUTPUT_LENGTH}, or half the model's "
+                         "sequence length if that is less)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)  # INFO logs stay out of the chat display
     try:

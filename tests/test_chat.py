@@ -41,6 +41,10 @@ def test_chat_against_a_deployment(r, redis_url, tmp_path):
         convs = [k for k in r.keys("chat:conv:*") if not k.endswith(b":messages")]
         assert len(convs) == 1 and r.hget(convs[0], "system") == b"Be brief."
         assert r.llen(convs[0] + b":messages") == 4
+        # The default output length fits a model shorter than it (tiny-neox: 256 positions, default 512).
+        out = chat(["--redis", redis_url, "--model", "tiny-neox"], '["hello", ""]', timeout=120)
+        assert out.returncode == 0 and "[error]" not in out.stdout, out.stdout
+        assert "Assistant: " in out.stdout
     finally:
         w.stop()
 

@@ -46,6 +46,8 @@ def test_any_hub_id_or_path_is_a_model():
         ({"CHAT_VISIBILITY_TIMEOUT_S": "-1"}, "CHAT_VISIBILITY_TIMEOUT_S"),
         ({"CHAT_KEY_PREFIX": "a:b"}, "CHAT_KEY_PREFIX"),
         ({"CHAT_STREAM_FLUSH_MS": "soon"}, "CHAT_STREAM_FLUSH_MS"),
+        ({"CHAT_THREADS": "100000"}, "CHAT_THREADS"),  # segfaulted creating OpenMP threads
+        ({"CHAT_THREADS": "99999999999999999999999"}, "CHAT_THREADS"),  # overflowed in torch, unnamed
     ],
 )
 def test_bad_values_name_their_key(monkeypatch, env, key):

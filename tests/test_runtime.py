@@ -30,3 +30,16 @@ def test_the_model_is_loaded_on_the_engine_thread_and_detach_ends_it(r, redis_ur
         rt.detach()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_more_threads_than_cores_is_warned(caplog):
+    import logging
+    import os
+
+    from worker.runtime import warn_if_oversubscribed
+
+    cores = len(os.sched_getaffinity(0))
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_oversubscribed(cores)
+        assert warn_if_oversubscribed(cores + 1)
+    assert f"CHAT_THREADS={cores + 1} is more than the {cores} cores" in caplog.text

@@ -84,6 +84,7 @@ class Runtime:
     def open(cls, settings: Settings, hostname: str) -> Runtime:
         model, device = settings.model_preset(), settings.device_preset()
         if settings.threads:
+            warn_if_oversubscribed(settings.threads)
             torch.set_num_threads(settings.threads)
         r = sync_client(settings.redis_url)
         r.ping()  # fail in seconds, not after a model load, when Redis is unreachable
@@ -195,6 +196,17 @@ class Runtime:
             self.counters.handed_back,
             time.perf_counter() - t0,
         )
+
+
+def warn_if_oversubscribed(threads: int) -> bool:
+    """Warn (and say so) when `threads` exceeds the cores this process may run on: OpenMP threads past the
+    cores only take turns on them, and every step waits for the slowest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads <= cores:
+        return False
+    log.warning("CHAT_THREADS=%d is more than the %d cores this process may use: set at most %d", threads, cores,
+                cores)
+    return True
 
 
 def warn_if_sharing_cores(r: redis.Redis, keys: Keys, me: WorkerReport) -> None:
