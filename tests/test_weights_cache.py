@@ -31,12 +31,21 @@ def test_the_second_load_reads_the_cache_and_a_corrupt_entry_is_rebuilt(tmp_path
     assert second.codec.encode_plain("héllo <|im_start|>") == first.codec.encode_plain("héllo <|im_start|>")
     assert second.tokenizer.chat_template == first.tokenizer.chat_template
 
+    import shutil
+
+    same_size = tmp_path / "damaged-in-place"
+    shutil.copytree(entry, same_size)
+    with open(same_size / "model.safetensors", "r+b") as f:  # bytes overwritten, the size kept (it was served)
+        f.seek(50 << 20)
+        f.write(os.urandom(1 << 20))
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as f:  # a disk that filled up while it was written, say
         f.truncate(weights.stat().st_size // 2)
-    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
-        assert weights_cache.load(tmp_path, entry.name, torch.float32) is None
-    assert "is unreadable" in caplog.text and not entry.exists()  # removed: the next load rebuilds it
+    for damaged in (entry, same_size):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+            assert weights_cache.load(tmp_path, damaged.name, torch.float32) is None
+        assert "is unreadable" in caplog.text and not damaged.exists()  # removed: the next load rebuilds it
 
 
 def test_an_entry_is_keyed_by_the_source_file_as_it_is_now(tmp_path: Path) -> None:
