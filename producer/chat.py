@@ -123,6 +123,10 @@ def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingP
 
 
 def main(argv: list[str] | None = None) -> int:
+    # No progress bars in the chat (the embedded worker's first load converts a GGUF with tqdm, which reads
+    # this when it is imported: nothing has imported it yet).
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     ap = argparse.ArgumentParser(prog="python -m producer.chat", description="Chat with a model served by the pool.")
     ap.add_argument("--redis", help="Redis URL of a deployment; default: an embedded fakeredis + worker")
     ap.add_argument("--model", default=None, help="model preset (default: smollm2-135m)")
