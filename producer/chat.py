@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from config.quiet import no_progress_bars
 from config.settings import ConfigError, load_settings
 from producer.client import ChatClient
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart
@@ -123,10 +124,7 @@ def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingP
 
 
 def main(argv: list[str] | None = None) -> int:
-    # No progress bars in the chat (the embedded worker's first load converts a GGUF with tqdm, which reads
-    # this when it is imported: nothing has imported it yet).
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    no_progress_bars()  # the embedded worker's first load converts a GGUF with tqdm (config/quiet.py)
     ap = argparse.ArgumentParser(prog="python -m producer.chat", description="Chat with a model served by the pool.")
     ap.add_argument("--redis", help="Redis URL of a deployment; default: an embedded fakeredis + worker")
     ap.add_argument("--model", default=None, help="model preset (default: smollm2-135m)")

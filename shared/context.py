@@ -84,10 +84,13 @@ def fit(
 
     encoded: dict[int, list[list[int]]] = {}  # cut index -> the prompt's segments' ids (rendered once each)
 
-    def size(j: int) -> int:  # tokens of the prompt that keeps body[cuts[j]:]
+    def segments(j: int) -> list[list[int]]:  # the prompt that keeps body[cuts[j]:], per segment
         if j not in encoded:
             encoded[j] = encode_messages(codec, head + body[cuts[j] :])
-        return sum(map(len, encoded[j]))
+        return encoded[j]
+
+    def size(j: int) -> int:
+        return sum(map(len, segments(j)))
 
     # Candidate cut points: keeping everything (whatever role the history opens with), where a user message
     # starts, and the last message in any case.
@@ -112,8 +115,7 @@ def fit(
                 lo = mid + 1
         best = hi
     drop = cuts[best]
-    size(best)
-    parts = list(encoded[best])
+    parts = list(segments(best))  # a copy: the newest message may be cut below
     truncated = 0
     excess = sum(map(len, parts)) - budget
     if excess > 0:

@@ -18,14 +18,12 @@ import os
 import socket
 import sys
 
+from config.quiet import no_progress_bars
 from config.settings import ConfigError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    # No progress bars: Celery would log every refresh of one as a WARNING line. tqdm reads these overrides
-    # when it is imported (transformers' GGUF conversion uses it directly), so before anything imports it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    no_progress_bars()  # before anything imports tqdm (config/quiet.py)
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__.split("\n")[0])
     ap.add_argument("--redis", dest="redis_url", help="Redis URL (broker, results, conversations)")
     ap.add_argument("--model", help="model preset, hub id or local path")

@@ -18,9 +18,9 @@ from shared.cards import LIVENESS_TTL_S, ModelCard, WorkerReport, read_reports
 from shared.codec import Codec
 from shared.keys import Keys
 
-# SET the report with a TTL and index it by its expiry on Redis' clock; drop index entries long expired.
 log = logging.getLogger(__name__)
 
+# SET the report with a TTL and index it by its expiry on Redis' clock; drop index entries long expired.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000

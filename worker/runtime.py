@@ -6,7 +6,6 @@ Tasks run in the worker's threads and reach it through `current()`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -70,15 +69,15 @@ class Runtime:
     hostname: str
     counters: Counters = field(default_factory=Counters)
     detached: bool = False
-
-    @functools.cached_property
-    def arrivals(self) -> Arrivals:
-        """What is coming on this worker's queue (celery_workarounds._screen_reply asks when idle)."""
-        return Arrivals(self.redis, self.keys)
     # Set once by a cold shutdown (or detach): no turn starts generating after it, and every turn in
     # the engine is abandoned, so its task hands it back to the queue instead of failing it.
     abandoning: bool = False
     _gate: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # What is coming on this worker's queue (celery_workarounds._screen_reply asks when the engine is idle).
+    arrivals: Arrivals = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.arrivals = Arrivals(self.redis, self.keys)
 
     @classmethod
     def open(cls, settings: Settings, hostname: str) -> Runtime:
@@ -198,10 +197,15 @@ class Runtime:
         )
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share of the host)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def warn_if_oversubscribed(threads: int) -> bool:
     """Warn (and say so) when `threads` exceeds the cores this process may run on: OpenMP threads past the
     cores only take turns on them, and every step waits for the slowest."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if threads <= cores:
         return False
     log.warning("CHAT_THREADS=%d is more than the %d cores this process may use: set at most %d", threads, cores,
@@ -214,7 +218,7 @@ def warn_if_sharing_cores(r: redis.Redis, keys: Keys, me: WorkerReport) -> None:
     over every core and both run many times slower (12x for two smollm2 workers on 2 cores, measured)."""
     others = [w for w in workers_on_host(r, keys, me.host) if w.name != me.name]
     if others:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         log.warning(
             "%d other worker(s) run on this host (%s) and CHAT_THREADS is unset: every worker uses all %d cores "
             "and they slow each other down; set CHAT_THREADS to about cores / workers (%d here) on each",

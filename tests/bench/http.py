@@ -338,24 +338,21 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
         check(warm)
         out["warm_up_requests"] = len(warm)
 
-        log(f"http: 1 client, {singles} requests one after another ({new} max tokens)")
-        groups = []
-        for i in range(singles):
-            g = [stream_one(client, api.url, QUESTIONS[i % len(QUESTIONS)], new, ignore_eos)]
+        def measured(g: list[Req]) -> list[Req]:  # each group checked, then its stages read (outside timings)
             check(g)
             stage_times(rc, g)
-            groups.append(g)
+            return g
+
+        log(f"http: 1 client, {singles} requests one after another ({new} max tokens)")
+        groups = [measured([stream_one(client, api.url, QUESTIONS[i % len(QUESTIONS)], new, ignore_eos)])
+                  for i in range(singles)]
         out["1_client"] = summarize(groups, new)
         s = out["1_client"]
         log(f"http: 1 client: TTFT p50 {s['ttft_ms_p50']} ms, {s['tok_s_total']} tok/s")
 
         log(f"http: {clients} clients at once, {rounds} round(s)")
-        groups = []
-        for _ in range(rounds):
-            g = concurrent(client, api.url, [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)], new, ignore_eos)
-            check(g)
-            stage_times(rc, g)
-            groups.append(g)
+        burst = [QUESTIONS[i % len(QUESTIONS)] for i in range(clients)]
+        groups = [measured(concurrent(client, api.url, burst, new, ignore_eos)) for _ in range(rounds)]
         out["8_clients"] = summarize(groups, new)
         s = out["8_clients"]
         log(f"http: {clients} clients: TTFT p50 {s['ttft_ms_p50']} ms, {s['tok_s_total']} tok/s total")

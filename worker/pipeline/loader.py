@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from config.presets import ModelPreset
+from config.quiet import no_progress_bars
 from shared.codec import Codec
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def quiet_progress_bars() -> None:
     """No tqdm bars while loading: in a worker Celery logs them as WARNING lines (one per refresh), and in
     the CLI they would mix with the chat. The loader logs its own INFO lines instead. (tqdm reads
     TQDM_DISABLE when it is imported: processes set it first thing, as worker/__main__.py does.)"""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    no_progress_bars()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

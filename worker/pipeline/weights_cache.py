@@ -9,8 +9,8 @@ and the built-in tiny-neox, are not cached: they load as fast as the cache would
 
 A stale entry cannot be used (its key names the source file as it was). A corrupt one (a truncated
 or damaged file, a missing one, sizes or checksums that differ from the manifest written last) fails
-to load, is removed and rebuilt; an entry is written to a temporary folder and renamed into place complete, so a
-worker killed while writing leaves no half entry.
+to load, is removed and rebuilt; an entry is written to a temporary folder and renamed into place
+complete, so a worker killed while writing leaves no half entry.
 """
 
 from __future__ import annotations
