@@ -34,7 +34,8 @@ from tests.procs import RedisServer, WorkerProcess, first_delta
 
 KEYS = Keys("chat")
 SEQ = 2048
-LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800)  # runs to its length: ~2-3 s on tiny-neox
+# Runs to its length (~2-3 s on tiny-neox): a sampled reply could draw <|endoftext|> early, once in a while.
+LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800, ignore_eos=True)
 LEASE_S = 3  # short leases: a lost worker's turn comes back in seconds (the default is 10)
 ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_LEASE_S": str(LEASE_S), "CHAT_TURN_TIMEOUT_S": "30"}
 
@@ -143,7 +144,7 @@ def test_a_redelivery_while_the_first_attempt_lives_never_loses_the_turn(r, redi
         client = ChatClient(tiny_settings(server.url, sequence_length=SEQ))
         rr = redis.Redis.from_url(server.url)
         cid = client.create_conversation("tiny-neox")
-        task = client.send(cid, "a long answer please", SamplingParams(temperature=1.0, top_k=2, output_length=1500))
+        task = client.send(cid, "a long answer please", LONG)
         first = by_host(ws, first_delta(client, task.turn_id))
         if trigger == "client-kill":
             rr.client_kill_filter(_type="normal")  # every worker's connections drop and reconnect

@@ -146,7 +146,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _redis(_: Request, e: redis.RedisError) -> JSONResponse:
         # Only reads end here (every write goes through the producer library, which answers Unavailable
         # after withdrawing what it may have created): nothing was changed, the client may retry.
-        log.warning("Redis error: %s", e)
+        log.warning("Redis error: %s", e, exc_info=e)
         return error_response(ApiError(503, f"Redis unavailable: {e}", headers={"Retry-After": "5"}))
 
     @app.exception_handler(Exception)
