@@ -29,6 +29,18 @@ GuardedConsumer (Celery's consumer, four handlers)
     Celery logs and drops a message it cannot route (unknown task, invalid headers, undecodable or
     disallowed content): its turn then waits forever. The screen above refuses all of those first;
     these overrides are the net behind it, dead-lettering and answering the same way.
+
+end_event_loop (our stop signals, worker/lifecycle.py)
+    The worker replaces Celery's SIGTERM/SIGINT/SIGQUIT handlers (Celery 5.7's cold shutdown is an
+    "Unrecoverable error" in the threads pool, and its warm shutdown stops our step before the pool
+    drained). Ending the consumer loop the way Celery's own handler does takes two internals: the
+    module flag `celery.worker.state.should_stop` (what `_shutdown_handler` sets; the loop checks it
+    between polls) and the event loop's waker (`Hub._waker`, kombu 5.7), without which the loop sees
+    the flag only when its poll times out, up to a second later.
+
+Also Celery's, elsewhere because they are configuration: the unacked-sweep tuning in config/celery.py
+(kombu's Redis transport scans its unacked hash only every 10th sweep by default) and the task options
+in worker/tasks.py (acks_late + reject_on_worker_lost: see docs/GUARANTEES.md).
 """
 
 from __future__ import annotations
@@ -38,6 +50,8 @@ import logging
 from typing import Any
 
 import redis as redis_py
+from celery import signals
+from celery.worker import state
 from celery.worker.consumer import Consumer
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
@@ -129,3 +143,16 @@ class GuardedConsumer(Consumer):
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._refuse_message(message, f"malformed task message: cannot decode the body ({exc})")
 
+
+
+def end_event_loop(worker: Any, reason: str | None, cold: bool) -> None:
+    """End the consumer's event loop as Celery's own stop handler does (see the module's doc), from any
+    thread or a signal handler. `worker`: Celery's WorkController (its `hub` is None before it starts).
+    Idempotent: the shutdown signal is sent once."""
+    if state.should_stop is None or state.should_stop is False:
+        state.should_stop = 0  # Celery's EX_OK: the consumer loop ends warm, the process exits 0
+        signals.worker_shutting_down.send(sender=getattr(worker, "hostname", None), sig=reason,
+                                          how="Cold" if cold else "Warm", exitcode=0)
+    waker = getattr(getattr(worker, "hub", None), "_waker", None)  # interrupt the poller now
+    if waker is not None:
+        waker.wake()

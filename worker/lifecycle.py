@@ -17,7 +17,7 @@ Why our own signal handlers: Celery's cold shutdown is an "Unrecoverable error" 
 (and in solo it marks the running task failed and acks it), and its warm shutdown stops this step
 before the pool has drained, which would cut the turns it should let finish. The handlers replace
 Celery's for SIGTERM, SIGINT and SIGQUIT once Celery has installed its own (Blueprint.on_start runs
-before the steps start); they only end the event loop the way Celery does (state.should_stop) and
+before the steps start); they only end the event loop the way Celery does (celery_workarounds.end_event_loop) and
 never raise into a running turn. Everything after that runs in PipelineStep.stop, in the main
 thread, after the Consumer step stopped consuming and before the Pool step joins its threads; the
 acks and rejects that the finished turns queued on the event loop run when the Hub step closes.
@@ -30,13 +30,15 @@ import os
 import signal
 import threading
 import time
+from enum import Enum
 from typing import Any
 
-from celery import platforms, signals
+from celery import platforms
 from celery.worker import state
 
 from config.settings import Settings
 from worker import runtime
+from worker.celery_workarounds import end_event_loop
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,24 @@ HANDED_BACK_WAIT_S = 10.0  # how long a cold shutdown waits for abandoned turns 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
 
 
+class Phase(str, Enum):
+    """Where a worker is in its life; it only moves down this list."""
+
+    created = "created"  # the step exists, nothing loaded
+    loading = "loading"  # the pipeline is loading: a stop signal abandons the load
+    running = "running"  # attached and consuming
+    warm = "warm"  # no new turns; the turns in flight finish within the grace period
+    cold = "cold"  # the turns in flight are handed back to the queue
+    stopped = "stopped"  # detached (or never attached)
+
+
 class Lifecycle:
     def __init__(self, worker: Any, settings: Settings):
         self.worker = worker
         self.settings = settings
         self.grace_s = settings.shutdown_grace_s
         self.rt: Runtime | None = None
-        self.phase = "created"  # created | loading | running | warm | cold | stopped
+        self.phase = Phase.created
         self.stop_reason: str | None = None
         self.cold_reason: str | None = None
         self._wake = threading.Event()
@@ -71,39 +84,39 @@ class Lifecycle:
         self.signals_installed = True
 
     def open(self, hostname: str) -> Runtime:
-        self.phase = "loading"
+        self.phase = Phase.loading
         try:
             rt = Runtime.open(self.settings, hostname)
         except Exception as e:  # LoadError, missing poptorch, no GPU, Redis down...
-            self.phase = "stopped"
+            self.phase = Phase.stopped
             log.debug("pipeline start failed", exc_info=True)
             log.error("worker cannot start: %s", _describe(e))
             raise SystemExit(EXIT_START_FAILED) from None
         self.rt = rt
         runtime.install(rt)
-        if self.phase == "loading":
-            self.phase = "running"
+        if self.phase is Phase.loading:
+            self.phase = Phase.running
         return rt
 
     # -- signals (main thread, between two bytecodes of whatever it was doing) ----------------------
     def _on_signal(self, signum: int, frame: Any = None) -> None:
         name = signal.Signals(signum).name
-        if self.phase == "loading":  # nothing consumed yet, nothing to hand back: abandon the load
-            self.phase = "stopped"
+        if self.phase is Phase.loading:  # nothing consumed yet, nothing to hand back: abandon the load
+            self.phase = Phase.stopped
             self.stop_reason = f"{name} while loading"
             log.warning("%s while loading the pipeline: not starting", name)
             raise SystemExit(EXIT_OK)
-        if self.phase == "cold" or (self.phase == "stopped" and name == "SIGQUIT"):
+        if self.phase is Phase.cold or (self.phase is Phase.stopped and name == "SIGQUIT"):
             log.error("%s during a cold shutdown: exiting now without detaching", name)
             logging.shutdown()
             os._exit(EXIT_HARD)
-        if self.phase == "stopped":  # detached already, Celery is closing its pool and connection
+        if self.phase is Phase.stopped:  # detached already, Celery is closing its pool and connection
             log.info("%s: already shutting down (SIGQUIT exits at once)", name)
             return
-        if name == "SIGQUIT" or self.phase == "warm":
+        if name == "SIGQUIT" or self.phase is Phase.warm:
             self.go_cold(name if name == "SIGQUIT" else f"second stop signal ({name})")
         else:
-            self.phase = "warm"
+            self.phase = Phase.warm
             self.stop_reason = name
             log.warning(
                 "%s: warm shutdown, no new turns; turns in flight get up to %.0fs to finish "
@@ -116,34 +129,25 @@ class Lifecycle:
     def request_stop(self, reason: str) -> None:
         """A warm shutdown asked for by the worker's owner (the embedded worker), from any thread: the
         worker's own thread ends its event loop and shuts down, as after a first SIGTERM."""
-        if self.phase in ("created", "loading", "running"):
-            self.phase = "warm"
+        if self.phase in (Phase.created, Phase.loading, Phase.running):
+            self.phase = Phase.warm
             self.stop_reason = reason
             log.info("%s: warm shutdown", reason)
         self._end_event_loop()
 
     def go_cold(self, reason: str) -> None:
         """Abandon every turn in flight (safe from a signal handler or any thread)."""
-        if self.phase in ("cold", "stopped"):
+        if self.phase in (Phase.cold, Phase.stopped):
             return
-        self.phase = "cold"
+        self.phase = Phase.cold
         self.cold_reason = reason
         n = self.rt.abandon(f"worker shutting down ({reason})") if self.rt is not None else 0
         log.warning("cold shutdown (%s): abandoned %d turn(s) in flight, handing them back to the queue", reason, n)
         self._end_event_loop()
 
     def _end_event_loop(self) -> None:
-        if state.should_stop is None or state.should_stop is False:
-            state.should_stop = EXIT_OK  # what Celery's own handler sets: the consumer loop ends warm
-            signals.worker_shutting_down.send(sender=getattr(self.worker, "hostname", None),
-                                              sig=self.stop_reason or self.cold_reason,
-                                              how="Cold" if self.phase == "cold" else "Warm",
-                                              exitcode=EXIT_OK)
+        end_event_loop(self.worker, self.stop_reason or self.cold_reason, cold=self.phase is Phase.cold)
         self._wake.set()
-        hub = getattr(self.worker, "hub", None)
-        waker = getattr(hub, "_waker", None)  # interrupt the poller now, not at its next timeout
-        if waker is not None:
-            waker.wake()
 
     # -- stop (PipelineStep.stop / terminate, main thread) ------------------------------------------
     def in_flight(self) -> int:
@@ -152,29 +156,29 @@ class Lifecycle:
 
     def shutdown(self, cold: bool = False) -> None:
         """Drain (warm) or abandon (cold) the turns in flight, then detach. Idempotent."""
-        if self.rt is None or self.phase == "stopped":
+        if self.rt is None or self.phase is Phase.stopped:
             self._detach()
             return
         self.rt.withdraw()  # no new turns here: producers stop counting on this worker
         if cold:
             self.go_cold(self.cold_reason or "worker terminated")
-        if self.phase not in ("warm", "cold"):  # stopped by its owner (embedded worker, Celery itself)
-            self.phase = "warm"
+        if self.phase not in (Phase.warm, Phase.cold):  # stopped by its owner (embedded worker, Celery itself)
+            self.phase = Phase.warm
             self.stop_reason = self.stop_reason or "stop requested"
         t0 = time.monotonic()
-        if self.phase == "warm" and self.in_flight():
+        if self.phase is Phase.warm and self.in_flight():
             log.info("warm shutdown: waiting for %d turn(s) in flight", self.in_flight())
             deadline = t0 + self.grace_s
-            while self.in_flight() and self.phase == "warm":
+            while self.in_flight() and self.phase is Phase.warm:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.go_cold(f"shutdown grace of {self.grace_s:g}s ran out")
                     break
                 self._wake.wait(min(0.1, left))
                 self._wake.clear()
-            if self.phase == "warm":
+            if self.phase is Phase.warm:
                 log.info("warm shutdown: turns in flight finished in %.1fs", time.monotonic() - t0)
-        if self.phase == "cold":
+        if self.phase is Phase.cold:
             self.rt.abandon(f"worker shutting down ({self.cold_reason})")  # again: catches late arrivals
             end = time.monotonic() + HANDED_BACK_WAIT_S
             while self.in_flight() and time.monotonic() < end:
@@ -187,7 +191,7 @@ class Lifecycle:
 
     def _detach(self) -> None:
         rt, self.rt = self.rt, None
-        self.phase = "stopped"
+        self.phase = Phase.stopped
         if rt is not None:
             try:
                 rt.detach()
