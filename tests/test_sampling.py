@@ -3,7 +3,7 @@
 import torch
 
 from shared.sampling import SamplingParams
-from worker.engine.sampling import filter_top_k_top_p, sample
+from worker.engine.sampling import Sampler, filter_top_k_top_p, sample
 
 
 def test_repetition_penalty_steers_greedy_away_from_seen_tokens():
@@ -58,3 +58,58 @@ def test_one_rows_overflowing_parameters_never_fail_its_batch():
         out = sample(logits.clone(), params, [None] * 4, [[1], [1, 2], [1], []])
         assert out[0] == 1 and 0 <= out[3] < 4  # the healthy row still draws from its distribution
         assert out[1] in (1, 2) and out[2] == 1  # overflowed rows take their most likely token
+
+
+def test_sampler_rebuilds_its_row_tensors_when_the_batch_changes():
+    """A Sampler keeps the per-row tensors while the same parameter objects come back in the same order;
+    a sequence joining, leaving or swapping places must never be sampled with another's parameters."""
+    vocab = 200
+    logits = torch.zeros(2, vocab)
+    logits[:, :10] = torch.arange(10, 0, -1).float()  # tokens 0..9 most likely, in that order
+    wide = SamplingParams(temperature=1.0, top_k=10)
+    narrow = SamplingParams(temperature=1.0, top_k=2)  # tokens 0 and 1 only
+    sampler = Sampler()
+    seen: list[set[int]] = [set(), set()]
+    for _ in range(60):
+        a, b = sampler(logits, [wide, narrow], [None, None])
+        seen[0].add(a)
+        seen[1].add(b)
+    assert seen[1] <= {0, 1} and len(seen[0] - {0, 1}) > 0
+    swapped = [set(), set()]
+    for _ in range(60):  # the same objects, the other way round
+        a, b = sampler(logits, [narrow, wide], [None, None])
+        swapped[0].add(a)
+        swapped[1].add(b)
+    assert swapped[0] <= {0, 1} and len(swapped[1] - {0, 1}) > 0
+    assert all(t in (0, 1) for t in sampler(logits[:1], [narrow], [None]) for _ in range(20))
+
+
+def test_a_row_without_top_k_but_with_top_p_keeps_its_nucleus_beside_top_k_rows():
+    """The nucleus of a row with no top-k needs the whole vocabulary ranked; its batch mates' top-k must
+    not cut it short (the batch ranks its largest k)."""
+    vocab = 300
+    logits = torch.full((2, vocab), -5.0)
+    logits[:, :40] = 0.0  # 40 equally likely tokens hold nearly all the mass
+    params = [SamplingParams(temperature=1.0, top_k=0, top_p=0.9), SamplingParams(temperature=1.0, top_k=3)]
+    nucleus, topk = set(), set()
+    for _ in range(80):
+        a, b = sample(logits, params, [None, None])
+        nucleus.add(a)
+        topk.add(b)
+    assert nucleus <= set(range(40)) and len(nucleus) > 10  # well past the mate's 3
+    assert len(topk) <= 3 and topk <= set(range(40))
+
+
+def test_a_seeded_row_draws_the_same_whatever_its_batch_mates_top_k():
+    vocab = 500
+    torch.manual_seed(0)
+    logits = torch.randn(3, vocab)
+    seeded = SamplingParams(temperature=1.0, top_k=40, seed=3)
+
+    def draws(mate_k: int) -> list[int]:
+        gen = torch.Generator().manual_seed(3)
+        mates = [SamplingParams(temperature=1.0, top_k=mate_k), SamplingParams(temperature=0.7, top_p=0.5, top_k=0)]
+        sampler = Sampler()
+        return [sampler(logits, [mates[0], seeded, mates[1]], [None, gen, None])[1] for _ in range(15)]
+
+    assert draws(2) == draws(400) == draws(0)

@@ -34,7 +34,8 @@ from shared.codec import Codec
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
-from worker.engine.sampling import sample
+from worker.engine.sampling import Sampler, sample
+from worker.engine.stopping import StoppingCriteria
 from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Prefill
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ class _Seq:
     id: int
     prompt: list[int]
     params: SamplingParams
-    max_new: int
-    deadline: float | None
+    stopping: StoppingCriteria
     events: queue.SimpleQueue[Event]  # C-implemented: a put per token, cheaper than queue.Queue's Python locks
     detok: Detokenizer
     generator: torch.Generator | None
@@ -104,7 +104,6 @@ class _Seq:
     last: int = 0
     pending: int | None = None  # sampled, text not yet emitted (Engine._emit_pending)
     generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_first: float = 0.0
@@ -118,7 +117,7 @@ class Handle:
         self._engine = engine
 
     def cancel(self) -> None:
-        self._seq.cancelled = True
+        self._seq.stopping.cancelled = True
         self._engine._wake()
 
     def __iter__(self):
@@ -154,6 +153,7 @@ class Engine:
         self._backlog_until = -1e9  # ... counted until then (monotonic)
         self.tokens_generated = 0
         self.finished = 0
+        self._sampler = Sampler()  # the decode step's: its row tensors live while the batch does
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -201,12 +201,16 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        stopping = StoppingCriteria(
+            frozenset() if params.ignore_eos else frozenset(self.codec.end_ids),
+            min(max_new, self.max_len - len(prompt)),  # the reply never writes past the KV cache
+            deadline,
+        )
         seq = _Seq(
             next(self._ids),
             list(prompt),
             params,
-            min(max_new, self.max_len - len(prompt)),
-            deadline,
+            stopping,
             queue.SimpleQueue(),
             Detokenizer(self.codec.decode, params.stop),
             gen,
@@ -261,7 +265,7 @@ class Engine:
             seqs = [s for s in self.slots if s is not None] + list(self._waiting)
             self._waiting.clear()
             for s in seqs:
-                s.cancelled = True
+                s.stopping.cancelled = True
                 s.events.put(Failed(reason, abandoned=True))
             self.slots = [None] * len(self.slots)
             return len(seqs)
@@ -324,7 +328,7 @@ class Engine:
         pending = sorted((s for s in self.slots if s is not None and s.prefilled < len(s.prompt)), key=lambda s: s.id)
         batch: list[tuple[_Seq, int]] = []
         for seq in pending:
-            if seq.cancelled:
+            if seq.stopping.cancelled:
                 continue
             left = len(seq.prompt) - seq.prefilled
             if batch and left > budget:
@@ -386,7 +390,7 @@ class Engine:
             if any(s.params.repetition_penalty != 1.0 for s in active)
             else None
         )
-        tokens = sample(picked, [s.params for s in active], [s.generator for s in active], history)
+        tokens = self._sampler(picked, [s.params for s in active], [s.generator for s in active], history)
         for s, t in zip(active, tokens):
             if self.slots[s.slot] is not s:
                 continue  # its previous token completed a stop string while this step ran: this one is void
@@ -397,14 +401,15 @@ class Engine:
         """Record a sampled token; finish the sequence when it ends. With `defer`, a token that doesn't
         end it by id or length leaves its text (and a stop string's check) to _emit_pending."""
         self.tokens_generated += 1
-        if token in self.codec.end_ids and not seq.params.ignore_eos:
-            self._finish(seq, self._result(seq, FinishReason.end_key))
+        reason = seq.stopping.on_token(token, len(seq.generated) + 1)
+        if reason is FinishReason.end_key:
+            self._finish(seq, self._result(seq, reason))
             return
         seq.generated.append(token)
         seq.last = token
-        if len(seq.generated) >= seq.max_new or seq.pos >= self.max_len:
+        if reason is FinishReason.length:
             if not self._emit(seq, token):
-                self._finish(seq, self._result(seq, FinishReason.length))
+                self._finish(seq, self._result(seq, reason))
         elif defer:
             seq.pending = token
             self._pending.append(seq)
@@ -420,9 +425,10 @@ class Engine:
     def _emit(self, seq: _Seq, token: int) -> bool:
         """A token's text to the handle; True if it completed a stop string (the sequence is finished)."""
         self._push_text(seq, token)
-        if seq.detok.stopped:
-            self._finish(seq, self._result(seq, FinishReason.stop))
-        return seq.detok.stopped
+        reason = seq.stopping.on_text(seq.detok)
+        if reason is not None:
+            self._finish(seq, self._result(seq, reason))
+        return reason is not None
 
     def _emit_pending(self) -> None:
         for seq in self._pending:
@@ -434,8 +440,8 @@ class Engine:
     def _reap(self) -> None:
         now = time.time()
         for s in [s for s in self.slots if s is not None]:
-            if s.cancelled or (s.deadline is not None and now > s.deadline):
-                self._finish(s, self._result(s, FinishReason.cancelled))
+            if (reason := s.stopping.on_clock(now)) is not None:
+                self._finish(s, self._result(s, reason))
 
     def _result(self, seq: _Seq, reason: FinishReason) -> Finished:
         if seq.pending is not None:  # finished (cancelled, expired) with a token's text still to emit

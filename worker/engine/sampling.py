@@ -4,6 +4,11 @@ Rows with temperature 0 (or below SAMPLING_EPS, or top_k 1) take the argmax; the
 cut to their own top-k and top-p, and drawn (from their own seeded generator when they have a seed, so
 a seeded turn gives the same reply whatever else shares its batch).
 
+Top-k is a partial selection (`torch.topk`, the batch's largest k), not a sort of the vocabulary: on
+2 CPU cores sorting 49,152 logits took ~8 ms a row, top-50 ~0.1 ms (`python -m tests.bench.sampling`).
+Only a row with no top-k and a top-p below 1 needs every token ranked, and only then is the vocabulary
+sorted. Tokens are drawn among the kept candidates, not over the whole vocabulary.
+
 One row's parameters can never fail its batch: logits a tiny temperature or repetition penalty pushed
 to infinity are clamped, and a row whose probabilities still came out invalid takes its most likely
 token, so the batch's one multinomial draw always has valid rows.
@@ -12,6 +17,7 @@ token, so the batch's one multinomial draw always has valid rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +27,8 @@ from shared.sampling import SamplingParams
 def apply_repetition_penalty(
     logits: torch.Tensor, history: Sequence[Sequence[int]], penalties: Sequence[float]
 ) -> None:
-    """CTRL's penalty, in place: seen tokens' positive logits are divided, negative multiplied."""
+    """CTRL's penalty (Keskar et al. 2019, eq. 1), in place on `logits` (rows, vocab) float32: each row's
+    seen tokens' positive logits are divided by its penalty, negative ones multiplied."""
     for i, (seen, p) in enumerate(zip(history, penalties)):
         if p == 1.0 or not seen:
             continue
@@ -30,18 +37,138 @@ def apply_repetition_penalty(
         logits[i, idx] = torch.where(vals > 0, vals / p, vals * p)
 
 
+def _ranked(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's `k` largest logits, descending, and their token ids: (rows, k) float, (rows, k) int64."""
+    if k >= logits.shape[-1]:
+        return torch.sort(logits, dim=-1, descending=True)
+    return torch.topk(logits, k, dim=-1)
+
+
+def _cut(ranked: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`ranked` (rows, k) descending logits with each row's tokens past its own top-k (`top_k` (rows,)
+    int, already within 1..k) and outside its nucleus (`top_p` (rows,) in (0, 1]) set to -inf. The
+    nucleus is the smallest prefix whose probability reaches top_p (Holtzman et al. 2020), taken over
+    what top-k kept; the most likely token always survives."""
+    ranks = torch.arange(ranked.shape[-1], device=ranked.device).unsqueeze(0)
+    drop = ranks >= top_k.unsqueeze(1)
+    probs = torch.softmax(ranked.masked_fill(drop, float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the better tokens
+    drop |= before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    return ranked.masked_fill(drop, float("-inf"))
+
+
+def _own_k(p: SamplingParams, vocab: int) -> int:
+    """How many candidates the row keeps before top-p: its top_k, or the whole vocabulary (0 = no top-k)."""
+    return vocab if p.top_k <= 0 else min(p.top_k, vocab)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits (rows, vocab) with everything outside each row's top-k and nucleus set to -inf."""
+    """logits (rows, vocab) with everything outside each row's top-k (`top_k` (rows,) int, 0 = none) and
+    nucleus (`top_p` (rows,) float) set to -inf."""
     vocab = logits.shape[-1]
     k = torch.where(top_k <= 0, vocab, top_k.clamp(max=vocab))
-    sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    drop = ranks >= k.unsqueeze(1)
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs  # mass of the better tokens
-    drop |= before >= top_p.unsqueeze(1)  # keep the smallest prefix whose mass reaches top_p
-    drop[:, 0] = False  # the most likely token always survives
-    return logits.scatter(1, sorted_idx, sorted_logits.masked_fill(drop, float("-inf")))
+    vals, idx = _ranked(logits, int(k.max()))
+    return torch.full_like(logits, float("-inf")).scatter(1, idx, _cut(vals, k, top_p))
+
+
+@dataclass
+class _Rows:
+    """The drawing rows of one batch composition, as tensors built once (kept while it lasts)."""
+
+    params: tuple[SamplingParams, ...]  # held, so that `is` comparisons stay meaningful
+    drawn: list[int]  # rows that draw (not greedy), in batch order
+    drawn_idx: torch.Tensor  # (len(drawn),) int64
+    temperature: torch.Tensor  # (len(drawn), 1) float32
+    top_k: torch.Tensor  # (len(drawn),) int64, each within 1..k
+    top_p: torch.Tensor  # (len(drawn),) float32
+    k: int  # candidates ranked per row: the largest top-k among them (the vocabulary if one has none)
+    cut: bool  # some row filters (a top-k below the vocabulary or a top-p below 1)
+
+
+class Sampler:
+    """`sample` for a decode loop: the per-row parameter tensors are built when the batch's rows change
+    (a sequence joins or leaves), not every step."""
+
+    def __init__(self) -> None:
+        self._rows: _Rows | None = None
+
+    def _for(self, params: Sequence[SamplingParams], vocab: int, device: torch.device) -> _Rows:
+        rows = self._rows
+        if (rows is not None and len(rows.params) == len(params)
+                and all(a is b for a, b in zip(rows.params, params))):
+            return rows
+        drawn = [i for i, p in enumerate(params) if not p.greedy]
+        ks = [_own_k(params[i], vocab) for i in drawn]
+        k = max(ks, default=1)
+        top_p = [params[i].top_p for i in drawn]
+        self._rows = rows = _Rows(
+            tuple(params),
+            drawn,
+            torch.tensor(drawn, device=device, dtype=torch.long),
+            torch.tensor([params[i].temperature for i in drawn], device=device).unsqueeze(1),
+            torch.tensor(ks, device=device, dtype=torch.long),
+            torch.tensor(top_p, device=device),
+            k,
+            any(x < vocab for x in ks) or any(p < 1.0 for p in top_p),
+        )
+        return rows
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        history: Sequence[Sequence[int]] | None = None,
+    ) -> list[int]:
+        """One token id per row. `logits` (rows, vocab), any float dtype, already cut to the tokenizer's
+        real ids; `params` and `generators` (None = unseeded) per row; `history` each row's prompt and
+        reply ids (read only when a row has a repetition penalty)."""
+        logits = logits.float()
+        if history is not None and any(p.repetition_penalty != 1.0 for p in params):
+            apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
+        out = logits.argmax(dim=-1)
+        rows = self._for(params, logits.shape[-1], logits.device)
+        if not rows.drawn:
+            return out.tolist()
+        sub = logits.index_select(0, rows.drawn_idx) / rows.temperature
+        sub = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30)  # overflowed: huge, not inf (inf - inf = nan)
+        free = [j for j, i in enumerate(rows.drawn) if generators[i] is None]
+        if len(free) == len(rows.drawn):
+            vals, idx = (_ranked(sub, rows.k) if rows.cut else (sub, None))
+            if rows.cut:
+                vals = _cut(vals, rows.top_k, rows.top_p)
+            picked = _draw(vals)
+            tokens = picked if idx is None else idx.gather(1, picked.unsqueeze(1)).view(-1)
+            out[rows.drawn_idx] = tokens
+            return out.tolist()
+        if free:  # unseeded rows draw together: one kernel, not one per row
+            f = torch.tensor(free, device=logits.device)
+            vals, idx = _ranked(sub[f], rows.k)
+            picked = _draw(_cut(vals, rows.top_k[f], rows.top_p[f]))
+            out[rows.drawn_idx[f]] = idx.gather(1, picked.unsqueeze(1)).view(-1)
+        for j, i in enumerate(rows.drawn):
+            if generators[i] is None:
+                continue
+            # A seeded row ranks and draws on its own, so its reply does not depend on its batch mates.
+            p, k = params[i], _own_k(params[i], logits.shape[-1])
+            if k == logits.shape[-1] and p.top_p >= 1.0:  # nothing to cut: draw over the vocabulary
+                out[i] = _draw(sub[j : j + 1], generators[i])[0]
+                continue
+            vals, idx = _ranked(sub[j : j + 1], k)
+            picked = _draw(_cut(vals, rows.top_k[j : j + 1], rows.top_p[j : j + 1]), generators[i])
+            out[i] = idx[0, picked[0]]
+        return out.tolist()
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of `logits` (rows, n): position ids (rows,) int64. Without a host sync, a row whose
+    probabilities are not a distribution takes its largest logit."""
+    probs = torch.softmax(logits, dim=-1)
+    ok = torch.isfinite(probs).all(dim=-1, keepdim=True) & (probs.sum(dim=-1, keepdim=True) > 0)
+    onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.where(ok, probs, onehot)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
 def sample(
@@ -50,33 +177,5 @@ def sample(
     generators: Sequence[torch.Generator | None],
     history: Sequence[Sequence[int]] | None = None,
 ) -> list[int]:
-    """One token per row. `logits` (rows, vocab) are already cut to the tokenizer's real ids."""
-    logits = logits.float()
-    if history is not None and any(p.repetition_penalty != 1.0 for p in params):
-        apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
-    out = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        sub = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=logits.device).unsqueeze(1)
-        sub = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30)  # overflowed: huge, not inf (inf - inf = nan)
-        sub = filter_top_k_top_p(
-            sub,
-            torch.tensor([params[i].top_k for i in rows], device=logits.device),
-            torch.tensor([params[i].top_p for i in rows], device=logits.device),
-        )
-        probs = torch.softmax(sub, dim=-1)
-        # Without a host sync: a row whose probabilities are not a distribution gets its argmax as one.
-        ok = torch.isfinite(probs).all(dim=-1, keepdim=True) & (probs.sum(dim=-1, keepdim=True) > 0)
-        onehot = torch.zeros_like(probs).scatter_(1, sub.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(ok, probs, onehot)
-        # Unseeded rows draw together (one kernel, not one per row); a seeded row draws from its own
-        # generator, so its reply doesn't depend on its batch mates.
-        free = [j for j, i in enumerate(rows) if generators[i] is None]
-        if free:
-            draws = torch.multinomial(probs[torch.tensor(free, device=logits.device)], 1).view(-1)
-            out[torch.tensor([rows[j] for j in free], device=logits.device)] = draws
-        for j, i in enumerate(rows):
-            if generators[i] is not None:
-                out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    return out.tolist()
+    """`Sampler()(...)` for a one-off batch (a prefill's first tokens, tests): see Sampler.__call__."""
+    return Sampler()(logits, params, generators, history)
