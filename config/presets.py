@@ -74,6 +74,23 @@ class Presets(BaseModel):
         return self.devices[name].model_copy(update={"name": name})
 
 
+def choose_ipu_preset(available_ipus: int) -> str:
+    """The device preset for a host with `available_ipus` IPUs, as the original notebook chose:
+    exactly 4 -> ipu-pod4, anything else -> ipu-pod16."""
+    return "ipu-pod4" if available_ipus == 4 else "ipu-pod16"
+
+
+def resolve_auto_ipu(device: DevicePreset, available_ipus: int) -> DevicePreset:
+    """The auto preset `ipu` (an IPU preset with `ipus: 0`) as the preset `choose_ipu_preset` picks for
+    `available_ipus`; any other preset comes back as it is. Fields set on the auto entry itself or by
+    CHAT_SLOTS (everything but name, backend, device and ipus) override the chosen preset's."""
+    if device.backend != "ipu" or device.ipus:
+        return device
+    keep = device.model_fields_set - {"name", "backend", "device", "ipus"}
+    chosen = load_presets().device(choose_ipu_preset(available_ipus))
+    return chosen.model_copy(update={k: getattr(device, k) for k in keep})
+
+
 @lru_cache(maxsize=4)
 def load_presets(path: Path = PRESETS_FILE) -> Presets:
     raw = yaml.safe_load(path.read_text())

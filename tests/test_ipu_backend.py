@@ -20,16 +20,20 @@ except ImportError:  # tests/ is not a package: pytest puts this directory on sy
     import fake_poptorch  # type: ignore[no-redef]
 
 from config.presets import DevicePreset, load_presets
+from config.presets import choose_ipu_preset as choose_preset
 from config.settings import load_settings
 from shared.context import fit
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
 from worker.app import worker_options
 from worker.engine.engine import Engine, Finished, Token
-from worker.pipeline import ipu_backend, tiny_neox
+from worker.pipeline import tiny_neox
 from worker.pipeline.backend import Prefill
 from worker.pipeline.factory import build_backend
-from worker.pipeline.ipu_backend import IPUBackend, choose_preset, detect_ipus, engine_slots, resolve_device
+from worker.pipeline.ipu import backend as ipu_backend
+from worker.pipeline.ipu import sizing
+from worker.pipeline.ipu.backend import IPUBackend
+from worker.pipeline.ipu.sizing import detect_ipus, engine_slots, resolve_device
 from worker.pipeline.loader import LoadedModel, load_model
 from worker.pipeline.torch_backend import TorchBackend
 
@@ -216,7 +220,7 @@ def test_auto_preset_ipu_picks_the_pod_by_the_ipus_the_host_reports(fake, tmp_pa
     fake.reset(ipus=ipus)
     auto = preset("ipu", tmp_path)  # dtype and executable_cache set on it: they override the chosen preset's
     assert auto.ipus == 0
-    with caplog.at_level("INFO", logger=ipu_backend.__name__):
+    with caplog.at_level("INFO", logger=sizing.__name__):
         be = build_backend(auto, tiny(), MAX_LEN)
     assert f"device 'ipu': this host reports {ipus} IPU(s): using preset {chosen!r}" in caplog.text
     assert be.device.name == chosen and (be.device.ipus, be.plan.micro_batch) == (ipus, micro)
@@ -292,7 +296,7 @@ def test_layers_are_split_evenly_over_the_ipus(fake, tmp_path):
     assert be.layer_ipus == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
     assert [ipu for _, _, ipu in fake.blocks] == [0, 1, 2, 3]
     assert fake.executables[-1].stage_ipus == [0, 1, 2, 3]  # the forward visits the IPUs in order
-    starts = ipu_backend.stage_starts(36, 16)
+    starts = sizing.stage_starts(36, 16)
     sizes = [b - a for a, b in zip(starts, [*starts[1:], 36], strict=True)]
     assert sorted(set(sizes)) == [2, 3] and sum(sizes) == 36  # Pythia-12B over a POD16
 
@@ -301,7 +305,7 @@ def test_a_model_with_fewer_layers_than_ipus_is_replicated(fake, tmp_path):
     be = backend(tmp_path, name="ipu-pod16")  # tiny-neox: 2 layers
     assert (be.plan.stages, be.plan.replicas, be.plan.iterations) == (2, 8, 2)
     assert be.options.last("replicationFactor") == 8 and be.slots == 4 * 2 * 8
-    assert ipu_backend.plan_ipus(4, 3, 1).ipus_used == 3
+    assert sizing.plan_ipus(4, 3, 1).ipus_used == 3
     assert fake.ipus_in_use() == 16
 
 

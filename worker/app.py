@@ -22,11 +22,11 @@ def make_worker_app(settings: Settings) -> Celery:
 def worker_options(settings: Settings, hostname: str | None = None, loglevel: str = "INFO") -> dict[str, object]:
     """Options for app.Worker / WorkController: a threads pool with one thread per engine slot, consuming
     only this model's queue. On IPU the engine has more slots than the preset's micro-batch (one
-    micro-batch per pipeline stage and replica): ipu_backend.worker_slots counts them without compiling."""
+    micro-batch per pipeline stage and replica): ipu.sizing.worker_slots counts them without compiling."""
     model, device = settings.model_preset(), settings.device_preset()
     slots = device.slots
     if device.backend == "ipu":
-        from worker.pipeline.ipu_backend import worker_slots  # poptorch is optional: import only here
+        from worker.pipeline.ipu.sizing import worker_slots  # poptorch is optional: import only here
 
         slots = worker_slots(device, model)
     opts: dict[str, object] = {

@@ -102,8 +102,7 @@ class Runtime:
             loaded = load_model(model, backend_dtype(device), settings.weights_cache)
             backend = build_backend(device, loaded, model.sequence_length)
             try:
-                if hasattr(backend, "warm_up"):
-                    backend.warm_up()
+                backend.warm_up()
                 engine = Engine(backend, loaded.codec, device=device.device if device.backend == "torch" else "cpu")
                 return engine, (loaded, backend)
             except BaseException:

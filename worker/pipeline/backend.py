@@ -7,9 +7,10 @@ compiled graphs (CUDA graphs, poptorch executables) are reused instead of rebuil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -81,6 +82,21 @@ def prefill_rounds(prefills: Sequence[Prefill], chunks: tuple[int, ...]) -> list
     return rounds
 
 
+def kv_dims(config: Any) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a transformers model config: grouped-query models have fewer KV heads
+    than attention heads (num_key_value_heads); head_dim defaults to hidden_size / heads."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """The keyword a transformers model's forward takes its KV cache by: `cache` since transformers 5.2x
+    renamed it, `past_key_values` before (the Poplar SDK pins an older one)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class Backend(Protocol):
     slots: int  # sequences decoded together (the micro-batch on IPU)
     max_len: int  # positions per slot (the compiled sequence length)
@@ -94,6 +110,11 @@ class Backend(Protocol):
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token for each of the first `len(ids)` slots at `positions`; rows where `active` is
         False are idle (their writes go nowhere). Returns logits (rows, vocab) fp32."""
+        ...
+
+    def warm_up(self) -> None:
+        """Run what the first requests would otherwise pay for (first-call costs, graph capture, compile),
+        before the worker takes turns."""
         ...
 
     def detach(self) -> None:

@@ -20,7 +20,7 @@ def check_device(device: DevicePreset) -> None:
     Raises RuntimeError naming the device: an IPU preset without poptorch, `cuda` without a visible GPU.
     Whether the host has enough IPUs for the preset's plan is checked when the pipeline is built."""
     if device.backend == "ipu":
-        from worker.pipeline.ipu_backend import import_poptorch
+        from worker.pipeline.ipu.sizing import import_poptorch
 
         import_poptorch(device)
     elif device.device == "cuda" and not torch.cuda.is_available():
@@ -31,7 +31,8 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
     """The backend for `device` over `loaded`'s weights, `max_len` positions per slot (see check_device)."""
     check_device(device)
     if device.backend == "ipu":
-        from worker.pipeline.ipu_backend import IPUBackend, resolve_device  # poptorch is optional: import only here
+        from worker.pipeline.ipu.backend import IPUBackend  # poptorch is optional: import only here
+        from worker.pipeline.ipu.sizing import resolve_device
 
         device = resolve_device(device)  # the auto preset `ipu`: ipu-pod4 or ipu-pod16 by the host's IPUs
         return IPUBackend(loaded.model, device, slots=device.slots, max_len=max_len)

@@ -7,7 +7,6 @@ masks, chunked prefill, and on CUDA one captured graph per decode shape, replaye
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from typing import Any
 
 import torch
 
-from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, check_prefills, prefill_rounds
+from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, cache_keyword, check_prefills, kv_dims, prefill_rounds
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.quantize import quantize_int8
 
@@ -26,13 +25,6 @@ def row_buckets(slots: int) -> list[int]:
     """Decode batch widths that get their own graph: 1, 2, 4, 8, then every multiple of 8, and `slots`.
     A step runs the smallest that holds its rows, so one stream never pays for 64 slots' KV reads."""
     return sorted({w for w in (1, 2, 4, *range(8, slots + 1, 8)) if w < slots} | {slots})
-
-
-def kv_dims(config: Any) -> tuple[int, int]:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads, head_dim
 
 
 class TorchBackend:
@@ -61,9 +53,7 @@ class TorchBackend:
         self.base = model.base_model
         self.head = model.get_output_embeddings()
         self.dtype = model.get_input_embeddings().weight.dtype
-        # transformers renamed past_key_values -> cache in 5.2x; accept both.
-        params = inspect.signature(self.base.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(self.base.forward)
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device)
         self.cache.allocate(*kv_dims(model.config))
         self.kv_block = kv_block if not cuda_graphs else 256
