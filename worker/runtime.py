@@ -43,13 +43,19 @@ class Abandoned(Exception):
 
 @dataclass
 class Counters:
+    """What this worker did with its turns, for its shutdown summary (task threads add to it)."""
+
     finished: int = 0  # turns answered (committed or failed with an answer)
     handed_back: int = 0  # turns returned to the queue for another worker
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, name: str) -> None:
+    def turn_finished(self) -> None:
         with self.lock:
-            setattr(self, name, getattr(self, name) + 1)
+            self.finished += 1
+
+    def turn_handed_back(self) -> None:
+        with self.lock:
+            self.handed_back += 1
 
 
 @dataclass

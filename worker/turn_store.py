@@ -231,6 +231,24 @@ class Commit(int, Enum):
     stale = -1  # this attempt no longer owns the turn
 
 
+class Fail(int, Enum):
+    """What FAIL says."""
+
+    failed = 1  # the turn is failed now, with the error
+    finished = 0  # done or failed already: nothing changed
+    not_ours = -1  # another attempt owns it (attempt 0: the turn is not queued, a live delivery answers it)
+    missing = -2  # no such turn: nothing is created for an id no producer made
+
+
+class HandBack(int, Enum):
+    """What HAND_BACK says."""
+
+    queued = 1  # queued again from its kept task message
+    not_running = 0  # finished or queued meanwhile: nothing to hand back
+    not_ours = -1  # another attempt owns it
+    no_message = -3  # stored before task messages were kept: the delivery itself must go back (Reject)
+
+
 @dataclass(frozen=True)
 class Lease:
     status: Claim
@@ -297,20 +315,18 @@ class TurnStore:
             args += [seq, text]
         return Commit(int(self._commit(keys=self._turn_keys(turn_id), args=args)))
 
-    def fail(self, turn_id: str, attempt: int, error: str) -> int:
-        """1 failed, 0 already finished, -1 not this attempt's to fail (attempt 0: the turn is not queued),
-        -2 no such turn (nothing is created for an id no producer made)."""
-        return int(
-            self._fail(
-                keys=self._turn_keys(turn_id),
-                args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
-            )
-        )
+    def fail(self, turn_id: str, attempt: int, error: str) -> Fail:
+        """Fail the turn with `error`, fenced by `attempt` (0: a delivery that never began, which may fail
+        only a queued turn)."""
+        return Fail(int(self._fail(
+            keys=self._turn_keys(turn_id),
+            args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
+        )))
 
-    def hand_back(self, turn_id: str, attempt: int) -> int:
-        """Queue this attempt's turn again (cold shutdown): 1 queued, 0/-1 not ours any more."""
-        return int(self._hand_back(keys=[self.keys.turn(turn_id), self.keys.running, self.keys.queued],
-                                   args=[turn_id, attempt]))
+    def hand_back(self, turn_id: str, attempt: int) -> HandBack:
+        """Queue this attempt's turn again (cold shutdown), fenced by `attempt`."""
+        return HandBack(int(self._hand_back(keys=[self.keys.turn(turn_id), self.keys.running, self.keys.queued],
+                                            args=[turn_id, attempt])))
 
     def rescue_expired(self, limit: int = 100) -> list[str]:
         """Queue again the running turns whose lease expired; returns their ids."""

@@ -27,7 +27,7 @@ from worker.deliveries import Refused, item_text, turn_id_or_none, validation_me
 from worker.engine.engine import Failed, Finished, Handle
 from worker.runtime import Abandoned, Runtime
 from worker.stream import Signal
-from worker.turn_store import Claim, Commit
+from worker.turn_store import Claim, Commit, HandBack
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
         # Redis is unreachable even after the client's retries. Whatever happened, the turn is safe: if it
         # began, its lease expires and the watchdog queues it again; if not, its delivery stays unacked.
         log.exception("Redis error during a turn: leaving it to the lease and the watchdog")
-        rt.counters.add("handed_back")
+        rt.counters.turn_handed_back()
         return {"status": Outcome.handed_back.value}
     except Exception as e:  # a bug: answer the turn rather than leave it waiting
         log.exception("turn failed")
@@ -98,7 +98,7 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
                               truncate=task.truncate)
         except (ContextError, ValueError) as e:
             rt.turns.fail(task.turn_id, lease.attempt, str(e))
-            rt.counters.add("finished")
+            rt.counters.turn_finished()
             return Outcome.failed
         deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
         stream = rt.publisher.register(task.turn_id, lease.attempt, on_signal)
@@ -118,7 +118,7 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
         if ev.abandoned:  # cold shutdown: queued again, not failed
             return _hand_back(rt, task, lease.attempt)
         rt.turns.fail(task.turn_id, lease.attempt, ev.error)
-        rt.counters.add("finished")
+        rt.counters.turn_finished()
         return Outcome.failed
     assert isinstance(ev, Finished)
     if Signal.stale in signals:
@@ -145,7 +145,7 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
     )
     message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
     code = _commit(rt, task, lease.attempt, delivery, tail, message.model_dump_json(), result.model_dump_json())
-    rt.counters.add("finished")
+    rt.counters.turn_finished()
     log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
              result.completion_tokens, lease.attempt)
     return {Commit.done: Outcome.done, Commit.duplicate: Outcome.duplicate, Commit.stale: Outcome.stale}[code]
@@ -198,11 +198,11 @@ def _commit(rt: Runtime, task: GenerateTask, attempt: int, delivery: str, tail: 
 def _hand_back(rt: Runtime, task: GenerateTask, attempt: int) -> Outcome:
     """Cold shutdown: queue the turn again from its kept message (not an attempt lost: no poison count)."""
     code = rt.turns.hand_back(task.turn_id, attempt)
-    if code == -3:  # a turn stored before messages were kept: let kombu put this delivery back
-        rt.counters.add("handed_back")
+    if code is HandBack.no_message:  # a turn stored before messages were kept: let kombu put this delivery back
+        rt.counters.turn_handed_back()
         raise Reject("worker shutting down", requeue=True)
-    if code == 1:
-        rt.counters.add("handed_back")
+    if code is HandBack.queued:
+        rt.counters.turn_handed_back()
         log.info("turn %s: handed back (attempt %d)", task.turn_id, attempt)
         return Outcome.handed_back
     return Outcome.stale
