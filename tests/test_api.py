@@ -330,7 +330,7 @@ def test_nan_bad_json_unknown_model_bad_ids_and_stream_ids(a: httpx.Client) -> N
 
 def test_delete_mid_turn_stops_it_and_writes_nothing_for_the_conversation(a: httpx.Client, redis_url: str) -> None:
     r = redis.Redis.from_url(redis_url)
-    cid, turn = new_turn(a, max_tokens=200, temperature=1.0, top_k=2)
+    cid, turn = new_turn(a, max_tokens=200, temperature=1.0, top_k=2, ignore_eos=True)
     evs = read_sse(a, turn["events_url"], limit=3)
     assert any(e["event"] == "token" for e in evs)
     assert a.delete(f"/api/conversations/{cid}").status_code == 204

@@ -206,7 +206,7 @@ def test_queue_a_prompt_that_cannot_fit_fails_the_turn(client):
 
 def test_a_busy_conversation_refuses_a_second_turn_and_stores_nothing(client):
     cid = client.create_conversation("tiny-neox")
-    client.send(cid, "first", SamplingParams(temperature=1.0, top_k=2, output_length=200))
+    client.send(cid, "first", SamplingParams(temperature=1.0, top_k=2, output_length=200, ignore_eos=True))
     with pytest.raises(Busy, match="already has a turn in flight"):
         client.send(cid, "second", QUICK)
     client.wait(client.store.get(cid).turn, timeout=30)

@@ -26,8 +26,9 @@ from tests.procs import ROOT, WorkerProcess, first_delta
 
 KEYS = Keys("chat")
 SEQ = 2048
-# top_k=2 keeps tiny-neox's end key out of reach: the reply runs to output_length (about 1.5 ms a token).
-LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800)
+# The reply runs to output_length (about 1.5 ms a token): top_k=2 keeps tiny-neox's end key out of reach
+# nearly always, ignore_eos always.
+LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800, ignore_eos=True)
 # The default visibility timeout (an hour): a turn handed back by a cold shutdown must come back through
 # the reject (at once), not through kombu's sweep for lost deliveries.
 ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_VISIBILITY_TIMEOUT_S": "3600", "CHAT_TURN_TIMEOUT_S": "25"}
