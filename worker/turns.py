@@ -1,5 +1,6 @@
-"""One delivery of a turn, start to finish: claim it (begin), fit the context, generate through the
-engine while streaming deltas, then commit the reply exactly once (or fail it, or hand it back).
+"""One delivery of a turn, start to finish, in named steps: claim it (BEGIN), fit the context (`_fit`),
+relay the generation to its stream (`Relay`), then commit the reply exactly once (`_commit`), or fail
+it, or hand it back.
 
 The delivery was screened before Celery saw it (worker/deliveries.py), so its payload is a valid
 GenerateTask for this worker's model; it is validated again here because a task can also be called
@@ -12,6 +13,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -19,14 +21,16 @@ import redis
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from shared.context import ContextError, fit_turn
+from shared.codec import Codec
+from shared.context import ContextError, FittedPrompt, fit_turn
 from shared.messages import ChatMessage, Role
+from shared.sampling import SamplingParams
 from shared.wire import FinishReason, GenerateTask, Timings, TurnResult
 from worker.celery_workarounds import refuse
 from worker.deliveries import Refused, item_text, turn_id_or_none, validation_message
 from worker.engine.engine import Failed, Finished, Handle
 from worker.runtime import Abandoned, Runtime
-from worker.stream import Signal
+from worker.stream import Signal, StreamPublisher
 from worker.turn_store import Claim, Commit, HandBack
 
 log = logging.getLogger(__name__)
@@ -72,7 +76,7 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
 
 
 def _serve(rt: Runtime, payload: Any) -> Outcome:
-    """validate -> claim (BEGIN) -> fit -> generate while streaming -> commit."""
+    """The turn's steps: validate -> claim (BEGIN) -> fit -> relay (generate while streaming) -> commit."""
     t_pick = time.time()
     task = _validate(rt, payload)
     if task is None:
@@ -80,62 +84,111 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
     if rt.abandoning:  # cold shutdown under way: hand the delivery back before claiming the turn
         raise Reject("worker shutting down", requeue=True)
     delivery = uuid.uuid4().hex  # this delivery's id: a retried BEGIN or COMMIT is recognised as its own
-    signals: list[Signal] = []
-    handles: list[Handle] = []
-
-    def on_signal(sig: Signal) -> None:  # the flusher's thread: stop generating at the next step
-        signals.append(sig)
-        for h in handles:
-            h.cancel()
-
     with rt.engine.arriving(task.turn_id):  # until submit, a prefill about to start may wait for this prompt
         lease = rt.turns.begin(task.turn_id, delivery)
         if lease.status is not Claim.ok:
             return _not_claimed(rt, task, lease.status)
         try:
-            task.sampling.check_vocab(rt.loaded.codec.vocab_size)
-            prompt = fit_turn(rt.loaded.codec, task.messages, rt.engine.max_len, task.sampling.output_length,
-                              truncate=task.truncate)
+            prompt = _fit(task, rt.loaded.codec, rt.engine.max_len)
         except (ContextError, ValueError) as e:
             rt.turns.fail(task.turn_id, lease.attempt, str(e))
             rt.counters.turn_finished()
             return Outcome.failed
+        relay = Relay(rt.publisher, task.turn_id, lease.attempt)
         deadline = min(task.deadline or float("inf"), time.time() + rt.settings.turn_timeout_s)
-        stream = rt.publisher.register(task.turn_id, lease.attempt, on_signal)
-        try:  # the engine thread hands each piece of text straight to the publisher (Engine.submit on_text)
-            handles.append(rt.submit(prompt.ids, task.sampling, prompt.max_new, deadline,
-                                     functools.partial(rt.publisher.append, stream)))
+        try:
+            relay.start(rt.submit, prompt, task.sampling, deadline)
         except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
-            rt.publisher.take(stream)
+            relay.close()
             return _hand_back(rt, task, lease.attempt)
-    try:
-        if signals:  # told to stop before the handle existed
-            handles[0].cancel()
-        *_, ev = handles[0]  # its last event: Finished or Failed (text went to the publisher)
-    finally:
-        tail = rt.publisher.take(stream)
+    ev, tail = relay.finish()
     if isinstance(ev, Failed):
         if ev.abandoned:  # cold shutdown: queued again, not failed
             return _hand_back(rt, task, lease.attempt)
         rt.turns.fail(task.turn_id, lease.attempt, ev.error)
         rt.counters.turn_finished()
         return Outcome.failed
-    assert isinstance(ev, Finished)
-    if Signal.stale in signals:
+    if relay.stale:
         log.warning("turn %s: attempt %d was superseded, its reply is dropped", task.turn_id, lease.attempt)
         return Outcome.stale
+    result = _result(task, lease.attempt, prompt, ev, relay.cancelled, rt.hostname, t_pick)
+    message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
+    code = _commit(rt, task, lease.attempt, delivery, tail, message.model_dump_json(), result.model_dump_json())
+    rt.counters.turn_finished()
+    log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
+             result.completion_tokens, lease.attempt)
+    return {Commit.done: Outcome.done, Commit.duplicate: Outcome.duplicate, Commit.stale: Outcome.stale}[code]
+
+
+def _fit(task: GenerateTask, codec: Codec, max_len: int) -> FittedPrompt:
+    """The turn's messages as the model's prompt within `max_len` positions, room left for its output
+    length (shared/context.py). Raises ContextError or ValueError (top_k beyond the vocabulary) naming
+    the field: the turn is failed with it."""
+    task.sampling.check_vocab(codec.vocab_size)
+    return fit_turn(codec, task.messages, max_len, task.sampling.output_length, truncate=task.truncate)
+
+
+class Relay:
+    """One attempt's generation, relayed to its stream: the engine thread hands each piece of text straight
+    to the publisher (Engine.submit's on_text); the publisher's flushes say whether to stop (Signal)."""
+
+    def __init__(self, publisher: StreamPublisher, turn_id: str, attempt: int):
+        self.publisher = publisher
+        self.signals: list[Signal] = []  # what flushes said: cancelled (finish with what there is), stale
+        self._handle: Handle | None = None
+        self._stream = publisher.register(turn_id, attempt, self._on_signal)
+
+    def _on_signal(self, sig: Signal) -> None:  # the flusher's thread: stop generating at the next step
+        self.signals.append(sig)
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def start(self, submit: Callable[..., Handle], prompt: FittedPrompt, sampling: SamplingParams,
+              deadline: float) -> None:
+        """Submit the prompt (Runtime.submit: raises Abandoned during a cold shutdown)."""
+        self._handle = submit(prompt.ids, sampling, prompt.max_new, deadline,
+                              functools.partial(self.publisher.append, self._stream))
+        if self.signals:  # told to stop before the handle existed
+            self._handle.cancel()
+
+    def finish(self) -> tuple[Finished | Failed, list[tuple[int, str]]]:
+        """Wait for the generation's last event; returns it with the stream's unflushed tail (for COMMIT)."""
+        assert self._handle is not None
+        try:
+            *_, ev = self._handle  # Finished or Failed (the text went to the publisher)
+        finally:
+            tail = self.close()
+        assert isinstance(ev, (Finished, Failed))
+        return ev, tail
+
+    def close(self) -> list[tuple[int, str]]:
+        """Unregister from the publisher; returns what it has not surely flushed."""
+        return self.publisher.take(self._stream)
+
+    @property
+    def stale(self) -> bool:
+        return Signal.stale in self.signals
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.signals)
+
+
+def _result(task: GenerateTask, attempt: int, prompt: FittedPrompt, ev: Finished, cancelled: bool, worker: str,
+            t_pick: float) -> TurnResult:
+    """The committed result of a finished generation (times in seconds, Unix clock)."""
     now = time.time()
-    result = TurnResult(
+    return TurnResult(
         turn_id=task.turn_id,
         conversation_id=task.conversation_id,
         text=ev.text,
-        finish_reason=ev.reason if not signals else FinishReason.cancelled,
+        finish_reason=ev.reason if not cancelled else FinishReason.cancelled,
         prompt_tokens=ev.prompt_tokens,
         completion_tokens=ev.completion_tokens,
         dropped_messages=task.dropped_messages + prompt.dropped_messages,
         truncated_tokens=prompt.truncated_tokens,
-        worker=rt.hostname,
-        attempt=lease.attempt,
+        worker=worker,
+        attempt=attempt,
         timings=Timings(
             queued_s=max(0.0, t_pick - task.enqueued_at) if task.enqueued_at else 0.0,
             prefill_s=ev.prefill_s,
@@ -143,12 +196,6 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
             total_s=now - task.enqueued_at if task.enqueued_at else now - t_pick,
         ),
     )
-    message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
-    code = _commit(rt, task, lease.attempt, delivery, tail, message.model_dump_json(), result.model_dump_json())
-    rt.counters.turn_finished()
-    log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
-             result.completion_tokens, lease.attempt)
-    return {Commit.done: Outcome.done, Commit.duplicate: Outcome.duplicate, Commit.stale: Outcome.stale}[code]
 
 
 def _validate(rt: Runtime, payload: Any) -> GenerateTask | None:
