@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.errors import first_error
 from shared.prompts import PromptFormat
 
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
@@ -97,6 +98,5 @@ def load_presets(path: Path = PRESETS_FILE) -> Presets:
     try:
         return Presets.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ValueError(f"{path.name}: {where}: {err['msg']}") from None
+        err = first_error(e)
+        raise ValueError(f"{path.name}: {err.dotted}: {err.msg}") from None

@@ -6,6 +6,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.presets import DevicePreset, ModelPreset, load_presets
+from shared.errors import first_error
 
 
 class ConfigError(Exception):
@@ -92,6 +93,11 @@ def load_settings(**overrides: object) -> Settings:
         settings.device_preset()
         return settings
     except ValidationError as e:
-        err = e.errors()[0]
-        key = "CHAT_" + "_".join(str(p) for p in err["loc"]).upper()
-        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r:.60})") from None
+        raise config_error(e) from None
+
+
+def config_error(e: ValidationError) -> ConfigError:
+    """A settings ValidationError as the environment variable at fault: `CHAT_TOP_K: message (got ...)`."""
+    err = first_error(e)
+    key = "CHAT_" + "_".join(str(p) for p in err.loc).upper()
+    return ConfigError(f"{key}: {err.msg} (got {err.input!r:.60})")

@@ -5,6 +5,32 @@ Each carries `param`, the request field at fault when there is one (`messages`, 
 the message text.
 """
 
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
+
+
+class FieldError(NamedTuple):
+    """The first error of a pydantic ValidationError, the one every boundary reports (`first_error`)."""
+
+    loc: tuple[str | int, ...]  # the field's path in the validated input, e.g. ("sampling", "top_k")
+    msg: str  # pydantic's message, less its "Value error, " prefix for a validator's own ValueError
+    input: Any  # the value at fault
+
+    @property
+    def dotted(self) -> str:
+        """The path as `sampling.top_k` (list indices as numbers: `messages.2.text`)."""
+        return ".".join(str(p) for p in self.loc)
+
+
+def first_error(e: ValidationError) -> FieldError:
+    """The first of `e`'s errors (pydantic orders them by field): what a boundary reports to its caller."""
+    err = e.errors()[0]
+    return FieldError(tuple(err.get("loc", ())), str(err.get("msg", "invalid value")).removeprefix("Value error, "),
+                      err.get("input"))
+
 
 class ChatError(Exception):
     status = 400

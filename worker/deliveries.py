@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shared.errors import first_error
 from shared.keys import check_id
 from shared.task_message import GENERATE_TASK, MAX_ITEM_BYTES, generate_message
 from shared.wire import GenerateTask
@@ -59,8 +60,8 @@ class _Bad(Exception):
 
 def validation_message(e: ValidationError) -> str:
     """The first error of a pydantic ValidationError as `field.path: message`."""
-    err = e.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    err = first_error(e)
+    return f"{err.dotted}: {err.msg}"
 
 
 def turn_id_or_none(value: object) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, ValidationError
 
-from config.settings import ConfigError, Settings
+from config.settings import Settings, config_error
 
 
 class ApiSettings(Settings):
@@ -36,6 +36,4 @@ def load_api_settings(**overrides: object) -> ApiSettings:
     try:
         return ApiSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as e:
-        err = e.errors()[0]
-        key = "CHAT_" + "_".join(str(p) for p in err["loc"]).upper()
-        raise ConfigError(f"{key}: {err['msg']} (got {err.get('input')!r:.60})") from None
+        raise config_error(e) from None

@@ -32,7 +32,7 @@ from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
 from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
-from shared.errors import ChatError
+from shared.errors import ChatError, first_error
 from shared.messages import ChatMessage, Role, check_text, is_blank
 from shared.wire import FinishReason, TurnResult
 
@@ -204,8 +204,7 @@ def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, 
         try:
             history.append(ChatMessage(role=ROLES[m.role], text=m.text))
         except ValidationError as e:
-            err = e.errors()[0]
-            why = str(err["msg"]).removeprefix("Value error, ").removeprefix("text: ")
+            why = first_error(e).msg.removeprefix("text: ")
             raise ApiError(422, f"messages[{i + j}].content: {why}", param=f"messages[{i + j}].content") from None
     for k, part in enumerate(sys_parts):
         field = f"messages[{k}].content"
