@@ -10,6 +10,9 @@ from shared.prompts import PromptFormat, Segment, render_segments
 
 
 class Codec:
+    """A model's tokenizer with its prompt format: `vocab_size` (real ids are [0, vocab_size)), `end_ids` (the
+    end keys' and eos's ids) and `special_ids`. ValueError when no end key (nor eos) is a token of the tokenizer."""
+
     def __init__(self, tokenizer: Any, prompt_format: PromptFormat, end_keys: list[str]):
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
@@ -33,14 +36,18 @@ class Codec:
         }
 
     def segments(self, messages: list[ChatMessage]) -> list[Segment]:
+        """`messages` as prompt segments in this model's prompt format (prompts.render_segments)."""
         return render_segments(self.prompt_format, messages, self.tokenizer)
 
     def encode_segment(self, seg: Segment) -> list[int]:
+        """Token ids of one segment, no BOS/EOS added: markup parses special tokens, content never does."""
         # Content is split on special-token text, so "<|assistant|>" typed by a user stays plain text.
         return self.tokenizer(seg.text, add_special_tokens=False, split_special_tokens=seg.content)["input_ids"]
 
     def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` as plain text: no BOS/EOS added, special-token text split into ordinary tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens skipped, spacing as decoded (no clean-up)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

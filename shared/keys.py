@@ -52,15 +52,19 @@ class Keys:
         self.prefix = prefix
 
     def conv(self, cid: str) -> str:
+        """The conversation's hash; ValueError if `cid` is not a valid id."""
         return f"{self.prefix}:conv:{check_id(cid, 'conversation_id')}"
 
     def messages(self, cid: str) -> str:
+        """The conversation's message list (ChatMessage JSON, oldest first); ValueError if `cid` is not a valid id."""
         return f"{self.conv(cid)}:messages"
 
     def turn(self, tid: str) -> str:
+        """The turn's hash; ValueError if `tid` is not a valid id."""
         return f"{self.prefix}:turn:{check_id(tid, 'turn_id')}"
 
     def stream(self, tid: str) -> str:
+        """The turn's event stream (start, deltas, done or error); ValueError if `tid` is not a valid id."""
         return f"{self.turn(tid)}:stream"
 
     @property
@@ -70,31 +74,40 @@ class Keys:
 
     @property
     def running(self) -> str:
+        """Zset of running turns: turn id -> lease expiry (Redis clock)."""
         return f"{self.prefix}:running"
 
     @property
     def queued(self) -> str:
+        """Zset of queued turns: turn id -> when its task message was last pushed."""
         return f"{self.prefix}:queued"
 
     def arriving(self, queue: str) -> str:
+        """Zset of turns about to be queued on `queue`: turn id -> until when they count (Redis clock)."""
         return f"{self.prefix}:arriving:{queue}"
 
     @property
     def models(self) -> str:
+        """Set of the model names that workers have served."""
         return f"{self.prefix}:models"
 
     def card(self, model: str) -> str:
+        """The model's card (ModelCard JSON), published by its workers."""
         return f"{self.prefix}:model:{model}"
 
     def tokenizer(self, sha: str) -> str:
+        """Hash of the tokenizer files (file name -> content) that model cards name by `sha`."""
         return f"{self.prefix}:tokenizer:{sha}"
 
     def live(self, model: str) -> str:
+        """Zset of the model's live workers: worker name -> liveness expiry (Redis clock)."""
         return f"{self.prefix}:live:{model}"
 
     def worker(self, name: str) -> str:
+        """The worker's WorkerReport JSON (with a TTL)."""
         return f"{self.prefix}:worker:{name}"
 
     @property
     def dead(self) -> str:
+        """List of dead-lettered deliveries and payloads, each with the reason."""
         return f"{self.prefix}:dead"

@@ -11,6 +11,8 @@ MAX_MESSAGE_CHARS = 16_000  # default cap on one message; the producer may confi
 
 
 class Role(str, Enum):
+    """Who wrote a message, in OASST's role names."""
+
     system = "system"
     prompter = "prompter"  # the user, in OASST's words
     assistant = "assistant"
@@ -39,6 +41,10 @@ def check_text(text: str, *, field: str = "text") -> str:
 
 
 class ChatMessage(BaseModel):
+    """One message of a conversation: stored as JSON in its message list and carried in GenerateTask.messages.
+    Frozen. System and prompter text with control characters or lone surrogates is refused (check_text:
+    ValidationError); assistant text is kept as the model generated it."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Role

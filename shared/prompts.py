@@ -22,18 +22,26 @@ from shared.messages import ChatMessage, Role
 
 
 class PromptFormat(str, Enum):
+    """How messages become a prompt: OASST's role tags, or the tokenizer's own chat template."""
+
     oasst = "oasst"
     chat_template = "chat_template"
 
 
 @dataclass(frozen=True)
 class Segment:
+    """One piece of a rendered prompt: markup (`content` False, special tokens parsed) or message text."""
+
     text: str
     content: bool  # True: user/assistant text, tokenized with special tokens split into plain text
 
 
 class HasChatTemplate(Protocol):
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+    """A tokenizer with transformers' `apply_chat_template`."""
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        """Render `conversation` (role/content dicts) with the tokenizer's Jinja chat template."""
+        ...
 
 
 OASST_TAGS = {Role.system: "<|system|>", Role.prompter: "<|prompter|>", Role.assistant: "<|assistant|>"}
@@ -44,6 +52,8 @@ _CHAT_ROLES = {Role.system: "system", Role.prompter: "user", Role.assistant: "as
 def render_segments(
     fmt: PromptFormat, messages: list[ChatMessage], tokenizer: HasChatTemplate | None = None
 ) -> list[Segment]:
+    """`messages` as prompt segments in format `fmt`, ending with the assistant's generation prompt.
+    ValueError when the chat_template format is asked for without a `tokenizer`."""
     if fmt is PromptFormat.oasst:
         return _oasst(messages)
     if tokenizer is None:
@@ -52,6 +62,7 @@ def render_segments(
 
 
 def render_text(fmt: PromptFormat, messages: list[ChatMessage], tokenizer: HasChatTemplate | None = None) -> str:
+    """The prompt as one string: render_segments joined (the text form the golden tests pin)."""
     return "".join(s.text for s in render_segments(fmt, messages, tokenizer))
 
 

@@ -24,10 +24,13 @@ class TurnStatus(str, Enum):
 
     @property
     def finished(self) -> bool:
+        """done or failed: the turn will not run again."""
         return self in (TurnStatus.done, TurnStatus.failed)
 
 
 class FinishReason(str, Enum):
+    """Why a reply ended: a TurnResult's finish_reason."""
+
     end_key = "end_key"  # the model produced its end key (<|endoftext|>, <|im_end|>, ...)
     length = "length"  # output_length reached, or the sequence length is full
     stop = "stop"  # a stop string matched
@@ -54,6 +57,8 @@ class GenerateTask(BaseModel):
 
 
 class Timings(BaseModel):
+    """Where a turn's time went, in seconds: part of its TurnResult."""
+
     queued_s: float = 0.0  # enqueue -> worker picked it up
     prefill_s: float = 0.0  # prompt processed, first token sampled
     decode_s: float = 0.0  # the rest of the tokens
@@ -61,6 +66,9 @@ class Timings(BaseModel):
 
 
 class TurnResult(BaseModel):
+    """A finished turn's reply, finish_reason, token counts and timings: committed to Redis as JSON (the turn
+    hash's `result` and the stream's done event). `attempt` is the attempt that produced it."""
+
     turn_id: str
     conversation_id: str
     text: str

@@ -12,6 +12,10 @@ from collections.abc import Callable
 
 
 class Detokenizer:
+    """One sequence's token ids to text, incrementally (text-generation-inference's prefix/read offsets), with
+    `decode` the codec's decode. `text` is the stable text so far, cut before a stop string once one matched
+    (then `stopped` is set and push() returns '')."""
+
     def __init__(self, decode: Callable[[list[int]], str], stop: list[str] | None = None):
         self.decode = decode
         self.stop = stop or []

@@ -55,12 +55,17 @@ EXPECT_S = 0.1  # an expected prompt that never comes (its task never ran) stops
 
 @dataclass
 class Token:
+    """Event: one sampled token and the text it made stable; token_id -1 for the text flushed at the end."""
+
     text: str  # newly stable text ('' while a character or stop string is incomplete)
     token_id: int
 
 
 @dataclass
 class Finished:
+    """Final event of a sequence that ended: finish_reason, the whole reply text, token counts, and times in
+    seconds (prefill_s: prefill start to first token; decode_s: first token to the end)."""
+
     reason: FinishReason
     text: str
     prompt_tokens: int
@@ -72,6 +77,8 @@ class Finished:
 
 @dataclass
 class Failed:
+    """Final event of a sequence whose prefill or step raised, or that the engine abandoned (stop, shutdown)."""
+
     error: str
     abandoned: bool = False  # True: the engine gave it up (shutdown), it should be retried elsewhere
 
@@ -117,6 +124,7 @@ class Handle:
         self._engine = engine
 
     def cancel(self) -> None:
+        """Stop the sequence from any thread: it finishes with finish_reason cancelled at the next step."""
         self._seq.stopping.cancelled = True
         self._engine._wake()
 
@@ -128,6 +136,7 @@ class Handle:
                 return
 
     def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to `timeout` seconds (None: no limit); None if none came in time."""
         try:
             return self._seq.events.get(timeout=timeout)
         except queue.Empty:
@@ -135,6 +144,9 @@ class Handle:
 
 
 class Engine:
+    """Iteration-level scheduler over one Backend (see the module docstring): up to `backend.slots` sequences
+    at once, run by one thread. `device` is where seeded sampling generators live."""
+
     def __init__(self, backend: Backend, codec: Codec, device: str = "cpu"):
         self.backend = backend
         self.codec = codec
@@ -158,10 +170,12 @@ class Engine:
     # -- public ------------------------------------------------------------------------------------
     @property
     def max_len(self) -> int:
+        """Positions per slot (the backend's sequence length): prompt and reply tokens together."""
         return self.backend.max_len
 
     @property
     def busy(self) -> int:
+        """Slots holding a sequence now."""
         return sum(s is not None for s in self.slots)
 
     def start(self) -> Engine:
@@ -271,6 +285,8 @@ class Engine:
             return len(seqs)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, fail every request with Failed(abandoned=True) and join the engine thread (up to
+        `timeout` seconds) unless called on it. submit() raises RuntimeError from then on."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()

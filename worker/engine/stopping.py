@@ -20,6 +20,8 @@ from worker.engine.detok import Detokenizer
 
 @dataclass
 class StoppingCriteria:
+    """Every stop condition of one sequence, built by Engine.submit and asked by the engine thread."""
+
     end_ids: frozenset[int]
     """Token ids that end the reply (the model's end keys); empty when the request ignores them."""
     max_new: int

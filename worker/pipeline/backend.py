@@ -98,6 +98,9 @@ def cache_keyword(forward: Callable[..., Any]) -> str:
 
 
 class Backend(Protocol):
+    """What the engine needs of a device (TorchBackend, IPUBackend): a KV cache of `slots x max_len` positions
+    written by prefill and decode."""
+
     slots: int  # sequences decoded together (the micro-batch on IPU)
     max_len: int  # positions per slot (the compiled sequence length)
     attached: bool

@@ -16,6 +16,9 @@ import torch
 
 
 class SlotKVCache:
+    """A transformers-compatible KV cache in `dtype` on `device`: per layer, k and v of (slots, kv_heads,
+    max_len + 1, head_dim) once allocate()d, the last column the scratch one."""
+
     def __init__(self, num_layers: int, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.num_layers = num_layers
         self.slots = slots
@@ -38,6 +41,7 @@ class SlotKVCache:
 
     @property
     def allocated(self) -> bool:
+        """Whether the buffers exist (allocate() ran, and they were not cleared since)."""
         return bool(self.k)
 
     def bind(self, rows: int | torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
@@ -51,6 +55,8 @@ class SlotKVCache:
         self._kv_len = kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write a layer's new keys and values, (rows, kv_heads, tokens, head_dim), at the bound rows and
+        positions. Returns that layer's keys and values for the bound rows, (rows, kv_heads, kv_len, head_dim)."""
         # key/value: (rows, kv_heads, tokens, head_dim), already rotated.
         k, v = self.k[layer_idx], self.v[layer_idx]
         k[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
@@ -62,6 +68,7 @@ class SlotKVCache:
 
     # transformers asks these of any cache object in a few code paths.
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The bound kv_len (positions attention reads), not a count of tokens written."""
         return self._kv_len
 
     def __len__(self) -> int:

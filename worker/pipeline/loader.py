@@ -27,6 +27,8 @@ class LoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
+    """A loaded model with its tokenizer and Codec; load_s: how long loading took (seconds)."""
+
     preset: ModelPreset
     model: Any  # a transformers *ForCausalLM
     tokenizer: Any
@@ -35,6 +37,8 @@ class LoadedModel:
 
 
 def resolve_source(preset: ModelPreset) -> str:
+    """Where the preset's model is read from: for `package:<name>` the installed package's directory (LoadError
+    when it is not installed), else the source as given (hub id or path)."""
     if preset.source.startswith("package:"):
         pkg = preset.source.removeprefix("package:")
         spec = importlib.util.find_spec(pkg)

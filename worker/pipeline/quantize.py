@@ -14,6 +14,9 @@ from torch import nn
 
 
 class Int8WeightOnlyLinear(nn.Module):
+    """An nn.Linear with int8 weights (out, in) and one scale per output channel (absmax / 127), scales and
+    bias in `act_dtype`. Up to `gemv_rows` input rows run int8pack_mm; more dequantize and run a GEMM."""
+
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16):
         super().__init__()
         self.gemv_rows = gemv_rows
@@ -25,6 +28,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), in act_dtype."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype).contiguous()
         if x2.shape[0] <= self.gemv_rows:

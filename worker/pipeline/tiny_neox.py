@@ -25,6 +25,8 @@ SEED = 1234
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with no merges (one token per byte) plus the OASST special tokens; bos = eos =
+    <|endoftext|>, pad <|padding|>."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -40,6 +42,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_model(vocab: int, dtype: torch.dtype = torch.float32) -> GPTNeoXForCausalLM:
+    """A 2-layer GPT-NeoX (hidden 64, 4 heads) with random weights from SEED, `vocab` embedding rows padded up to
+    a multiple of 16 (as OASST's 50288), in `dtype` and eval mode. The global RNG state is left as it was."""
     padded = (vocab + 15) // 16 * 16  # like OASST's 50288: rows past the tokenizer exist but are not tokens
     cfg = GPTNeoXConfig(
         vocab_size=padded,
@@ -66,6 +70,7 @@ def build_model(vocab: int, dtype: torch.dtype = torch.float32) -> GPTNeoXForCau
 
 
 def build() -> tuple[PreTrainedTokenizerFast, GPTNeoXForCausalLM]:
+    """The tiny-neox tokenizer and fp32 model, the model's bos/eos set to <|endoftext|>'s id."""
     tok = build_tokenizer()
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     model = build_model(len(tok))

@@ -28,6 +28,12 @@ def row_buckets(slots: int) -> list[int]:
 
 
 class TorchBackend:
+    """The Backend protocol over a transformers CausalLM on CPU or CUDA, with a SlotKVCache. quantize="int8":
+    Int8WeightOnlyLinear (CPU only); cuda_graphs: static decode, on CUDA one captured graph per (row bucket,
+    kv bucket); compile_decode: torch.compile that step (needs cuda_graphs); kv_block: the kv-length bucket
+    (256 with cuda_graphs).
+    ValueError for an option combination it cannot run."""
+
     def __init__(
         self,
         model: Any,
@@ -123,6 +129,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first `len(ids)` slots: ids, positions and active (rows,); inactive rows write
+        the scratch column. Returns logits (rows, vocab) fp32; RuntimeError once detached."""
         self._check()
         n = ids.shape[0]
         rot = torch.where(active, positions, 0).view(n, 1)
@@ -214,6 +222,7 @@ class TorchBackend:
         )
 
     def detach(self) -> None:
+        """Free the KV cache and the decode graphs (and CUDA's cached memory). Idempotent."""
         if not self.attached:
             return
         self.attached = False

@@ -152,6 +152,8 @@ class DeviceKVCache(nn.Module):
         self._keep_rows = (1 - self._row_hot.sum(0)).view(-1, 1, 1, 1)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Write a layer's new keys and values, (m, kv_heads, T, head_dim), at the bound rows and columns.
+        Returns that layer's keys and values for the micro-batch, (m, kv_heads, max_len, head_dim)."""
         # key/value: (m, kv_heads, T, head_dim), already rotated.
         return self._write(getattr(self, f"k{layer_idx}"), key), self._write(getattr(self, f"v{layer_idx}"), value)
 
@@ -168,6 +170,7 @@ class DeviceKVCache(nn.Module):
 
     # transformers asks these of any cache object in a few code paths.
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Always max_len: attention reads every position; the mask hides those after each token's own."""
         return self.max_len
 
     def __len__(self) -> int:
@@ -189,6 +192,7 @@ class StepModule(nn.Module):
     def forward(
         self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, cache_rows: torch.Tensor, last: torch.Tensor
     ) -> torch.Tensor:
+        """Write every token's key/value to the cache; return the logits (rows, vocab) of each row's `last` token."""
         self.cache.bind(cache_rows, write)
         cols = torch.arange(self.cache.max_len, dtype=rot.dtype)
         hidden_from = cols.view(1, 1, 1, -1) > rot.unsqueeze(1).unsqueeze(-1)  # (rows, 1, T, L): the future
@@ -203,6 +207,8 @@ class StepModule(nn.Module):
 
 @dataclass
 class StepInputs:
+    """One step's host inputs for StepModule, int32: ids, rot, write (slots, step_tokens); last (slots,)."""
+
     ids: torch.Tensor
     rot: torch.Tensor
     write: torch.Tensor
@@ -298,6 +304,7 @@ class IPUBackend:
     # -- Backend -----------------------------------------------------------------------------------
     @property
     def attached(self) -> bool:
+        """Whether the executable holds its IPUs."""
         return self._exe.isAttachedToDevice()
 
     def prefill(self, prefills: Sequence[Prefill]) -> torch.Tensor:
@@ -320,6 +327,9 @@ class IPUBackend:
         return torch.stack(logits)  # type: ignore[arg-type]
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first `len(ids)` slots at `positions`; inactive rows write the scratch column.
+        Returns logits (rows, vocab) fp32. ValueError for more rows than slots or a position >= max_len;
+        RuntimeError once detached."""
         self._check()
         n = ids.shape[0]
         if n > self.slots:

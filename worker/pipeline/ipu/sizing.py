@@ -106,6 +106,7 @@ class IPUPlan:
 
     @property
     def ipus_used(self) -> int:
+        """IPUs the plan occupies: stages x replicas (autoRoundNumIPUs may reserve up to the next power of two)."""
         return self.stages * self.replicas
 
 
