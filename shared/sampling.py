@@ -1,43 +1,58 @@
-"""Sampling parameters, with the original IPU pipeline's meaning of temperature / k / output_length."""
+"""Sampling parameters, with the original IPU pipeline's meaning of temperature / k / output_length.
+
+Every constraint is written once, here, as an annotated type: `SamplingParams` (the task payload's
+sampling, what the engine reads) and the HTTP request bodies (producer/api/schemas.py, where each is
+optional and named as OpenAI names it: `max_tokens` is `output_length`) are built from the same types,
+so a value one accepts the other accepts too.
+"""
 
 from __future__ import annotations
 
-import math
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS)
+MAX_STOPS = 8  # stop strings per request (OpenAI allows 4, vLLM any number)
+MAX_STOP_CHARS = 200
+
+Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+OutputLength = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """How one turn's tokens are drawn and when its reply ends: the `sampling` of a task payload (on the
+    queue, shared/wire.py) and what the engine's sampler and stopping criteria read per sequence."""
 
-    temperature: float = Field(1.0, ge=0.0)  # 0 = always the most likely token (greedy)
-    top_k: int = Field(5, ge=0)  # 0 = no top-k filter; the upper bound (vocab) is checked by the worker
-    top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus filter; 1 = off
-    repetition_penalty: float = Field(1.0, gt=0.0)  # CTRL-style; 1 = off
-    output_length: int | None = Field(None, ge=1)  # max new tokens; None = until the end key or context full
-    seed: int | None = Field(None, ge=0, lt=2**63)  # per-turn RNG seed; None = nondeterministic
-    stop: list[str] = Field(default_factory=list, max_length=8)  # stop strings (not included in the reply)
-    # Generate past the end key (until output_length or the context is full), as vLLM's ignore_eos: for
-    # benchmarks that need exactly output_length tokens.
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    temperature: Temperature = 1.0
+    """Divides the logits before drawing, ≥ 0. 0 (or below SAMPLING_EPS) = always the most likely token."""
+    top_k: TopK = 5
+    """Draw among the k most likely tokens, ≥ 0; 0 = no top-k filter. The upper bound (the model's
+    vocabulary) is checked where the model is known (`check_vocab`)."""
+    top_p: TopP = 1.0
+    """Nucleus filter (Holtzman et al. 2020), in (0, 1]: the smallest set of likeliest tokens whose
+    probability reaches top_p, taken after top-k; 1 = off."""
+    repetition_penalty: RepetitionPenalty = 1.0
+    """CTRL's penalty (Keskar et al. 2019) on every token of the prompt and reply so far, > 0; 1 = off."""
+    output_length: OutputLength | None = None
+    """New tokens at most (OpenAI's max_tokens), ≥ 1; None = until the end key or the context is full."""
+    seed: Seed | None = None
+    """The turn's own random generator seed, in [0, 2^63): the same reply whatever shares its batch.
+    None = nondeterministic."""
+    stop: StopStrings = Field(default_factory=list)
+    """Up to MAX_STOPS strings of 1 to MAX_STOP_CHARS characters that end the reply when it produces one
+    (not included in the reply; finish_reason stop)."""
     ignore_eos: bool = False
-
-    @field_validator("temperature", "top_p", "repetition_penalty")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: list[str]) -> list[str]:
-        if any(not s for s in v):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > 200 for s in v):
-            raise ValueError("stop strings must be at most 200 characters")
-        return v
+    """Generate past the end key (until output_length or the context is full), as vLLM's ignore_eos: for
+    benchmarks that need exactly output_length tokens."""
 
     @property
     def greedy(self) -> bool:
@@ -46,6 +61,7 @@ class SamplingParams(BaseModel):
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def check_vocab(self, vocab_size: int) -> None:
-        """top_k's upper bound depends on the model, so it is checked where the model is known."""
+        """top_k's upper bound depends on the model, so it is checked where the model is known. Raises
+        ValueError naming top_k."""
         if self.top_k > vocab_size:
             raise ValueError(f"top_k: must be in [0, {vocab_size}] for this model, got {self.top_k}")

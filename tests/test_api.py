@@ -258,7 +258,7 @@ def test_missing_and_wrong_keys_are_401(server: LiveServer) -> None:
         ({"content": "hi", "top_p": 1.01}, "top_p"),
         ({"content": "hi", "max_tokens": 0}, "max_tokens"),
         ({"content": "hi", "top_k": -1}, "top_k"),
-        ({"content": "hi", "stop": [""]}, "stop"),
+        ({"content": "hi", "stop": [""]}, "stop[0]"),  # the element at fault
         ({"content": ""}, "content"),
         ({"content": "   "}, "content"),
         ({"content": "bell \x07"}, "content"),

@@ -37,3 +37,34 @@ def test_top_k_bound_is_the_vocabulary():
 def test_unknown_fields_are_rejected():
     with pytest.raises(ValidationError, match="max_tokens"):
         SamplingParams(max_tokens=3)
+
+
+# (SamplingParams field, the API's name for it, values around its limits)
+EDGES = [
+    ("temperature", "temperature", [-0.1, 0.0, 2.5, math.inf, math.nan]),
+    ("top_k", "top_k", [-1, 0, 1, 10**9]),
+    ("top_p", "top_p", [0.0, 1e-9, 1.0, 1.0001, math.nan]),
+    ("repetition_penalty", "repetition_penalty", [0.0, 1e-300, 1.0, -1.0, math.inf]),
+    ("output_length", "max_tokens", [0, 1, 10**9, -5]),
+    ("seed", "seed", [-1, 0, 2**63 - 1, 2**63]),
+    ("stop", "stop", [[], [""], ["x" * 200], ["x" * 201], ["a"] * 8, ["a"] * 9]),
+]
+
+
+@pytest.mark.parametrize("field,api_name,values", EDGES)
+def test_the_api_and_the_task_payload_accept_exactly_the_same_values(field, api_name, values):
+    """The constraints are written once (shared/sampling.py): a value the HTTP body accepts is one the
+    worker's payload accepts, and the reverse."""
+    from producer.api.schemas import SamplingFields
+
+    for v in values:
+        def ok(build) -> bool:
+            try:
+                build()
+                return True
+            except ValidationError:
+                return False
+
+        api = ok(lambda: SamplingFields.model_validate({api_name: v}))  # noqa: B023 - called at once
+        payload = ok(lambda: SamplingParams.model_validate({field: v}))  # noqa: B023
+        assert api == payload, (field, v, api, payload)

@@ -34,6 +34,7 @@ from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.errors import ChatError, first_error
 from shared.messages import ChatMessage, Role, check_text, is_blank
+from shared.sampling import OutputLength
 from shared.wire import FinishReason, TurnResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -102,7 +103,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: OutputLength | None = None  # OpenAI's newer name for max_tokens
     truncate: bool = False  # extension: drop the oldest turns to fit the context instead of refusing
     # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
     tools: list[Any] | None = None

@@ -8,7 +8,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.messages import is_blank
-from shared.sampling import SamplingParams
+from shared.sampling import (
+    OutputLength,
+    RepetitionPenalty,
+    SamplingParams,
+    Seed,
+    StopString,
+    StopStrings,
+    Temperature,
+    TopK,
+    TopP,
+)
 from shared.wire import TurnResult
 
 STRICT = ConfigDict(strict=True, extra="forbid")
@@ -21,30 +31,24 @@ def _not_blank(v: str | None) -> str | None:
 
 
 class SamplingFields(BaseModel):
-    """Sampling, by the names OpenAI and TGI use. Left out = the project's default (shared/sampling.py)."""
+    """Sampling, by the names OpenAI and TGI use, each constrained as shared/sampling.py constrains it.
+    Left out = the project's default (SamplingParams)."""
 
     model_config = STRICT
 
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] | str | None = None  # a string or a list of up to 8
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    max_tokens: OutputLength | None = None
+    seed: Seed | None = None
+    stop: StopStrings | StopString | None = None  # a string or a list of them
     ignore_eos: bool | None = None  # extension (vLLM's): generate past the end key, to max_tokens
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: list[str] | str | None) -> list[str] | None:
-        if v is None:
-            return None
-        items = [v] if isinstance(v, str) else v
-        if len(items) > 8:
-            raise ValueError("at most 8 stop strings")
-        if any(not s or len(s) > 200 for s in items):
-            raise ValueError("stop strings must be 1 to 200 characters")
-        return items
+        return [v] if isinstance(v, str) else v
 
     def sampling(self, max_tokens: int | None = None) -> SamplingParams:
         given: dict[str, Any] = {
