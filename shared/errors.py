@@ -33,6 +33,9 @@ def first_error(e: ValidationError) -> FieldError:
 
 
 class ChatError(Exception):
+    """Base of every error a producer raises: `status` the HTTP status it maps to, `param` the request
+    field at fault (or None), `code` a machine-readable reason (or the class's default)."""
+
     status = 400
     default_code: str | None = None
 
@@ -53,10 +56,14 @@ class InvalidInput(ChatError, ValueError):
 
 
 class NotFound(ChatError, KeyError):
+    """No such conversation or turn (or another caller's: reported alike)."""
+
     status = 404
 
 
 class Busy(ChatError):
+    """The conversation has a turn in flight: one turn at a time per conversation."""
+
     status = 409
     default_code = "turn_in_flight"
 
@@ -72,5 +79,7 @@ class Unavailable(ChatError):
 
 
 class TurnFailed(ChatError):
+    """The turn ended failed (the worker's reason is the message): raised by a caller that waits for it."""
+
     status = 500
     default_code = "turn_failed"
