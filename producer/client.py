@@ -234,10 +234,7 @@ class ChatClient:
                 kept.append(m)
             kept.reverse()
             return kept, len(earlier) - len(kept), 0, None
-        try:
-            req.sampling.check_vocab(info.card.vocab_size)
-        except ValueError as e:
-            raise InvalidInput(str(e), "top_k") from None
+        req.sampling.check_vocab(info.card.vocab_size)
         fitted = fit_turn(codec, head + earlier + [user], info.sequence_length, req.sampling.output_length,
                           truncate=req.truncate)
         drop = fitted.dropped_messages

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from shared.errors import InvalidInput
+
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS)
 MAX_STOPS = 8  # stop strings per request (OpenAI allows 4, vLLM any number)
 MAX_STOP_CHARS = 200
@@ -62,6 +64,6 @@ class SamplingParams(BaseModel):
 
     def check_vocab(self, vocab_size: int) -> None:
         """top_k's upper bound depends on the model, so it is checked where the model is known. Raises
-        ValueError naming top_k."""
+        InvalidInput (a ValueError) with param top_k."""
         if self.top_k > vocab_size:
-            raise ValueError(f"top_k: must be in [0, {vocab_size}] for this model, got {self.top_k}")
+            raise InvalidInput(f"top_k: must be in [0, {vocab_size}] for this model, got {self.top_k}", "top_k")
