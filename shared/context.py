@@ -122,10 +122,11 @@ def fit(
         segs = codec.segments(head + body[drop:])
         last = max(i for i, s in enumerate(segs) if s.content)
         if len(parts[last]) <= excess:
+            param = "system" if head else "messages"
             raise ContextError(
-                f"prompt: the system prompt and template take {sum(map(len, parts)) - len(parts[last])} tokens, "
+                f"{param}: the system prompt and template take {sum(map(len, parts)) - len(parts[last])} tokens, "
                 f"more than the {budget} the sequence length {seq_len} leaves after {reserve} for output",
-                "system" if head else "messages",
+                param,
             )
         parts[last] = parts[last][excess:]  # keep the end of the newest message
         truncated = excess

@@ -294,7 +294,7 @@ def test_invalid_turn_fields_are_422_and_nothing_is_stored(a: httpx.Client, redi
 def test_a_system_prompt_that_leaves_no_room_is_refused_when_the_conversation_is_made(a: httpx.Client) -> None:
     resp = a.post("/api/conversations", json={"model": "tiny-neox", "system": "rules " * 60})
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "system"
-    assert "the system prompt and template take" in resp.json()["error"]["message"]
+    assert resp.json()["error"]["message"].startswith("system: the system prompt and template take")  # as param
     for blank in ("\u200b", "\u202e\u200b", " \t\n"):  # nothing a reader could see is empty
         assert a.post("/api/conversations", json={"model": "tiny-neox", "system": blank}).status_code == 422
 

@@ -158,6 +158,9 @@ CLIENT_ERRORS = [
     ({"messages": [{"role": "user", "content": "x" * 16_001}]}, "messages[0].content", None),
     ({"messages": [{"role": "system", "content": ""}, *USER]}, "messages[0].content", None),
     ({"stop": [""]}, "stop", None),
+    ({"stop": ""}, "stop", None),  # a single string is checked as a list of one
+    ({"stop": "x" * 201}, "stop", None),
+    ({"max_tokens": 300, "max_completion_tokens": 2}, "max_completion_tokens", None),  # two different lengths
     ({"extra_body": {"top_k": -3}}, "top_k", None),
     # strict types: a bool is not a number, a string is not a bool
     ({"extra_body": {"top_k": True}}, "top_k", None),
@@ -202,6 +205,32 @@ def test_every_client_error_is_400_naming_the_field_and_creates_no_turn(
     assert message.startswith(e.value.param) or e.value.code == "context_length_exceeded", message
     assert "type=" not in message and "input_value" not in message  # no pydantic internals
     assert turns(r) == before
+
+
+def test_a_bad_single_stop_string_is_named_for_what_is_wrong_with_it(server: LiveServer) -> None:
+    for stop, why in [("", "at least 1 character"), ("x" * 201, "at most 200 characters")]:
+        resp = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {KEY_A}"},
+                          json={"model": "tiny-neox", "messages": USER, "max_tokens": 2, "stop": stop})
+        assert resp.status_code == 400 and why in resp.json()["error"]["message"], resp.text
+
+
+def test_fields_openai_allows_null_take_their_default(oai: openai.OpenAI) -> None:
+    resp = oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2, extra_body={
+        "stream": None, "n": None, "truncate": None, "stream_options": None, "max_completion_tokens": None})
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    chunks = list(oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2, stream=True,
+                                              stream_options={"include_usage": None}))  # type: ignore[typeddict-item]
+    assert chunks[-1].choices and chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_the_output_length_is_named_as_the_request_named_it(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="tiny-neox", messages=USER, max_completion_tokens=252)
+    assert e.value.code == "context_length_exceeded"
+    assert "max_completion_tokens" in e.value.message and "max_tokens" not in e.value.message.replace(
+        "max_completion_tokens", "")
+    assert oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2,
+                                       max_completion_tokens=2).usage.completion_tokens <= 2  # the same in both
 
 
 def test_context_overflow_says_the_numbers_and_truncate_is_opt_in(oai: openai.OpenAI) -> None:

@@ -189,7 +189,7 @@ def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(clien
 
 def test_a_system_prompt_that_leaves_no_room_is_refused_when_the_conversation_is_made(client):
     before = app_keys(client)
-    with pytest.raises(InvalidInput, match=r"prompt: the system prompt and template take \d+ tokens") as e:
+    with pytest.raises(InvalidInput, match=r"^system: the system prompt and template take \d+ tokens") as e:
         client.create_conversation("tiny-neox", system="rules " * 60)  # 360 tokens > the 256 positions
     assert e.value.param == "system" and app_keys(client) == before
 

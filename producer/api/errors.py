@@ -82,6 +82,8 @@ def from_chat_error(e: ChatError, openai: bool = False, names: dict[str, str] | 
     message = e.message
     if e.param and param != e.param and message.startswith(f"{e.param}:"):
         message = f"{param}:{message[len(e.param) + 1:]}"
+    if names and "output_length" in names:  # the output length by the name this request gave it, throughout
+        message = message.replace("max_tokens", names["output_length"])
     headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, Unavailable) else None
     return ApiError(e.status, message, param=param, code=e.code, headers=headers)
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse
@@ -91,7 +91,7 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool = False
+    include_usage: bool | None = False  # null = false, as OpenAI reads it
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -100,11 +100,12 @@ class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str = Field(min_length=1, max_length=100)
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
+    # OpenAI documents these as "or null": null is their default.
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int | None = Field(1, ge=1, le=1)
     max_completion_tokens: OutputLength | None = None  # OpenAI's newer name for max_tokens
-    truncate: bool = False  # extension: drop the oldest turns to fit the context instead of refusing
+    truncate: bool | None = False  # extension: drop the oldest turns to fit the context instead of refusing
     # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -118,6 +119,15 @@ class ChatCompletionRequest(SamplingFields):
     logit_bias: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_output_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        given = info.data.get("max_tokens")  # validated before: a field of SamplingFields
+        if v is not None and given is not None and v != given:
+            raise ValueError(f"differs from max_tokens ({given}): give one of them (max_completion_tokens is "
+                             "its newer name), or the same value in both")
+        return v
 
     @field_validator("tools", "functions")
     @classmethod
@@ -257,7 +267,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
         svc.check_model(req.model)
         return svc.start(TurnRequest(
             last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
-            ttl_s=svc.settings.openai_conversation_ttl_s, truncate=req.truncate,
+            ttl_s=svc.settings.openai_conversation_ttl_s, truncate=bool(req.truncate),
             text_field=f"messages[{index}].content"))
 
     try:

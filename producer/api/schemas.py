@@ -13,7 +13,6 @@ from shared.sampling import (
     RepetitionPenalty,
     SamplingParams,
     Seed,
-    StopString,
     StopStrings,
     Temperature,
     TopK,
@@ -42,12 +41,13 @@ class SamplingFields(BaseModel):
     repetition_penalty: RepetitionPenalty | None = None
     max_tokens: OutputLength | None = None
     seed: Seed | None = None
-    stop: StopStrings | StopString | None = None  # a string or a list of them
+    stop: StopStrings | None = None  # a string or a list of them (a string is read as a list of one)
     ignore_eos: bool | None = None  # extension (vLLM's): generate past the end key, to max_tokens
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, v: list[str] | str | None) -> list[str] | None:
+    def _one_stop(cls, v: object) -> object:
+        # Before validation, so a bad single string is named for what is wrong with it, not for not being a list.
         return [v] if isinstance(v, str) else v
 
     def sampling(self, max_tokens: int | None = None) -> SamplingParams:
