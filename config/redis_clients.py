@@ -17,6 +17,7 @@ outage is waited out once (about 3.5 s), not twice.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import redis
@@ -56,7 +57,9 @@ class _AsyncReconnectingCheck:
             return False
 
 
+@functools.cache
 def _checked(mixin: type, base: type) -> type:
+    """`base` (the URL's connection class) with `mixin`'s check: one class per pair, made once."""
     return type(f"Checked{base.__name__}", (mixin, base), {})
 
 

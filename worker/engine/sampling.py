@@ -134,31 +134,32 @@ class Sampler:
         sub = logits.index_select(0, rows.drawn_idx) / rows.temperature
         sub = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30)  # overflowed: huge, not inf (inf - inf = nan)
         free = [j for j, i in enumerate(rows.drawn) if generators[i] is None]
-        if len(free) == len(rows.drawn):
-            vals, idx = (_ranked(sub, rows.k) if rows.cut else (sub, None))
-            if rows.cut:
-                vals = _cut(vals, rows.top_k, rows.top_p)
-            picked = _draw(vals)
-            tokens = picked if idx is None else idx.gather(1, picked.unsqueeze(1)).view(-1)
-            out[rows.drawn_idx] = tokens
+        if len(free) == len(rows.drawn):  # the usual batch: every drawing row in one kernel
+            out[rows.drawn_idx] = _pick(sub, rows.k, rows.cut, rows.top_k, rows.top_p)
             return out.tolist()
         if free:  # unseeded rows draw together: one kernel, not one per row
             f = torch.tensor(free, device=logits.device)
-            vals, idx = _ranked(sub[f], rows.k)
-            picked = _draw(_cut(vals, rows.top_k[f], rows.top_p[f]))
-            out[rows.drawn_idx[f]] = idx.gather(1, picked.unsqueeze(1)).view(-1)
+            out[rows.drawn_idx[f]] = _pick(sub[f], rows.k, rows.cut, rows.top_k[f], rows.top_p[f])
+        vocab = logits.shape[-1]
         for j, i in enumerate(rows.drawn):
             if generators[i] is None:
                 continue
             # A seeded row ranks and draws on its own, so its reply does not depend on its batch mates.
-            p, k = params[i], _own_k(params[i], logits.shape[-1])
-            if k == logits.shape[-1] and p.top_p >= 1.0:  # nothing to cut: draw over the vocabulary
-                out[i] = _draw(sub[j : j + 1], generators[i])[0]
-                continue
-            vals, idx = _ranked(sub[j : j + 1], k)
-            picked = _draw(_cut(vals, rows.top_k[j : j + 1], rows.top_p[j : j + 1]), generators[i])
-            out[i] = idx[0, picked[0]]
+            k = _own_k(params[i], vocab)
+            out[i] = _pick(sub[j : j + 1], k, k < vocab or params[i].top_p < 1.0, rows.top_k[j : j + 1],
+                           rows.top_p[j : j + 1], generators[i])[0]
         return out.tolist()
+
+
+def _pick(logits: torch.Tensor, k: int, cut: bool, top_k: torch.Tensor, top_p: torch.Tensor,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of tempered `logits` (rows, vocab): drawn among each row's top-k / nucleus
+    candidates (`k` ranked per row), or over the whole vocabulary when no row cuts. (rows,) int64."""
+    if not cut:
+        return _draw(logits, generator)
+    vals, idx = _ranked(logits, k)
+    picked = _draw(_cut(vals, top_k, top_p), generator)
+    return idx.gather(1, picked.unsqueeze(1)).view(-1)
 
 
 def _draw(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
