@@ -3,6 +3,7 @@ same weights; a stale entry is never used, a corrupt one is found, removed and r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -58,3 +59,28 @@ def test_an_entry_is_keyed_by_the_source_file_as_it_is_now(tmp_path: Path) -> No
     assert weights_cache.cache_key(gguf, torch.float32) != key
     preset = load_presets().model("smollm2-135m")
     assert Path(resolve_source(preset), preset.gguf_file).exists()  # what the worker keys on
+
+
+def test_entries_whose_source_is_gone_or_changed_are_pruned(tmp_path: Path) -> None:
+    """Every new checkout keys its own entry (the GGUF's path is in the key): without pruning, each one left
+    ~540 MB behind for good. An entry no key can reach again is removed; the rest stay."""
+    kept_src, moved_src, changed_src = (tmp_path / f"{n}.gguf" for n in ("kept", "moved", "changed"))
+    for src in (kept_src, moved_src, changed_src):
+        src.write_bytes(b"GGUF v1")
+    root = tmp_path / "cache"
+
+    def entry(name: str, source: list | None) -> Path:
+        folder = root / name
+        folder.mkdir(parents=True)
+        body = {"files": {}, "written": 0.0, **({"source": source} if source is not None else {})}
+        (folder / weights_cache.MANIFEST).write_text(json.dumps(body))
+        return folder
+
+    kept = entry("kept", weights_cache._source(kept_src))
+    moved = entry("moved", weights_cache._source(moved_src))
+    changed = entry("changed", weights_cache._source(changed_src))
+    legacy = entry("legacy", None)  # written before manifests named their source
+    moved_src.unlink()  # a deleted checkout
+    os.utime(changed_src, ns=(1, 1))  # the file replaced
+    assert sorted(weights_cache.prune_stale(root)) == ["changed", "moved"]
+    assert kept.exists() and legacy.exists() and not moved.exists() and not changed.exists()

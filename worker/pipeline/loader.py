@@ -91,7 +91,8 @@ def _load_pretrained(preset: ModelPreset, dtype: torch.dtype, cache_dir: str | N
     src = resolve_source(preset)
     kw: dict[str, Any] = {"gguf_file": preset.gguf_file} if preset.gguf_file else {}
     root = Path(cache_dir).expanduser() if cache_dir and preset.gguf_file else None
-    key = weights_cache.cache_key(Path(src, preset.gguf_file), dtype) if root and preset.gguf_file else None
+    source_file = Path(src, preset.gguf_file) if preset.gguf_file else None
+    key = weights_cache.cache_key(source_file, dtype) if root and source_file else None
     if root is not None and key is not None:
         hit = weights_cache.load(root, key, dtype)
         if hit is not None:
@@ -99,9 +100,9 @@ def _load_pretrained(preset: ModelPreset, dtype: torch.dtype, cache_dir: str | N
             return hit
     tokenizer = AutoTokenizer.from_pretrained(src, **kw)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation="sdpa", **kw)
-    if root is not None and key is not None:
+    if root is not None and key is not None and source_file is not None:
         try:
-            weights_cache.store(root, key, tokenizer, model)
+            weights_cache.store(root, key, tokenizer, model, source_file)
         except OSError as e:  # a read-only or full disk: the worker still serves, it only starts slowly again
             log.warning("weight cache not written (%s): the next start loads %s again", e, preset.gguf_file)
     return tokenizer, model

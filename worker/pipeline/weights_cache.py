@@ -7,7 +7,10 @@ file's identity (path, size, modification time), the dtype and the torch/transfo
 next start loads that folder instead (about a second). Sources that are already safetensors folders,
 and the built-in tiny-neox, are not cached: they load as fast as the cache would.
 
-A stale entry cannot be used (its key names the source file as it was). A corrupt one (a truncated
+A stale entry cannot be used (its key names the source file as it was), so it is removed: each entry's
+manifest names its source file, and writing a new entry prunes those whose source is gone or changed
+(a deleted checkout, a replaced file: otherwise every new checkout's virtualenv left ~540 MB behind for
+good). A corrupt one (a truncated
 or damaged file, a missing one, sizes or checksums that differ from the manifest written last) fails
 to load, is removed and rebuilt; an entry is written to a temporary folder and renamed into place
 complete, so a worker killed while writing leaves no half entry.
@@ -32,14 +35,40 @@ log = logging.getLogger(__name__)
 MANIFEST = "chat-weights.json"
 
 
+def _source(source_file: Path) -> list[str | int]:
+    """The source file's identity: [absolute path, size in bytes, modification time in ns]."""
+    st = source_file.stat()
+    return [str(source_file.resolve()), st.st_size, st.st_mtime_ns]
+
+
 def cache_key(source_file: Path, dtype: torch.dtype) -> str:
     """The entry's name: what the loaded weights depend on."""
     import transformers
 
-    st = source_file.stat()
-    ident = [str(source_file.resolve()), st.st_size, st.st_mtime_ns, str(dtype), torch.__version__,
-             transformers.__version__]
+    ident = [*_source(source_file), str(dtype), torch.__version__, transformers.__version__]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def prune_stale(root: Path) -> list[str]:
+    """Remove the entries whose manifest names a source file that is gone or has changed since (no key can
+    reach them again); returns their names. Entries written before manifests named their source are kept."""
+    removed = []
+    for manifest in root.glob(f"*/{MANIFEST}"):
+        try:
+            recorded = json.loads(manifest.read_text()).get("source")
+            if recorded is None:
+                continue
+            path = Path(recorded[0])
+            if path.exists() and _source(path) == recorded:
+                continue
+        except (OSError, ValueError, AttributeError, IndexError):
+            continue  # unreadable now: load() finds and rebuilds it when its key comes up
+        shutil.rmtree(manifest.parent, ignore_errors=True)
+        removed.append(manifest.parent.name)
+    if removed:
+        log.info("weight cache: removed %d entr%s whose source file is gone or changed", len(removed),
+                 "y" if len(removed) == 1 else "ies")
+    return removed
 
 
 def _digest(path: Path) -> str:
@@ -77,9 +106,10 @@ def load(root: Path, key: str, dtype: torch.dtype) -> tuple[Any, Any] | None:
     return tokenizer, model
 
 
-def store(root: Path, key: str, tokenizer: Any, model: Any) -> None:
-    """Write the entry (a no-op if another worker just did). transformers will not save a model loaded from a
-    GGUF, so a copy is built from its config and given its weights."""
+def store(root: Path, key: str, tokenizer: Any, model: Any, source_file: Path) -> None:
+    """Write the entry for weights loaded from `source_file` (a no-op if another worker just did), then prune
+    the stale ones. transformers will not save a model loaded from a GGUF, so a copy is built from its
+    config and given its weights."""
     from transformers import AutoModelForCausalLM
 
     folder = root / key
@@ -95,7 +125,8 @@ def store(root: Path, key: str, tokenizer: Any, model: Any) -> None:
         plain.load_state_dict(model.state_dict(), assign=True)
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp), "written": time.time()}))
+        (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp), "written": time.time(),
+                                                "source": _source(source_file)}))
         try:
             os.rename(tmp, folder)
         except OSError:  # another worker renamed its own copy in first: keep that one
@@ -105,3 +136,4 @@ def store(root: Path, key: str, tokenizer: Any, model: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("weight cache: saved %s in %.1fs (next start loads from it)", folder, time.perf_counter() - t0)
+    prune_stale(root)
