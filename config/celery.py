@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from config.redis_clients import sentinel_target
 from config.settings import Settings
 from shared.task_message import GENERATE_TASK
 
@@ -46,6 +47,12 @@ class CeleryConfig:
             "unacked_key": UNACKED_KEY,
             "unacked_index_key": UNACKED_INDEX_KEY,
         }
+        if sentinel_target(settings.redis_url, settings.redis_master_name) is not None:
+            # kombu's sentinel transport (the URL's scheme selects it): it asks the sentinels for the primary
+            # on every connect, so the consumer's reconnect after a failover finds the promoted replica.
+            self.broker_transport_options["master_name"] = settings.redis_master_name
+        if settings.redis_password is not None:  # kombu uses it when the URL carries none
+            self.broker_password = settings.redis_password.get_secret_value()
         self.broker_connection_retry_on_startup = True
         self.broker_connection_max_retries = None  # a Redis restart is waited out, not fatal
         self.task_serializer = "json"
@@ -63,11 +70,13 @@ class CeleryConfig:
 
 def make_celery(settings: Settings, name: str = "chat", *, worker: bool = False) -> Celery:
     """The app; `worker=True` adds what only a consuming worker uses: screened deliveries with a tag each and
-    malformed messages answered (worker/celery_workarounds.py, which registers the `chat-redis` transport)."""
+    malformed messages answered (worker/celery_workarounds.py, which registers the `chat-redis` and
+    `chat-sentinel` transports)."""
     app = Celery(name, set_as_current=False)
     app.config_from_object(CeleryConfig(settings))
     if worker:
-        app.conf.broker_transport = "chat-redis"
+        sentinel = sentinel_target(settings.redis_url, settings.redis_master_name) is not None
+        app.conf.broker_transport = "chat-sentinel" if sentinel else "chat-redis"
         app.conf.worker_consumer = "worker.celery_workarounds:GuardedConsumer"
     app.chat_settings = settings  # type: ignore[attr-defined]
     return app

@@ -13,22 +13,107 @@ caller (seen as a rare 503 from the API under `CLIENT KILL`). Our connections' c
 connection itself, once and without backoff, and reports it ready; only if that fails does the pool's own
 reconnect (with the retry above) run, so a drop needs three kills in a row to reach the caller, and an
 outage is waited out once (about 3.5 s), not twice.
+
+Redis Sentinel: a URL list `sentinel://host:port;sentinel://host:port[/db]` (kombu's form, so Celery's
+broker takes the same string) plus the master's name (`CHAT_REDIS_MASTER_NAME`) makes a client that
+asks the sentinels where the primary is on every connect, so after a failover the retried command lands
+on the promoted replica; a connection still open to a demoted primary answers READONLY, which redis-py
+turns into a connection error (and so a retry). Credentials and db come from the first entry and are
+the data nodes' (the sentinels themselves are reached without a password). Redis Cluster is not
+supported: Celery's Redis transport cannot use it.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aredis
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel as sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 RETRIES = 6
+SENTINEL_SCHEME = "sentinel"
+SENTINEL_PORT = 26379
+DEFAULT_MASTER_NAME = "mymaster"  # the name redis' own sentinel.conf example monitors
 _RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 _COMMON: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_keepalive": True, "health_check_interval": 15}
+# The sentinels are asked on every connect: a sentinel that does not answer is skipped quickly.
+_SENTINEL_KW: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
+
+
+def _retryable(error: Exception) -> bool:
+    """A wrong password is final: redis-py files AuthenticationError under ConnectionError, and retrying it
+    (connect and command retries nested) kept a misconfigured client waiting about 30 s."""
+    return not isinstance(error, redis.AuthenticationError)
+
+
+class _Retry(Retry):
+    """The retry policy above, AuthenticationError excepted."""
+
+    def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None, with_failure_count: bool = False) -> Any:
+        return super().call_with_retry(do, fail, lambda e: _retryable(e) and (is_retryable or bool)(e),
+                                       with_failure_count)
+
+
+class _AsyncRetry(AsyncRetry):
+    """`_Retry` for asyncio."""
+
+    async def call_with_retry(self, do: Any, fail: Any, is_retryable: Any = None,
+                              with_failure_count: bool = False) -> Any:
+        return await super().call_with_retry(do, fail, lambda e: _retryable(e) and (is_retryable or bool)(e),
+                                             with_failure_count)
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A Sentinel-managed primary: where the sentinels are, the master's name, and the data nodes' db and
+    credentials. Parsed from `sentinel://[[user]:password@]host[:port][/db];sentinel://host[:port];...`."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def sentinel_target(url: str, master_name: str = DEFAULT_MASTER_NAME) -> SentinelTarget | None:
+    """The SentinelTarget a `sentinel://` URL list names, or None for any other URL (redis://, rediss://,
+    unix://). Raises ValueError naming what is wrong (an entry of another scheme, no host, a bad port or
+    db, a db or credentials on a later entry only, an empty master name)."""
+    entries = [e.strip() for e in url.split(";") if e.strip()]
+    if not entries or urlsplit(entries[0]).scheme != SENTINEL_SCHEME:
+        return None
+    if not master_name:
+        raise ValueError("a sentinel:// URL needs the master's name (CHAT_REDIS_MASTER_NAME)")
+    hosts, first = [], urlsplit(entries[0])
+    for entry in entries:
+        u = urlsplit(entry)
+        if u.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"{entry!r}: every entry of a sentinel URL list must be sentinel://host:port")
+        try:
+            port = u.port or SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535") from None
+        if not u.hostname:
+            raise ValueError(f"{entry!r}: no host")
+        if (u.path.strip("/"), u.username, u.password) not in (("", None, None), (first.path.strip("/"),
+                                                                                  first.username, first.password)):
+            raise ValueError(f"{entry!r}: put the db and credentials on the first entry (Celery's broker reads "
+                             "them from that one only)")
+        hosts.append((u.hostname, port))
+    path = first.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"{entries[0]!r}: the db must be a number, got {path!r}")
+    return SentinelTarget(tuple(hosts), master_name, int(path or 0),
+                          unquote(first.username) if first.username else None,
+                          unquote(first.password) if first.password else None)
 
 
 class _ReconnectingCheck:
@@ -41,8 +126,14 @@ class _ReconnectingCheck:
             return super().can_read(*args, **kwargs)  # type: ignore[misc]
         except redis.ConnectionError:
             self.disconnect()  # type: ignore[attr-defined]
-            self.connect_check_health(retry_socket_connect=False)  # type: ignore[attr-defined]
+            self._reconnect_once()
             return False
+
+    def _reconnect_once(self) -> None:
+        if isinstance(self, sentinel.SentinelManagedConnection):
+            self._connect_retry()  # asks the sentinels where the primary is now
+        else:
+            self.connect_check_health(retry_socket_connect=False)  # type: ignore[attr-defined]
 
 
 class _AsyncReconnectingCheck:
@@ -53,7 +144,10 @@ class _AsyncReconnectingCheck:
             return await super().can_read(*args, **kwargs)  # type: ignore[misc]
         except redis.ConnectionError:
             await self.disconnect()  # type: ignore[attr-defined]
-            await self.connect_check_health(retry_socket_connect=False)  # type: ignore[attr-defined]
+            if isinstance(self, asentinel.SentinelManagedConnection):
+                await self._connect_retry()
+            else:
+                await self.connect_check_health(retry_socket_connect=False)  # type: ignore[attr-defined]
             return False
 
 
@@ -63,19 +157,40 @@ def _checked(mixin: type, base: type) -> type:
     return type(f"Checked{base.__name__}", (mixin, base), {})
 
 
-def sync_client(url: str) -> redis.Redis:
-    """A client for `url` (redis://, rediss://, unix://) under this module's retry policy."""
+def sync_client(url: str, *, master_name: str = DEFAULT_MASTER_NAME, password: str | None = None,
+                retries: int = RETRIES) -> redis.Redis:
+    """A client for `url` (redis://, rediss://, unix://, or a sentinel:// list with `master_name`) under
+    this module's retry policy (`retries=0`: fail at the first connection error). `password`: used when the
+    URL carries none (Settings.redis_options gives both). Raises ValueError for a malformed sentinel URL."""
+    retry = _Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+    target = sentinel_target(url, master_name)
+    if target is not None:
+        manager = sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
+        return manager.master_for(
+            target.master_name, redis.Redis, db=target.db, username=target.username,
+            password=target.password or password, retry=retry, retry_on_error=_RETRY_ON,
+            connection_class=_checked(_ReconnectingCheck, sentinel.SentinelManagedConnection), **_COMMON,
+        )
     base = redis.connection.parse_url(url).get("connection_class", redis.Connection)
-    return redis.Redis.from_url(
-        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES), retry_on_error=_RETRY_ON,
+    return redis.Redis.from_url(  # the URL's own password, if any, wins over `password`
+        url, password=password, retry=retry, retry_on_error=_RETRY_ON,
         connection_class=_checked(_ReconnectingCheck, base), **_COMMON,
     )
 
 
-def async_client(url: str) -> aredis.Redis:
+def async_client(url: str, *, master_name: str = DEFAULT_MASTER_NAME, password: str | None = None) -> aredis.Redis:
     """`sync_client` for asyncio."""
+    retry = _AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
+    target = sentinel_target(url, master_name)
+    if target is not None:
+        manager = asentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
+        return manager.master_for(
+            target.master_name, aredis.Redis, db=target.db, username=target.username,
+            password=target.password or password, retry=retry, retry_on_error=_RETRY_ON,
+            connection_class=_checked(_AsyncReconnectingCheck, asentinel.SentinelManagedConnection), **_COMMON,
+        )
     base = aredis.connection.parse_url(url).get("connection_class", aredis.Connection)
     return aredis.Redis.from_url(
-        url, retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES), retry_on_error=_RETRY_ON,
+        url, password=password, retry=retry, retry_on_error=_RETRY_ON,
         connection_class=_checked(_AsyncReconnectingCheck, base), **_COMMON,
     )

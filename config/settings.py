@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, field_validator
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.presets import DevicePreset, ModelPreset, load_presets
+from config.redis_clients import DEFAULT_MASTER_NAME, sentinel_target
 from shared.errors import first_error
 
 
@@ -16,7 +19,18 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
 
+    # Redis Sentinel: CHAT_REDIS_URL=sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379/0 and the
+    # name the sentinels monitor the primary under (config/redis_clients.py).
+    redis_master_name: str = Field(DEFAULT_MASTER_NAME, min_length=1, max_length=200)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The data nodes' password when the URL carries none (kept out of URLs: no encoding of ':@/', not in ps).
+    redis_password: SecretStr | None = None
+    # Durability across a failover (docs/GUARANTEES.md): after each write a turn depends on (its creation,
+    # its claim, its stream, its commit or failure) wait until this many replicas hold it (Redis WAIT), at
+    # most redis_wait_ms. 0 = acknowledged by the primary alone (one Redis, or when losing the last
+    # moments of writes in a failover is acceptable).
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_ms: int = Field(500, ge=1, le=60_000)
     key_prefix: str = Field("chat", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     model: str = "smollm2-135m"  # preset name, hub id or local path
     device: str = "cpu"  # preset name in presets.yaml
@@ -55,11 +69,23 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(16_000, ge=1)
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str, info: ValidationInfo) -> str:
+        """A sentinel:// list is parsed now, so a typo fails at start with the entry named."""
+        sentinel_target(v, info.data.get("redis_master_name", DEFAULT_MASTER_NAME))
+        return v
+
     @field_validator("slots", "sequence_length", "threads", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         """`CHAT_THREADS=` (as docker-compose passes an unset `${CPU_THREADS:-}`) means the default."""
         return None if isinstance(v, str) and not v.strip() else v
+
+    def redis_options(self) -> dict[str, Any]:
+        """What config/redis_clients.py's clients take besides the URL: master name and password."""
+        return {"master_name": self.redis_master_name,
+                "password": self.redis_password.get_secret_value() if self.redis_password else None}
 
     def model_preset(self) -> ModelPreset:
         try:

@@ -24,6 +24,7 @@ from shared.errors import InvalidInput, NotFound
 from shared.keys import Keys, check_id
 from shared.lua import PRELUDE
 from shared.messages import ChatMessage, Role, check_text, is_blank
+from shared.replication import Replication
 from shared.wire import FinishReason, TurnResult, TurnStatus
 
 START = PRELUDE + """
@@ -200,8 +201,10 @@ def _s(v: bytes | str) -> str:
 
 class ConversationStore:
     def __init__(self, r: redis.Redis, keys: Keys, *, max_message_chars: int = 16_000,
-                 stream_maxlen: int = 10_000, stream_ttl_s: int = 3600, result_ttl_s: int = 86_400):
+                 stream_maxlen: int = 10_000, stream_ttl_s: int = 3600, result_ttl_s: int = 86_400,
+                 replication: Replication | None = None):
         self.r = r
+        self.replication = replication or Replication()  # a turn's creation waits for replicas
         self.keys = keys
         self.max_chars = max_message_chars
         self.maxlen, self.stream_ttl, self.result_ttl = stream_maxlen, stream_ttl_s, result_ttl_s
@@ -303,10 +306,11 @@ class ConversationStore:
         for field, value in (create or {}).items():
             args += [field, value]
         args += [m.model_dump_json() for m in earlier or []]
-        out = self._start(
-            keys=[self.keys.conv(conversation_id), self.keys.messages(conversation_id), self.keys.turn(turn_id),
-                  queue, self.keys.queued, self.keys.live(model), self.keys.arriving(queue)],
-            args=args,
+        out = self.replication.run(
+            self.r, self._start,
+            [self.keys.conv(conversation_id), self.keys.messages(conversation_id), self.keys.turn(turn_id),
+             queue, self.keys.queued, self.keys.live(model), self.keys.arriving(queue)],
+            args,
         )
         status = Started(_s(out[0]))
         if status is Started.busy:

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import redis
 
 from producer.embedded import free_port
@@ -70,6 +71,38 @@ class WorkerProcess:
         self._log.close()
 
 
+class ApiProcess:
+    """`python -m producer.api` on a free port, auth off, logging to `log_dir`; ready once /healthz answers."""
+
+    def __init__(self, redis_url: str, log_dir: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"api-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.api", "--redis", redis_url, "--port", str(self.port)],
+            cwd=ROOT, env={**os.environ, "CHAT_API_KEYS": "", "PYTHONUNBUFFERED": "1", **env},
+            stdout=self._log, stderr=subprocess.STDOUT)
+        end = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < end, self.log()
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
 def served(r: redis.Redis, turn_hash_key: str) -> str:
     return (r.hget(turn_hash_key, "worker") or b"").decode()
 
@@ -84,9 +117,11 @@ def first_delta(client, turn_id: str, timeout: float = 30) -> str:
 
 
 class RedisServer:
-    """A private redis-server with appendonly on, restartable on the same port and data directory."""
+    """A private redis-server with appendonly on, restartable on the same port and data directory;
+    `password`: its requirepass (not in `url`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-aof-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -96,9 +131,9 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
-             "--save", "", "--dir", self.dir],
+             "--save", "", "--dir", self.dir, *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=self.port)
+        r = redis.Redis(port=self.port, password=self.password)
         end = time.monotonic() + 20
         while True:
             try:
@@ -117,4 +152,130 @@ class RedisServer:
 
     def close(self) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelCluster:
+    """A primary, a replica and three sentinels (`redis-server --sentinel`), each its own process on a free
+    port, monitoring the primary as `master_name` with short timeouts (down after 1 s), so a SIGKILLed
+    primary is replaced in a few seconds. `url` is the sentinel:// list clients are given."""
+
+    def __init__(self, master_name: str = "mymaster", down_after_ms: int = 1000) -> None:
+        self.master_name = master_name
+        self.dir = tempfile.mkdtemp(prefix="redis-sentinel-")
+        self.data: dict[int, subprocess.Popen] = {}
+        self.sentinels: list[tuple[int, subprocess.Popen]] = []
+        try:
+            primary, replica = free_port(), free_port()
+            self.data[primary] = self._data_node(primary)
+            self.data[replica] = self._data_node(replica, f"127.0.0.1 {primary}")
+            for _ in range(3):
+                port = free_port()
+                conf = Path(self.dir) / f"sentinel-{port}.conf"
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {master_name} 127.0.0.1 {primary} 2\n"
+                    f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+                    f"sentinel failover-timeout {master_name} 10000\n"
+                    f"sentinel parallel-syncs {master_name} 1\n")
+                self.sentinels.append((port, subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            self.url = ";".join(f"sentinel://127.0.0.1:{p}" + ("/0" if i == 0 else "")
+                                for i, (p, _) in enumerate(self.sentinels))
+            self.wait_settled(primary, 30)
+        except BaseException:
+            self.close()
+            raise
+
+    def _data_node(self, port: int, replicaof: str | None = None) -> subprocess.Popen:
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.dir, "--dbfilename", f"dump-{port}.rdb", "--repl-diskless-sync-delay", "0"]
+        proc = subprocess.Popen(args + (["--replicaof", *replicaof.split()] if replicaof else []),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        r = redis.Redis(port=port)
+        end = time.monotonic() + 20
+        while True:
+            try:
+                r.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        r.close()
+        return proc
+
+    def sentinel(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinels[i][0], decode_responses=True)
+
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel sees it now."""
+        s = self.sentinel()
+        try:
+            return int(s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1])
+        finally:
+            s.close()
+
+    def wait_settled(self, primary: int, timeout: float) -> None:
+        """Until every replica's link to `primary` is up and every sentinel names `primary`, sees a replica
+        and the two other sentinels: only then is a failover both possible and lossless."""
+        end = time.monotonic() + timeout
+        while True:
+            ok = True
+            for port, proc in self.data.items():
+                if port != primary and proc.poll() is None:
+                    try:
+                        ok &= redis.Redis(port=port).info("replication").get("master_link_status") == "up"
+                    except redis.ConnectionError:
+                        ok = False
+            for i in range(len(self.sentinels)):
+                s = self.sentinel(i)
+                try:
+                    m = s.sentinel_master(self.master_name)
+                    replicas = [x for x in s.sentinel_slaves(self.master_name)
+                                if not (x["is_sdown"] or x["is_disconnected"])]
+                    ok &= (int(m["port"]) == primary and int(m["num-other-sentinels"]) == 2
+                           and not m["is_sdown"] and len(replicas) >= 1)
+                except (redis.ConnectionError, redis.ResponseError):
+                    ok = False
+                finally:
+                    s.close()
+            if ok:
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"sentinels did not settle on primary {primary} in {timeout}s")
+            time.sleep(0.2)
+
+    def kill_primary(self) -> int:
+        """SIGKILL the primary; returns its port."""
+        port = self.primary_port()
+        self.data[port].kill()
+        self.data[port].wait(10)
+        return port
+
+    def wait_promoted(self, old: int, timeout: float = 30) -> int:
+        """Until the sentinels name a new primary (not `old`) and it answers as master; returns its port."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                port = self.primary_port()
+                if port != old and redis.Redis(port=port).info("replication")["role"] == "master":
+                    return port
+            except (redis.ConnectionError, redis.ResponseError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"no replica was promoted in {timeout}s")
+
+    def restart_as_replica(self, port: int, primary: int) -> None:
+        """Start the node on `port` again (its data gone) as a replica of `primary`."""
+        if self.data[port].poll() is None:
+            self.data[port].kill()
+            self.data[port].wait(10)
+        self.data[port] = self._data_node(port, f"127.0.0.1 {primary}")
+
+    def close(self) -> None:
+        for proc in [*self.data.values(), *(p for _, p in self.sentinels)]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -10,11 +10,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,42 +22,11 @@ import openai
 import pytest
 import redis
 
-from producer.embedded import free_port
-from tests.procs import ROOT, RedisServer, WorkerProcess
+from tests.procs import ApiProcess, RedisServer, WorkerProcess
 
 pytestmark = pytest.mark.slow
 IDLE_MODEL = "smollm2-135m"  # no worker serves it here: its turns wait in the queue
 USER = [{"role": "user", "content": "hi"}]
-
-
-class ApiProcess:
-    def __init__(self, redis_url: str, log_dir: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"api-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "producer.api", "--redis", redis_url, "--port", str(self.port)],
-            cwd=ROOT, env={**os.environ, "CHAT_API_KEYS": "", "PYTHONUNBUFFERED": "1", **env},
-            stdout=self._log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < end, self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture

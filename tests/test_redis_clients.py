@@ -1,5 +1,7 @@
 """config/redis_clients.py: a connection Redis drops while the pool is checking it is reconnected, in the
-sync and the asyncio client (redis-py's own command retry does not cover taking a connection).
+sync and the asyncio client (redis-py's own command retry does not cover taking a connection); sentinel://
+URL lists are parsed strictly, and clients made from one follow a failover (real redis-server and
+`redis-server --sentinel` processes).
 
 The pool checks an idle connection (`can_read`), reconnects it if it was closed, and checks it again.
 A `CLIENT KILL` landing on both checks cannot be timed from outside, so `can_read` is made to find the
@@ -9,6 +11,7 @@ connection dropped twice; everything else (pool, reconnect, command) is the real
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +22,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from config.redis_clients import RETRIES, async_client, sync_client
+from config.redis_clients import RETRIES, SentinelTarget, async_client, sentinel_target, sync_client
+from config.settings import ConfigError, load_settings
+from tests.procs import RedisServer, SentinelCluster
 
 DROPPED = "Connection closed by server."
 
@@ -82,3 +87,101 @@ def test_async_client_takes_a_connection_again(redis_url: str, monkeypatch: pyte
         await ours.aclose()
 
     asyncio.run(run())
+
+
+def test_a_password_kept_out_of_the_url_reaches_every_client() -> None:
+    """CHAT_REDIS_PASSWORD: the sync and asyncio clients and Celery's broker connection all authenticate."""
+    from worker.app import make_worker_app
+
+    server = RedisServer(password="s3cret:@/")
+    try:
+        settings = load_settings(redis_url=server.url, redis_password="s3cret:@/")
+        t0 = time.monotonic()
+        with pytest.raises(redis.AuthenticationError):
+            sync_client(server.url).ping()
+        assert time.monotonic() - t0 < 5  # final, not retried (nested retries made it ~30 s)
+        assert sync_client(server.url, **settings.redis_options()).ping()
+
+        async def run() -> bool:
+            ar = async_client(server.url, **settings.redis_options())
+            try:
+                return bool(await ar.ping())
+            finally:
+                await ar.aclose()
+
+        assert asyncio.run(run())
+        with make_worker_app(settings).connection_for_write() as conn:
+            assert conn.default_channel.client.ping()
+    finally:
+        server.close()
+
+
+# -- Sentinel ---------------------------------------------------------------------------------------------
+
+
+def test_sentinel_url_lists_parse_like_celerys_broker_reads_them() -> None:
+    assert sentinel_target("redis://127.0.0.1:6379/0") is None
+    assert sentinel_target("sentinel://:p%40ss@a:1/3;sentinel://b;sentinel://c:7", "pool") == SentinelTarget(
+        (("a", 1), ("b", 26379), ("c", 7)), "pool", 3, None, "p@ss")
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("sentinel://a:1;redis://b:2", "every entry of a sentinel URL list must be sentinel://host:port"),
+    ("sentinel://a:99999", "the port must be a number"),
+    ("sentinel://a/x", "the db must be a number"),
+    ("sentinel://", "no host"),
+    ("sentinel://a;sentinel://b/2", "put the db and credentials on the first entry"),
+    ("sentinel://a;sentinel://:pw@b", "put the db and credentials on the first entry"),
+])
+def test_a_malformed_sentinel_url_is_a_config_error_naming_the_variable(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=f"^CHAT_REDIS_URL: .*{says}"):
+        load_settings(redis_url=url)
+
+
+def test_a_sentinel_url_needs_a_master_name() -> None:
+    with pytest.raises(ConfigError, match="^CHAT_REDIS_MASTER_NAME: "):
+        load_settings(redis_url="sentinel://a", redis_master_name="")
+
+
+def test_clients_made_before_a_failover_follow_it() -> None:
+    """Sync and asyncio clients: writes, a registered Lua script (not replicated: loaded again on NOSCRIPT)
+    and a blocking XREAD under way when the primary is SIGKILLed all carry on against the promoted replica."""
+    cluster = SentinelCluster()
+    try:
+        r = sync_client(cluster.url)
+        incr = r.register_script("return redis.call('INCR', KEYS[1])")
+        assert incr(keys=["n"]) == 1
+        r.xadd("s", {"k": "before"})
+
+        async def read_across(ar: aredis.Redis) -> list[bytes]:
+            seen: list[bytes] = []
+            last = "0-0"
+            while len(seen) < 2:  # a blocking read, resumed after the failover from the last entry seen
+                try:
+                    for _, entries in await ar.xread({"s": last}, block=500) or []:
+                        for eid, fields in entries:
+                            seen.append(fields[b"k"])
+                            last = eid
+                except redis.ConnectionError:
+                    await asyncio.sleep(0.2)
+            return seen
+
+        async def run() -> list[bytes]:
+            ar = async_client(cluster.url)
+            assert await ar.set("a", 1)
+            reader = asyncio.create_task(read_across(ar))
+            await asyncio.sleep(0.3)
+            old = await asyncio.to_thread(cluster.kill_primary)
+            new = await asyncio.to_thread(cluster.wait_promoted, old)
+            assert incr(keys=["n"]) == 2  # the sync client, its script and the replicated count, on `new`
+            r.xadd("s", {"k": "after"})
+            assert await ar.incr("a") == 2
+            seen = await asyncio.wait_for(reader, 30)
+            assert new != old and (await ar.info("server"))["tcp_port"] == new
+            await ar.aclose()
+            return seen
+
+        assert asyncio.run(run()) == [b"before", b"after"]
+        r.close()
+    finally:
+        cluster.close()

@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import redis
 
-    try:  # before the heavy imports and the model load: an unreachable Redis fails the start in a second
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3).ping()
+    from config.redis_clients import sync_client
+
+    try:  # before the heavy imports and the model load: an unreachable Redis fails the start in seconds
+        sync_client(settings.redis_url, **settings.redis_options(), retries=0).ping()
     except redis.RedisError as e:
         logging.getLogger("worker.lifecycle").error("worker cannot start: %s: %s", type(e).__name__, e)
         return 3

@@ -11,7 +11,7 @@ from worker.tasks import register_tasks
 
 
 def make_worker_app(settings: Settings) -> Celery:
-    import worker.celery_workarounds  # noqa: F401 - registers the chat-redis transport
+    import worker.celery_workarounds  # noqa: F401 - registers the chat-redis and chat-sentinel transports
 
     app = make_celery(settings, name="chat-worker", worker=True)
     register_tasks(app)

@@ -2,7 +2,7 @@
 against. The worker app selects them through its config (config/celery.py: broker_transport,
 worker_consumer); nothing here is patched into Celery's or kombu's modules.
 
-GuardedTransport (kombu's Redis transport, one method wider)
+GuardedTransport, GuardedSentinelTransport (kombu's Redis and Sentinel transports, two methods wider)
     * Screens every item BRPOP returns before kombu parses it (worker/deliveries.py). kombu's
       `_brpop_read` calls `loads()` on the raw item: a non-JSON item raises out of the event loop and
       Celery exits ("Unrecoverable error"); an item that is JSON but not an envelope (`[1,2,3]`) dies
@@ -101,25 +101,45 @@ class _ScreeningRedis(redis_py.Redis):
         return reply
 
 
-class GuardedChannel(kombu_redis.Channel):
+class _Guards:
+    """What GuardedChannel and GuardedSentinelChannel add to kombu's channels (see the module's doc)."""
+
     def _get_client(self) -> Any:
-        client = super()._get_client()
+        client = super()._get_client()  # type: ignore[misc]
         if client is not redis_py.Redis:  # a global key prefix: kombu's own prefixed client, unscreened
             log.warning("broker key prefix in use: deliveries are not screened")
             return client
         return _ScreeningRedis
 
     def _connparams(self, *args: Any, **kwargs: Any) -> Any:
-        if getattr(self.connection, "client", None) is None:
+        if getattr(self.connection, "client", None) is None:  # type: ignore[attr-defined]
             raise redis_py.ConnectionError("broker connection already closed")
-        return super()._connparams(*args, **kwargs)
+        return super()._connparams(*args, **kwargs)  # type: ignore[misc]
+
+
+class GuardedChannel(_Guards, kombu_redis.Channel):
+    """kombu's Redis channel with the guards."""
+
+
+class GuardedSentinelChannel(_Guards, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (asks the sentinels for the primary on each connect) with the guards."""
 
 
 class GuardedTransport(kombu_redis.Transport):
+    """The worker's broker transport for redis:// URLs."""
+
     Channel = GuardedChannel
 
 
-TRANSPORT_ALIASES.setdefault("chat-redis", f"{__name__}:GuardedTransport")  # the worker's broker_transport
+class GuardedSentinelTransport(kombu_redis.SentinelTransport):
+    """The worker's broker transport for sentinel:// URL lists."""
+
+    Channel = GuardedSentinelChannel
+
+
+# The worker's broker_transport (config/celery.py picks one by the URL's scheme).
+TRANSPORT_ALIASES.setdefault("chat-redis", f"{__name__}:GuardedTransport")
+TRANSPORT_ALIASES.setdefault("chat-sentinel", f"{__name__}:GuardedSentinelTransport")
 
 
 class GuardedConsumer(Consumer):

@@ -23,6 +23,7 @@ from config.settings import Settings
 from shared.arrivals import Arrivals
 from shared.cards import HEARTBEAT_S, WorkerReport
 from shared.keys import Keys
+from shared.replication import Replication
 from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
 from worker.engine.own_thread import start_on_own_thread
@@ -91,7 +92,7 @@ class Runtime:
         if settings.threads:
             warn_if_oversubscribed(settings.threads)
             torch.set_num_threads(settings.threads)
-        r = sync_client(settings.redis_url)
+        r = sync_client(settings.redis_url, **settings.redis_options())
         r.ping()  # fail in seconds, not after a model load, when Redis is unreachable
         check_device(device)  # ... or when the device is missing
         t0 = time.perf_counter()
@@ -119,6 +120,7 @@ class Runtime:
         engine, (loaded, backend) = start_on_own_thread(attach)
         try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
             keys = Keys(settings.key_prefix)
+            replication = Replication(settings.redis_wait_replicas, settings.redis_wait_ms)
             turns = TurnStore(
                 r,
                 keys,
@@ -128,6 +130,7 @@ class Runtime:
                 worker=hostname,
                 result_ttl_s=settings.result_ttl_s,
                 lease_s=settings.lease_s,
+                replication=replication,
             )
             files = tokenizer_files(loaded.tokenizer)
             card = model_card(model.name, loaded.codec, engine.max_len, model.end_keys, files_sha(files))
@@ -140,7 +143,7 @@ class Runtime:
             if device.device == "cpu" and not settings.threads:
                 warn_if_sharing_cores(r, keys, report)
             publisher = StreamPublisher(r, keys, flush_ms=settings.stream_flush_ms, maxlen=settings.stream_maxlen,
-                                        lease_s=settings.lease_s)
+                                        lease_s=settings.lease_s, replication=replication)
             publisher.heartbeat = lambda: None if presence.withdrawn else presence.heartbeat(engine.busy)
             publisher.heartbeat_s = HEARTBEAT_S
             publisher.start()

@@ -32,6 +32,7 @@ from enum import IntEnum
 import redis
 
 from shared.keys import Keys
+from shared.replication import Replication
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,10 @@ class StreamPublisher:
         maxlen: int = 10_000,
         check_every_s: float = 0.5,
         lease_s: float = 10.0,
+        replication: Replication | None = None,
     ):
         self.r = r
+        self.replication = replication or Replication()  # each flush waits for replicas
         self.keys = keys
         self.flush_s = flush_ms / 1000
         self.maxlen = maxlen
@@ -198,7 +201,7 @@ class StreamPublisher:
                 keys += [self.keys.turn(a.turn_id), self.keys.stream(a.turn_id)]
                 args += [a.turn_id, a.attempt, seq, text]
             try:
-                codes = self._script(keys=keys, args=args)
+                codes = self.replication.run(self.r, self._script, keys, args)
             except redis.RedisError:
                 with self._lock:
                     for a, seq, text in entries:

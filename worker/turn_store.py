@@ -30,6 +30,7 @@ import redis
 
 from shared.keys import Keys
 from shared.lua import PRELUDE
+from shared.replication import Replication
 
 BEGIN = PRELUDE + """
 -- KEYS: turn, stream, running, queued
@@ -270,8 +271,10 @@ class TurnStore:
         worker: str = "",
         result_ttl_s: int = 86_400,
         lease_s: float = 10.0,
+        replication: Replication | None = None,
     ):
         self.r = r
+        self.replication = replication or Replication()  # begin, commit, fail, hand back wait for replicas
         self.keys = keys
         self.maxlen = stream_maxlen
         self.ttl = stream_ttl_s
@@ -291,10 +294,10 @@ class TurnStore:
 
     def begin(self, turn_id: str, delivery: str) -> Lease:
         """Claim the turn for this delivery (`delivery`: an id unique to it, so a retried call is safe)."""
-        status, attempt = self._begin(
-            keys=self._turn_keys(turn_id),
-            args=[self.worker, time.time(), self.max_attempts, self.maxlen, self.ttl, turn_id, delivery,
-                  self.lease_s, self.result_ttl],
+        status, attempt = self.replication.run(
+            self.r, self._begin, self._turn_keys(turn_id),
+            [self.worker, time.time(), self.max_attempts, self.maxlen, self.ttl, turn_id, delivery, self.lease_s,
+             self.result_ttl],
         )
         return Lease(Claim(status.decode() if isinstance(status, bytes) else status), int(attempt))
 
@@ -313,20 +316,21 @@ class TurnStore:
                               self.result_ttl, delivery]
         for seq, text in tail:
             args += [seq, text]
-        return Commit(int(self._commit(keys=self._turn_keys(turn_id), args=args)))
+        return Commit(int(self.replication.run(self.r, self._commit, self._turn_keys(turn_id), args)))
 
     def fail(self, turn_id: str, attempt: int, error: str) -> Fail:
         """Fail the turn with `error`, fenced by `attempt` (0: a delivery that never began, which may fail
         only a queued turn)."""
-        return Fail(int(self._fail(
-            keys=self._turn_keys(turn_id),
-            args=[attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
+        return Fail(int(self.replication.run(
+            self.r, self._fail, self._turn_keys(turn_id),
+            [attempt, error, self.maxlen, self.ttl, time.time(), turn_id, self.result_ttl],
         )))
 
     def hand_back(self, turn_id: str, attempt: int) -> HandBack:
         """Queue this attempt's turn again (cold shutdown), fenced by `attempt`."""
-        return HandBack(int(self._hand_back(keys=[self.keys.turn(turn_id), self.keys.running, self.keys.queued],
-                                            args=[turn_id, attempt])))
+        return HandBack(int(self.replication.run(
+            self.r, self._hand_back, [self.keys.turn(turn_id), self.keys.running, self.keys.queued],
+            [turn_id, attempt])))
 
     def rescue_expired(self, limit: int = 100) -> list[str]:
         """Queue again the running turns whose lease expired; returns their ids."""

@@ -32,7 +32,7 @@ class ChatService:
         self.settings = settings
         self.client = ChatClient(settings)
         self.r: redis.Redis = self.client.r
-        self.ar: aredis.Redis = async_client(settings.redis_url)
+        self.ar: aredis.Redis = async_client(settings.redis_url, **settings.redis_options())
         self.keys = self.client.keys
         self.store = self.client.store
         self.catalog = self.client.catalog

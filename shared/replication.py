@@ -1,0 +1,50 @@
+"""Writes that wait for replicas: a Lua script followed by Redis' WAIT on the same connection.
+
+Redis replicates asynchronously: a primary acknowledges a write before any replica has it, so a failover
+(Sentinel promoting a replica after the primary died) can take back the last writes it acknowledged.
+WAIT n ms blocks until n replicas acknowledged every write this connection made, or ms passed, and
+returns how many did. A script sent with WAIT behind it in one pipeline is therefore acknowledged to
+our code only once it survives the primary's death (or the timeout says it may not: counted and logged,
+the write stands). WAIT must follow on the connection that wrote, hence the pipeline (a pooled client
+may send two separate calls over two connections, and WAIT on a connection that wrote nothing returns
+at once). See docs/GUARANTEES.md for what this promises across a failover and what it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replication:
+    """How many replicas a write waits for (`replicas`, 0 = none: the script runs alone) and for how long
+    at most (`timeout_ms`, milliseconds); `short` counts writes that timed out short of `replicas`."""
+
+    replicas: int = 0
+    timeout_ms: int = 500
+    short: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def run(self, r: redis.Redis, script: Script, keys: list[Any], args: list[Any]) -> Any:
+        """`script(keys, args)`'s reply, after the replicas acknowledged it (or the timeout passed). Raises
+        what the script or the connection raises (redis.RedisError); the script may then have run."""
+        if not self.replicas:
+            return script(keys=keys, args=args)
+        pipe = r.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+        reply, acked = pipe.execute()
+        if int(acked) < self.replicas:
+            with self._lock:
+                self.short += 1
+            log.warning("a write reached %d of %d replicas within %d ms: a failover now could lose it",
+                        int(acked), self.replicas, self.timeout_ms)
+        return reply

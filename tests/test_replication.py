@@ -1,0 +1,29 @@
+"""shared/replication.py against real Redis: with no replica attached, a write that asks for one waits the
+timeout, still stands, and is counted short; asking for none sends the script alone."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from shared.replication import Replication
+
+INCR = "return redis.call('INCR', KEYS[1])"
+
+
+def test_a_write_waits_for_replicas_then_stands_counted_short(r: redis.Redis) -> None:
+    script = r.register_script(INCR)
+    rep = Replication(replicas=1, timeout_ms=150)
+    t0 = time.monotonic()
+    assert rep.run(r, script, ["n"], []) == 1
+    assert time.monotonic() - t0 >= 0.14  # WAIT ran on the writing connection: it waited for the replica
+    assert rep.short == 1 and int(r.get("n")) == 1
+
+
+def test_no_replicas_asked_is_the_script_alone(r: redis.Redis) -> None:
+    script = r.register_script(INCR)
+    rep = Replication()
+    t0 = time.monotonic()
+    assert [rep.run(r, script, ["n"], []) for _ in range(3)] == [1, 2, 3]
+    assert time.monotonic() - t0 < 0.14 and rep.short == 0
