@@ -36,7 +36,7 @@ chat: install  ## chat on the embedded default (fakeredis + in-process worker + 
 	$(VPY) -m producer.chat $(ARGS)
 
 test: install redis  ## the whole suite (Redis at $$REDIS_URL, default redis://127.0.0.1:6379/15)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 test-fast: install redis
 	$(VPY) -m pytest -m "not slow and not long" $(PYTEST_ARGS)

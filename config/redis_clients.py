@@ -157,40 +157,47 @@ def _checked(mixin: type, base: type) -> type:
     return type(f"Checked{base.__name__}", (mixin, base), {})
 
 
+@dataclass(frozen=True)
+class _Flavour:
+    """redis-py's sync or asyncio classes: one recipe makes both clients."""
+
+    client: type
+    sentinel: type
+    managed: type  # the Sentinel-managed connection class
+    plain: type  # the connection class when the URL names none
+    parse_url: Any
+    retry: type
+    check: type  # our readiness-check mixin
+
+
+_SYNC = _Flavour(redis.Redis, sentinel.Sentinel, sentinel.SentinelManagedConnection, redis.Connection,
+                 redis.connection.parse_url, _Retry, _ReconnectingCheck)
+_ASYNC = _Flavour(aredis.Redis, asentinel.Sentinel, asentinel.SentinelManagedConnection, aredis.Connection,
+                  aredis.connection.parse_url, _AsyncRetry, _AsyncReconnectingCheck)
+
+
+def _client(f: _Flavour, url: str, master_name: str, password: str | None, retries: int) -> Any:
+    common = {"retry": f.retry(ExponentialBackoff(cap=1.0, base=0.05), retries), "retry_on_error": _RETRY_ON,
+              **_COMMON}
+    target = sentinel_target(url, master_name)
+    if target is not None:
+        manager = f.sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
+        return manager.master_for(target.master_name, f.client, db=target.db, username=target.username,
+                                  password=target.password or password,
+                                  connection_class=_checked(f.check, f.managed), **common)
+    base = f.parse_url(url).get("connection_class", f.plain)
+    # The URL's own password, if any, wins over `password`.
+    return f.client.from_url(url, password=password, connection_class=_checked(f.check, base), **common)
+
+
 def sync_client(url: str, *, master_name: str = DEFAULT_MASTER_NAME, password: str | None = None,
                 retries: int = RETRIES) -> redis.Redis:
     """A client for `url` (redis://, rediss://, unix://, or a sentinel:// list with `master_name`) under
     this module's retry policy (`retries=0`: fail at the first connection error). `password`: used when the
     URL carries none (Settings.redis_options gives both). Raises ValueError for a malformed sentinel URL."""
-    retry = _Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
-    target = sentinel_target(url, master_name)
-    if target is not None:
-        manager = sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
-        return manager.master_for(
-            target.master_name, redis.Redis, db=target.db, username=target.username,
-            password=target.password or password, retry=retry, retry_on_error=_RETRY_ON,
-            connection_class=_checked(_ReconnectingCheck, sentinel.SentinelManagedConnection), **_COMMON,
-        )
-    base = redis.connection.parse_url(url).get("connection_class", redis.Connection)
-    return redis.Redis.from_url(  # the URL's own password, if any, wins over `password`
-        url, password=password, retry=retry, retry_on_error=_RETRY_ON,
-        connection_class=_checked(_ReconnectingCheck, base), **_COMMON,
-    )
+    return _client(_SYNC, url, master_name, password, retries)
 
 
 def async_client(url: str, *, master_name: str = DEFAULT_MASTER_NAME, password: str | None = None) -> aredis.Redis:
     """`sync_client` for asyncio."""
-    retry = _AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES)
-    target = sentinel_target(url, master_name)
-    if target is not None:
-        manager = asentinel.Sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
-        return manager.master_for(
-            target.master_name, aredis.Redis, db=target.db, username=target.username,
-            password=target.password or password, retry=retry, retry_on_error=_RETRY_ON,
-            connection_class=_checked(_AsyncReconnectingCheck, asentinel.SentinelManagedConnection), **_COMMON,
-        )
-    base = aredis.connection.parse_url(url).get("connection_class", aredis.Connection)
-    return aredis.Redis.from_url(
-        url, password=password, retry=retry, retry_on_error=_RETRY_ON,
-        connection_class=_checked(_AsyncReconnectingCheck, base), **_COMMON,
-    )
+    return _client(_ASYNC, url, master_name, password, RETRIES)

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
 
 from producer.embedded import free_port
+from shared.errors import Busy, Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +46,10 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def ready(self) -> bool:
+        """Whether it has said 'ready.' (pipeline attached, consumer running)."""
+        return "ready." in self.log()
 
     def wait_ready(self, timeout: float = 60) -> WorkerProcess:
         """Ready = the pipeline is attached and the consumer runs ('ready' in Celery's log)."""
@@ -116,6 +123,39 @@ def first_delta(client, turn_id: str, timeout: float = 30) -> str:
     raise AssertionError("no delta")
 
 
+def wait_answering(port: int, password: str | None = None, timeout: float = 20) -> None:
+    """Until the redis-server on `port` answers PING (it may still be loading its data)."""
+    r = redis.Redis(port=port, password=password)
+    end = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                r.ping()
+                return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+    finally:
+        r.close()
+
+
+def send_retrying(client: Any, cid: str, text: str, sampling: Any, within_s: float,
+                  on_refused: Callable[[Exception], None] | None = None) -> Any:
+    """`client.send`, sent again while Redis is away or the conversation still busy (as a caller would),
+    for at most `within_s`; raises the last refusal after that."""
+    end = time.monotonic() + within_s
+    while True:
+        try:
+            return client.send(cid, text, sampling)
+        except (Unavailable, Busy) as e:
+            if on_refused is not None:
+                on_refused(e)
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.3)
+
+
 class RedisServer:
     """A private redis-server with appendonly on, restartable on the same port and data directory;
     `password`: its requirepass (not in `url`)."""
@@ -133,17 +173,7 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
              "--save", "", "--dir", self.dir, *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=self.port, password=self.password)
-        end = time.monotonic() + 20
-        while True:
-            try:
-                if r.ping():
-                    break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        r.close()
+        wait_answering(self.port, self.password)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -192,17 +222,7 @@ class SentinelCluster:
                 "--dir", self.dir, "--dbfilename", f"dump-{port}.rdb", "--repl-diskless-sync-delay", "0"]
         proc = subprocess.Popen(args + (["--replicaof", *replicaof.split()] if replicaof else []),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = redis.Redis(port=port)
-        end = time.monotonic() + 20
-        while True:
-            try:
-                r.ping()
-                break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        r.close()
+        wait_answering(port)
         return proc
 
     def sentinel(self, i: int = 0) -> redis.Redis:

@@ -32,7 +32,7 @@ from shared.keys import Keys
 from shared.messages import Role
 from shared.sampling import SamplingParams
 from tests.conftest import tiny_settings
-from tests.procs import ApiProcess, SentinelCluster, WorkerProcess
+from tests.procs import ApiProcess, SentinelCluster, WorkerProcess, send_retrying
 
 pytestmark = pytest.mark.slow
 KEYS = Keys("chat")
@@ -119,21 +119,18 @@ def test_primary_killed_under_load_every_turn_answered_once(pool: Pool) -> None:
     errors: list[str] = []
     lock = threading.Lock()
 
-    def converse(cid: str) -> None:
+    def count_refusal(_: Exception) -> None:
         nonlocal refused
+        with lock:
+            refused += 1
+
+    def converse(cid: str) -> None:
         for t in range(n_turns):
-            end = time.monotonic() + 60
-            while True:
-                try:
-                    task = client.send(cid, f"turn {t}", sampling)
-                    break
-                except (Unavailable, Busy) as e:
-                    with lock:
-                        refused += 1
-                    if time.monotonic() > end:
-                        errors.append(f"{cid}: could not send turn {t}: {e}")
-                        return
-                    time.sleep(0.3)
+            try:
+                task = send_retrying(client, cid, f"turn {t}", sampling, 60, count_refusal)
+            except (Unavailable, Busy) as e:
+                errors.append(f"{cid}: could not send turn {t}: {e}")
+                return
             sent[cid].append(task.turn_id)
             try:
                 client.wait(task.turn_id, timeout=90)
@@ -263,14 +260,7 @@ def test_idle_workers_serve_the_next_turn_after_a_failover(pool: Pool) -> None:
     pool.failover()
     new = pool.cluster.wait_promoted(old)
     for c in cids:  # each conversation's next turn, on the promoted replica, by workers never restarted
-        end = time.monotonic() + 30
-        while True:  # as any client would: a send refused while the sentinels settle is sent again
-            try:
-                task = client.send(c, "after", sampling)
-                break
-            except Unavailable:
-                assert time.monotonic() < end
-                time.sleep(0.3)
+        task = send_retrying(client, c, "after", sampling, 30)  # refused while the sentinels settle: sent again
         res = client.wait(task.turn_id, timeout=60)
         assert res.completion_tokens > 0 and assistant_turns(client, c) == [assistant_turns(client, c)[0], res.turn_id]
     r = redis.Redis(port=new, decode_responses=True)

@@ -30,7 +30,7 @@ from shared.messages import Role
 from shared.sampling import SamplingParams
 from shared.wire import TurnResult, TurnStatus
 from tests.conftest import tiny_settings
-from tests.procs import RedisServer, WorkerProcess, first_delta
+from tests.procs import RedisServer, WorkerProcess, first_delta, send_retrying
 
 KEYS = Keys("chat")
 SEQ = 2048
@@ -222,18 +222,16 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
 
         def converse(cid: str) -> None:
             nonlocal unavailable
+            def refused(e: Exception) -> None:
+                nonlocal unavailable
+                unavailable += isinstance(e, Unavailable)
+
             for t in range(n_turns):
-                end = time.monotonic() + 90
-                while True:  # a send while Redis is down fails cleanly (Unavailable); the caller retries
-                    try:
-                        task = client.send(cid, f"turn {t}", sampling)
-                        break
-                    except (Unavailable, Busy) as e:
-                        unavailable += isinstance(e, Unavailable)
-                        if time.monotonic() > end:
-                            errors.append(f"{cid}: could not send turn {t}: {e}")
-                            return
-                        time.sleep(0.3)
+                try:  # a send while Redis is down fails cleanly (Unavailable); the caller retries
+                    task = send_retrying(client, cid, f"turn {t}", sampling, 90, refused)
+                except (Unavailable, Busy) as e:
+                    errors.append(f"{cid}: could not send turn {t}: {e}")
+                    return
                 sent[cid].append(task.turn_id)
                 try:
                     client.wait(task.turn_id, timeout=120)
