@@ -27,7 +27,7 @@ from shared.errors import ChatError
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason, TurnResult
 
-DEFAULT_OUTPUT_LENGTH = 512  # tokens: a greedy reply that loops stops here rather than filling the context
+DEFAULT_MAX_TOKENS = 512  # tokens: a greedy reply that loops stops here rather than filling the context
 NOTES = {FinishReason.length: "stopped at the output length", FinishReason.stop: "stopped at a stop string",
          FinishReason.cancelled: "cancelled"}
 
@@ -102,17 +102,17 @@ def turn(client: ChatClient, cid: str, text: str, sampling: SamplingParams) -> N
     print(f" [{'; '.join(notes)}]" if notes else "", flush=True)
 
 
-def default_output_length(client: ChatClient, model: str) -> int:
-    """DEFAULT_OUTPUT_LENGTH, or half the model's sequence length where that is less (a 256-token model
+def default_max_tokens(client: ChatClient, model: str) -> int:
+    """DEFAULT_MAX_TOKENS, or half the model's sequence length where that is less (a 256-token model
     could never take 512: every turn would be refused)."""
     seq = client.catalog.info(model).sequence_length
-    return max(1, min(DEFAULT_OUTPUT_LENGTH, seq // 2)) if seq else DEFAULT_OUTPUT_LENGTH
+    return max(1, min(DEFAULT_MAX_TOKENS, seq // 2)) if seq else DEFAULT_MAX_TOKENS
 
 
 def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingParams) -> int:
     cid = client.create_conversation(model, system)
-    if sampling.output_length is None:
-        sampling = sampling.model_copy(update={"output_length": default_output_length(client, model)})
+    if sampling.max_tokens is None:
+        sampling = sampling.model_copy(update={"max_tokens": default_max_tokens(client, model)})
     for text in prompts():
         if not text.strip():
             break
@@ -132,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = always the most likely token (default)")
     ap.add_argument("--top-k", type=int, default=5, help="0 = off (default 5)")
-    ap.add_argument("--output-length", type=int, default=None,
-                    help=f"max new tokens per reply (default {DEFAULT_OUTPUT_LENGTH}, or half the model's "
+    ap.add_argument("--max-tokens", "--output-length", dest="max_tokens", type=int, default=None,
+                    help=f"max new tokens per reply (default {DEFAULT_MAX_TOKENS}, or half the model's "
                          "sequence length if that is less)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)  # INFO logs stay out of the chat display
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, output_length=args.output_length)
+        sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     except ValueError as e:
         print(f"invalid option: {e}", file=sys.stderr)
         return 2

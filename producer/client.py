@@ -237,7 +237,7 @@ class ChatClient:
             kept.reverse()
             return kept, len(earlier) - len(kept), 0, None
         req.sampling.check_vocab(info.card.vocab_size)
-        fitted = fit_turn(codec, head + earlier + [user], info.sequence_length, req.sampling.output_length,
+        fitted = fit_turn(codec, head + earlier + [user], info.sequence_length, req.sampling.max_tokens,
                           truncate=req.truncate)
         drop = fitted.dropped_messages
         return earlier[drop:], drop, fitted.truncated_tokens, len(fitted.ids)

@@ -26,7 +26,7 @@ from shared.messages import ChatMessage, Role
 class ContextError(InvalidInput):
     """The prompt cannot fit the sequence length even after dropping and truncating.
 
-    `param` names the request field at fault (`output_length`, `messages`, `system`).
+    `param` names the request field at fault (`max_tokens`, `messages`, `system`).
     """
 
     def __init__(self, message: str, param: str = "messages", code: str | None = None):
@@ -61,21 +61,21 @@ def encode_messages(codec: Codec, messages: list[ChatMessage]) -> list[list[int]
 
 
 def fit(
-    codec: Codec, messages: list[ChatMessage], seq_len: int, output_length: int | None, reserve: int | None = None
+    codec: Codec, messages: list[ChatMessage], seq_len: int, max_tokens: int | None, reserve: int | None = None
 ) -> FittedPrompt:
     """Fit `messages` (an optional system message first, then user/assistant turns ending with the
     user's) into `seq_len` positions.
 
     `reserve` is the room kept for output while choosing what to drop (default: a quarter of the
-    sequence length, or output_length if smaller). Raises ContextError naming the field at fault.
+    sequence length, or max_tokens if smaller). Raises ContextError naming the field at fault.
     """
-    if output_length is not None and output_length >= seq_len:
+    if max_tokens is not None and max_tokens >= seq_len:
         raise ContextError(
-            f"output_length: {output_length} is beyond this model's sequence length {seq_len}", "output_length"
+            f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens"
         )
     reserve = reserve if reserve is not None else max(1, seq_len // 4)
-    if output_length is not None:
-        reserve = min(reserve, output_length)
+    if max_tokens is not None:
+        reserve = min(reserve, max_tokens)
     budget = seq_len - reserve
     head = [m for m in messages[:1] if m.role is Role.system]
     body = messages[len(head) :]
@@ -132,30 +132,30 @@ def fit(
         truncated = excess
     ids = [t for p in parts for t in p]
     room = seq_len - len(ids)
-    max_new = room if output_length is None else min(output_length, room)
+    max_new = room if max_tokens is None else min(max_tokens, room)
     if max_new < 1:
         raise ContextError(f"prompt: {len(ids)} tokens leave no room for output in sequence length {seq_len}")
     return FittedPrompt(ids, max_new, drop, truncated)
 
 
 def fit_turn(
-    codec: Codec, messages: list[ChatMessage], seq_len: int, output_length: int | None, *, truncate: bool = True
+    codec: Codec, messages: list[ChatMessage], seq_len: int, max_tokens: int | None, *, truncate: bool = True
 ) -> FittedPrompt:
     """`fit` under a request's policy. truncate=True (conversations): drop the oldest turns as needed,
     keeping a quarter of the context for the reply. truncate=False (OpenAI's rule): the prompt and
-    `output_length` (or one token) must fit as they are, else ContextLengthExceeded with the numbers."""
+    `max_tokens` (or one token) must fit as they are, else ContextLengthExceeded with the numbers."""
     if truncate:
-        return fit(codec, messages, seq_len, output_length)
-    if output_length is not None and output_length >= seq_len:
+        return fit(codec, messages, seq_len, max_tokens)
+    if max_tokens is not None and max_tokens >= seq_len:
         raise ContextError(
-            f"output_length: {output_length} is beyond this model's sequence length {seq_len}", "output_length"
+            f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens"
         )
     total = sum(map(len, encode_messages(codec, messages)))
-    if total + (output_length or 1) > seq_len:
-        asked = f" and {output_length} for the output" if output_length else " and at least 1 for the output"
+    if total + (max_tokens or 1) > seq_len:
+        asked = f" and {max_tokens} for the output" if max_tokens else " and at least 1 for the output"
         raise ContextLengthExceeded(
             f"messages: this model's maximum context length is {seq_len} tokens, but the messages take "
             f"{total} tokens{asked}; shorten the messages or max_tokens, or allow dropping the oldest turns "
             "(truncate: true)"
         )
-    return fit(codec, messages, seq_len, output_length, reserve=output_length or 1)
+    return fit(codec, messages, seq_len, max_tokens, reserve=max_tokens or 1)

@@ -1,16 +1,17 @@
-"""Sampling parameters, with the original IPU pipeline's meaning of temperature / k / output_length.
+"""Sampling parameters, with the original IPU pipeline's meaning of temperature / k / output length
+(named `max_tokens`, as OpenAI and vLLM name it).
 
 Every constraint is written once, here, as an annotated type: `SamplingParams` (the task payload's
 sampling, what the engine reads) and the HTTP request bodies (producer/api/schemas.py, where each is
-optional and named as OpenAI names it: `max_tokens` is `output_length`) are built from the same types,
-so a value one accepts the other accepts too.
+optional) are built from the same types and names, so a value one accepts the other accepts too, and an
+error names the field as the client wrote it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.errors import InvalidInput
 
@@ -22,7 +23,7 @@ Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
-OutputLength = Annotated[int, Field(ge=1)]
+MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
@@ -44,8 +45,9 @@ class SamplingParams(BaseModel):
     probability reaches top_p, taken after top-k; 1 = off."""
     repetition_penalty: RepetitionPenalty = 1.0
     """CTRL's penalty (Keskar et al. 2019) on every token of the prompt and reply so far, > 0; 1 = off."""
-    output_length: OutputLength | None = None
-    """New tokens at most (OpenAI's max_tokens), ≥ 1; None = until the end key or the context is full."""
+    max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "output_length"))
+    """New tokens at most, ≥ 1; None = until the end key or the context is full. Payloads queued before
+    the rename call it `output_length` and are read too (upgrade workers before producers)."""
     seed: Seed | None = None
     """The turn's own random generator seed, in [0, 2^63): the same reply whatever shares its batch.
     None = nondeterministic."""
@@ -53,8 +55,8 @@ class SamplingParams(BaseModel):
     """Up to MAX_STOPS strings of 1 to MAX_STOP_CHARS characters that end the reply when it produces one
     (not included in the reply; finish_reason stop)."""
     ignore_eos: bool = False
-    """Generate past the end key (until output_length or the context is full), as vLLM's ignore_eos: for
-    benchmarks that need exactly output_length tokens."""
+    """Generate past the end key (until max_tokens or the context is full), as vLLM's ignore_eos: for
+    benchmarks that need exactly max_tokens tokens."""
 
     @property
     def greedy(self) -> bool:

@@ -32,7 +32,7 @@ class FinishReason(str, Enum):
     """Why a reply ended: a TurnResult's finish_reason."""
 
     end_key = "end_key"  # the model produced its end key (<|endoftext|>, <|im_end|>, ...)
-    length = "length"  # output_length reached, or the sequence length is full
+    length = "length"  # max_tokens reached, or the sequence length is full
     stop = "stop"  # a stop string matched
     cancelled = "cancelled"  # the producer cancelled it, or its deadline passed
 

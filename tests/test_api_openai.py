@@ -223,7 +223,7 @@ def test_fields_openai_allows_null_take_their_default(oai: openai.OpenAI) -> Non
     assert chunks[-1].choices and chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
-def test_the_output_length_is_named_as_the_request_named_it(oai: openai.OpenAI) -> None:
+def test_the_max_tokens_is_named_as_the_request_named_it(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="tiny-neox", messages=USER, max_completion_tokens=252)
     assert e.value.code == "context_length_exceeded"

@@ -32,7 +32,7 @@ from tests.conftest import tiny_settings
 from tests.procs import WorkerProcess
 
 KEYS = Keys("chat")
-QUICK = SamplingParams(temperature=0.0, output_length=4)
+QUICK = SamplingParams(temperature=0.0, max_tokens=4)
 SEQ = 256  # tiny-neox's preset sequence length
 QUEUE = "chat.tiny-neox"
 PARKED = "chat.parked"  # a queue no worker reads: where the tests' own stored turns keep their real message
@@ -158,7 +158,7 @@ def test_message_over_the_configured_size(client, redis_url):
 @pytest.mark.parametrize(
     "field,value",
     [("temperature", -0.5), ("temperature", math.nan), ("temperature", math.inf), ("top_k", -1),
-     ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("output_length", 0), ("output_length", -3),
+     ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("max_tokens", 0), ("max_tokens", -3),
      ("repetition_penalty", 0.0), ("seed", -1), ("stop", [""])],
 )
 def test_invalid_sampling_value_is_refused_naming_the_field(field, value):
@@ -171,9 +171,9 @@ def test_invalid_sampling_value_is_refused_naming_the_field(field, value):
 # card the worker published: a clear error naming the field, and nothing stored or queued.
 @pytest.mark.parametrize("sampling,system,match,param", [
     (SamplingParams(top_k=100_000), None, r"top_k: must be in \[0, \d+\] for this model, got 100000", "top_k"),
-    (SamplingParams(output_length=SEQ + 44), None, f"output_length: {SEQ + 44} is beyond this model's sequence "
-     f"length {SEQ}", "output_length"),
-    (SamplingParams(output_length=SEQ), None, "output_length", "output_length"),
+    (SamplingParams(max_tokens=SEQ + 44), None, f"max_tokens: {SEQ + 44} is beyond this model's sequence "
+     f"length {SEQ}", "max_tokens"),
+    (SamplingParams(max_tokens=SEQ), None, "max_tokens", "max_tokens"),
 ])
 def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(client, sampling, system, match, param):
     cid = client.create_conversation("tiny-neox", system=system)
@@ -206,7 +206,7 @@ def test_queue_a_prompt_that_cannot_fit_fails_the_turn(client):
 
 def test_a_busy_conversation_refuses_a_second_turn_and_stores_nothing(client):
     cid = client.create_conversation("tiny-neox")
-    client.send(cid, "first", SamplingParams(temperature=1.0, top_k=2, output_length=200, ignore_eos=True))
+    client.send(cid, "first", SamplingParams(temperature=1.0, top_k=2, max_tokens=200, ignore_eos=True))
     with pytest.raises(Busy, match="already has a turn in flight"):
         client.send(cid, "second", QUICK)
     client.wait(client.store.get(cid).turn, timeout=30)
@@ -284,7 +284,7 @@ def test_redis_unreachable_at_enqueue(client):
     "field,value,reason",
     [("temperature", -1.0, "sampling.temperature"), ("temperature", math.nan, "sampling.temperature"),
      ("top_k", -2, "sampling.top_k"), ("top_p", 0.0, "sampling.top_p"), ("top_p", 2.0, "sampling.top_p"),
-     ("output_length", 0, "sampling.output_length"), ("unknown_knob", 1, "sampling.unknown_knob")],
+     ("max_tokens", 0, "sampling.max_tokens"), ("unknown_knob", 1, "sampling.unknown_knob")],
 )
 def test_queue_invalid_sampling_is_dead_lettered_and_the_turn_failed(client, field, value, reason):
     cid, payload = stored_turn(client)
@@ -299,7 +299,7 @@ def test_queue_invalid_sampling_is_dead_lettered_and_the_turn_failed(client, fie
 
 
 @pytest.mark.parametrize("sampling,error", [({"top_k": 10**6}, "top_k: must be in"),
-                                            ({"output_length": 5000}, "output_length: 5000 is beyond")])
+                                            ({"max_tokens": 5000}, "max_tokens: 5000 is beyond")])
 def test_queue_sampling_out_of_the_models_range_fails_the_turn(client, sampling, error):
     cid, payload = stored_turn(client)
     payload["sampling"].update(sampling)

@@ -32,7 +32,7 @@ from tests.procs import RedisServer, WorkerProcess
 
 KEYS = Keys("chat")
 ENV = {"CHAT_SEQUENCE_LENGTH": "2048", "CHAT_LEASE_S": "3", "CHAT_TURN_TIMEOUT_S": "60", "CHAT_LOST_AFTER_S": "5"}
-TURN = SamplingParams(temperature=1.0, top_k=2, output_length=900)  # ~1.5 s of decoding each on tiny-neox
+TURN = SamplingParams(temperature=1.0, top_k=2, max_tokens=900)  # ~1.5 s of decoding each on tiny-neox
 
 
 def displayed(client: ChatClient, turn_id: str) -> str:

@@ -181,7 +181,7 @@ def test_ctrl_c_after_the_reply_ended_stops_the_display_and_keeps_the_reply(r, r
     try:
         w.wait_ready()
         cid = client.create_conversation("tiny-neox")
-        turn(client, cid, "hello", SamplingParams(output_length=20))
+        turn(client, cid, "hello", SamplingParams(max_tokens=20))
         out = capsys.readouterr().out
         assert out.startswith("Assistant: ") and "[interrupted" in out and "cancelled" not in out
         (tid,) = [r.hget(k, "turn").decode() for k in r.keys("chat:conv:*") if not k.endswith(b":messages")]

@@ -65,7 +65,7 @@ def test_special_tokens_are_never_split(tiny):
 def test_no_room_for_one_token_is_a_clear_error(tiny):
     with pytest.raises(ContextError, match="system prompt"):
         fit(tiny.codec, [ChatMessage(role=S, text="s" * 500), ChatMessage(role=U, text="hi")], 128, 8)
-    with pytest.raises(ContextError, match="output_length"):
+    with pytest.raises(ContextError, match="max_tokens"):
         fit(tiny.codec, conv(1), 128, 128)
 
 

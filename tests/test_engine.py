@@ -265,7 +265,7 @@ def test_a_tokens_text_goes_out_while_the_next_step_runs(tiny):
         eng.stop()
 
 
-def test_ignore_eos_generates_past_the_end_key_to_the_output_length(model):
+def test_ignore_eos_generates_past_the_end_key_to_the_max_tokens(model):
     """vLLM's ignore_eos, for benchmarks that need exactly N tokens: the end key is just another token."""
     tok, m = model
     eng = engine_for(m, tok, slots=2)

@@ -110,7 +110,7 @@ def assistant_turns(client: ChatClient, cid: str) -> list[str | None]:
 def test_primary_killed_under_load_every_turn_answered_once(pool: Pool) -> None:
     client = pool.client
     n_conv, n_turns = 20, 5
-    sampling = SamplingParams(temperature=1.0, top_k=3, output_length=60, ignore_eos=True)
+    sampling = SamplingParams(temperature=1.0, top_k=3, max_tokens=60, ignore_eos=True)
     cids = [client.create_conversation("tiny-neox") for _ in range(n_conv)]
     sent: dict[str, list[str]] = {c: [] for c in cids}
     failed: dict[str, str] = {}  # turn id -> reason
@@ -253,7 +253,7 @@ def test_idle_workers_serve_the_next_turn_after_a_failover(pool: Pool) -> None:
     pool.settle()
     client = pool.client
     cids = [client.create_conversation("tiny-neox") for _ in range(3)]
-    sampling = SamplingParams(temperature=1.0, top_k=3, output_length=20)
+    sampling = SamplingParams(temperature=1.0, top_k=3, max_tokens=20)
     for c in cids:
         client.ask(c, "before", sampling, timeout=60)
     old = pool.cluster.primary_port()

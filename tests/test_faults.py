@@ -35,7 +35,7 @@ from tests.procs import RedisServer, WorkerProcess, first_delta, send_retrying
 KEYS = Keys("chat")
 SEQ = 2048
 # Runs to its length (~2-3 s on tiny-neox): a sampled reply could draw <|endoftext|> early, once in a while.
-LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800, ignore_eos=True)
+LONG = SamplingParams(temperature=1.0, top_k=2, max_tokens=1800, ignore_eos=True)
 LEASE_S = 3  # short leases: a lost worker's turn comes back in seconds (the default is 10)
 ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_LEASE_S": str(LEASE_S), "CHAT_TURN_TIMEOUT_S": "30"}
 
@@ -114,7 +114,7 @@ def test_sigkill_mid_turn_comes_back_with_the_lease_and_completes_once_on_the_ot
     res = client.wait(task.turn_id, timeout=LEASE_S * 3 + 30)
     waited = time.monotonic() - killed
     assert res.worker == f"celery@{other.name}" and res.attempt == 2
-    assert res.finish_reason.value == "length" and res.completion_tokens == LONG.output_length
+    assert res.finish_reason.value == "length" and res.completion_tokens == LONG.max_tokens
     check_once(client, r, cid, res)
     assert stream_starts(r, task.turn_id) == [1, 2]  # readers were told the reply restarted
     assert r.hget(KEYS.turn(task.turn_id), "lost") == b"1"
@@ -215,7 +215,7 @@ def test_redis_restart_loses_nothing_and_every_turn_completes_once(tmp_path):
         n_conv, n_turns = 6, 3
         cids = [client.create_conversation("tiny-neox") for _ in range(n_conv)]
         spare = client.create_conversation("tiny-neox")  # gets a send while Redis is down
-        sampling = SamplingParams(temperature=1.0, top_k=2, output_length=500)
+        sampling = SamplingParams(temperature=1.0, top_k=2, max_tokens=500)
         sent: dict[str, list[str]] = {cid: [] for cid in cids}
         errors: list[str] = []
         unavailable = 0
@@ -293,7 +293,7 @@ def test_three_workers_200_turns_each_reply_once_in_order(r, redis_url, tmp_path
     try:
         client = ChatClient(tiny_settings(redis_url, sequence_length=SEQ))
         n_conv, n_turns = 50, 4
-        sampling = SamplingParams(temperature=1.0, top_k=5, output_length=16)
+        sampling = SamplingParams(temperature=1.0, top_k=5, max_tokens=16)
         cids = [client.create_conversation("tiny-neox") for _ in range(n_conv)]
         latencies: list[float] = []
         sent: dict[str, list[str]] = {c: [] for c in cids}

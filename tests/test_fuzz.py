@@ -42,7 +42,7 @@ from tests.procs import RedisServer, WorkerProcess
 pytestmark = pytest.mark.slow
 KEYS = Keys("chat")
 QUEUE, PARKED = "chat.tiny-neox", "chat.parked"
-QUICK = SamplingParams(temperature=0.0, output_length=2)
+QUICK = SamplingParams(temperature=0.0, max_tokens=2)
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
@@ -126,7 +126,7 @@ FIELDS = [(None, "body"), (None, "content-type"), (None, "content-encoding"), (N
           ("properties", "delivery_tag"), ("properties", "priority")]
 PAYLOAD_FIELDS = ["turn_id", "conversation_id", "model", "messages", "sampling", "deadline", "enqueued_at",
                   "dropped_messages", "truncate", "extra"]
-SAMPLING_FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "output_length", "seed", "stop"]
+SAMPLING_FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "max_tokens", "seed", "stop"]
 
 envelope_edits = st.lists(st.tuples(st.sampled_from(FIELDS), st.one_of(st.just("<delete>"), JSON)), max_size=3)
 payload_edits = st.lists(st.tuples(st.sampled_from(PAYLOAD_FIELDS), st.one_of(st.just("<delete>"), JSON)),
@@ -150,7 +150,7 @@ QUEUE_ITEMS = {"raw": st.one_of(st.none(), raw_items), "env_edits": envelope_edi
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(**QUEUE_ITEMS)
 @example(raw=None, env_edits=[], pay_edits=[], samp_edits=[("top_k", 264)], body=None)  # CI, stop 20
-@example(raw=None, env_edits=[], pay_edits=[], samp_edits=[("output_length", 10**6)], body=None)
+@example(raw=None, env_edits=[], pay_edits=[], samp_edits=[("max_tokens", 10**6)], body=None)
 def test_whatever_sits_on_the_queue_the_worker_lives_and_every_turn_is_answered(
         stack: Stack, raw: Any, env_edits: list, pay_edits: list, samp_edits: list, body: Any) -> None:
     queue_item(stack, raw, env_edits, pay_edits, samp_edits, body)
@@ -206,7 +206,7 @@ def queue_item(stack: Stack, raw: Any, env_edits: list, pay_edits: list, samp_ed
 
 
 # The fields a worker-side refusal names (shared/sampling.check_vocab, shared/context.fit).
-WORKER_LIMITS = {"top_k", "output_length", "prompt", "messages", "system"}
+WORKER_LIMITS = {"top_k", "max_tokens", "prompt", "messages", "system"}
 
 
 user_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cc", "Cs"]), min_size=1, max_size=300)

@@ -39,7 +39,7 @@ def test_top_k_1_equals_greedy(eng, tiny):
     assert k1.text == greedy.text
 
 
-def test_output_length_caps_new_tokens(eng, tiny):
+def test_max_tokens_caps_new_tokens(eng, tiny):
     for n in (1, 7, 23):
         r = run(eng, prompt(tiny), SamplingParams(temperature=1.0, top_k=0, seed=3), max_new=n)[-1]
         assert r.completion_tokens <= n

@@ -364,7 +364,7 @@ def test_a_conversation_longer_than_the_sequence_completes(fake, tmp_path):
     ]
     total = sum(len(loaded.codec.encode_plain(m.text)) for m in messages)
     assert total > be.max_len
-    fitted = fit(loaded.codec, messages, be.max_len, output_length=None)
+    fitted = fit(loaded.codec, messages, be.max_len, max_tokens=None)
     assert fitted.dropped_messages or fitted.truncated_tokens
     ((_, done),) = run_together(be, loaded, [(fitted.ids, GREEDY, fitted.max_new)])
     assert done.completion_tokens >= 1

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 KEYS = Keys("chat")
 SEQ = 256  # tiny-neox's preset length: a fake step costs ~20 ms in fp16 on one CPU thread
-LONG = SamplingParams(temperature=1.0, top_k=2, output_length=150, ignore_eos=True)  # runs to its length
+LONG = SamplingParams(temperature=1.0, top_k=2, max_tokens=150, ignore_eos=True)  # runs to its length
 SITE = ROOT / "tests" / "fake_ipu_site"
 DETACH = re.compile(r"detached pipeline: turns finished=(\d+), turns handed back=(\d+), detach took [\d.]+s")
 
@@ -130,10 +130,10 @@ def test_sigterm_mid_turn_on_ipu_pod4_finishes_the_turn_and_detaches_before_exit
 
     res = client.wait(task.turn_id, timeout=5)
     assert (res.worker, res.attempt, res.finish_reason.value) == ("celery@pod4", 1, "length")
-    assert res.completion_tokens == LONG.output_length
+    assert res.completion_tokens == LONG.max_tokens
     assert DETACH.findall(w.log()) == [("1", "0")]
     detach = detached_at_exit(w, log, w.proc.pid)
-    assert detach["runs"] > LONG.output_length  # every token was a step on the (fake) device
+    assert detach["runs"] > LONG.max_tokens  # every token was a step on the (fake) device
     text = w.log()
     assert text.index("warm shutdown") < text.index(f"turn {task.turn_id}: done") < text.index("detached from")
     assert "Traceback" not in text

@@ -26,9 +26,9 @@ from tests.procs import ROOT, WorkerProcess, first_delta
 
 KEYS = Keys("chat")
 SEQ = 2048
-# The reply runs to output_length (about 1.5 ms a token): top_k=2 keeps tiny-neox's end key out of reach
+# The reply runs to max_tokens (about 1.5 ms a token): top_k=2 keeps tiny-neox's end key out of reach
 # nearly always, ignore_eos always.
-LONG = SamplingParams(temperature=1.0, top_k=2, output_length=1800, ignore_eos=True)
+LONG = SamplingParams(temperature=1.0, top_k=2, max_tokens=1800, ignore_eos=True)
 # The default visibility timeout (an hour): a turn handed back by a cold shutdown must come back through
 # the reject (at once), not through kombu's sweep for lost deliveries.
 ENV = {"CHAT_SEQUENCE_LENGTH": str(SEQ), "CHAT_VISIBILITY_TIMEOUT_S": "3600", "CHAT_TURN_TIMEOUT_S": "25"}
@@ -127,7 +127,7 @@ def test_bad_configuration_exits_2_before_loading(redis_url):
 
 def test_signal_while_loading_stops_before_consuming_anything(r, redis_url, tmp_path, client):
     cid = client.create_conversation("tiny-neox")
-    task = client.send(cid, "queued before any worker", SamplingParams(output_length=4))
+    task = client.send(cid, "queued before any worker", SamplingParams(max_tokens=4))
     w = WorkerProcess(redis_url, "loading", tmp_path, **ENV)
     try:
         end = time.monotonic() + 60
@@ -172,7 +172,7 @@ def test_sigterm_mid_turn_finishes_it_detaches_and_exits_0(r, workers, client):
     assert w.wait(60) == 0, w.log()
     res = client.wait(task.turn_id, timeout=5)
     assert (res.worker, res.attempt, res.finish_reason.value) == ("celery@warm", 1, "length")
-    assert res.completion_tokens == LONG.output_length
+    assert res.completion_tokens == LONG.max_tokens
     assert replies(client, cid) == [task.turn_id]
     assert detach_lines(w) == [(1, 0)]
     log = w.log()

@@ -5,7 +5,7 @@ from producer.embedded import InProcessWorker
 from shared.sampling import SamplingParams
 from tests.conftest import tiny_settings
 
-GREEDY = SamplingParams(temperature=0, output_length=12)
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 def test_a_long_conversation_never_fails_and_records_what_was_dropped(r, redis_url):

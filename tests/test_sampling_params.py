@@ -10,7 +10,7 @@ from shared.sampling import SamplingParams
 
 def test_defaults_follow_the_original_pipeline():
     p = SamplingParams()
-    assert (p.temperature, p.top_k, p.output_length) == (1.0, 5, None)
+    assert (p.temperature, p.top_k, p.max_tokens) == (1.0, 5, None)
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams(temperature=0.7, top_k=0).greedy
 
@@ -18,7 +18,7 @@ def test_defaults_follow_the_original_pipeline():
 @pytest.mark.parametrize(
     "field,value",
     [("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("top_k", -1),
-     ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("output_length", 0), ("output_length", -5),
+     ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("max_tokens", 0), ("max_tokens", -5),
      ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("seed", -1), ("stop", [""]),
      ("stop", ["x"] * 9)],
 )
@@ -35,8 +35,18 @@ def test_top_k_bound_is_the_vocabulary():
 
 
 def test_unknown_fields_are_rejected():
-    with pytest.raises(ValidationError, match="max_tokens"):
-        SamplingParams(max_tokens=3)
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        SamplingParams.model_validate({"max_new_tokens": 3})  # TGI's name: not ours
+
+
+def test_a_payload_queued_before_the_rename_still_reads():
+    """`output_length` was max_tokens' name on the queue: messages queued by older producers drain."""
+    old = SamplingParams.model_validate({"temperature": 0.0, "output_length": 7})
+    assert old.max_tokens == 7 and old == SamplingParams(temperature=0.0, max_tokens=7)
+    assert "output_length" not in old.model_dump() and old.model_dump()["max_tokens"] == 7
+    with pytest.raises(ValidationError) as e:
+        SamplingParams.model_validate({"output_length": 0})
+    assert e.value.errors()[0]["loc"][0] == "output_length"  # named as the payload named it
 
 
 # (SamplingParams field, the API's name for it, values around its limits)
@@ -45,7 +55,7 @@ EDGES = [
     ("top_k", "top_k", [-1, 0, 1, 10**9]),
     ("top_p", "top_p", [0.0, 1e-9, 1.0, 1.0001, math.nan]),
     ("repetition_penalty", "repetition_penalty", [0.0, 1e-300, 1.0, -1.0, math.inf]),
-    ("output_length", "max_tokens", [0, 1, 10**9, -5]),
+    ("max_tokens", "max_tokens", [0, 1, 10**9, -5]),
     ("seed", "seed", [-1, 0, 2**63 - 1, 2**63]),
     ("stop", "stop", [[], [""], ["x" * 200], ["x" * 201], ["a"] * 8, ["a"] * 9]),
 ]

@@ -23,7 +23,7 @@ def test_two_workers_share_one_model_and_routing_is_by_model(r, redis_url, tmp_p
         assert "CHAT_MODEL" in other.log()
         client = ChatClient(tiny_settings(redis_url))
         cids = [client.create_conversation("tiny-neox") for _ in range(8)]
-        tasks = [client.send(c, "hello", SamplingParams(temperature=1.0, top_k=0, seed=1, output_length=150))
+        tasks = [client.send(c, "hello", SamplingParams(temperature=1.0, top_k=0, seed=1, max_tokens=150))
                  for c in cids]
         results = [client.wait(t.turn_id, timeout=120) for t in tasks]
         workers = {res.worker for res in results}
@@ -79,7 +79,7 @@ def test_two_workers_on_one_host_are_two_and_log_no_user_or_reply_text(r, redis_
         for i in range(4):
             cid = client.create_conversation("tiny-neox", system="a private system prompt")
             results.append(client.ask(cid, f"{secret} {i}", SamplingParams(temperature=1.0, top_k=0, seed=i,
-                                                                            output_length=40), timeout=60))
+                                                                            max_tokens=40), timeout=60))
         import time
 
         end = time.monotonic() + 10  # each worker logs its turn just after the commit the client saw

@@ -37,8 +37,8 @@ TYPES = {
     504: ("timeout_error", "timeout"),
 }
 # The producer library's names for a field -> the name an OpenAI request gives it.
-OPENAI_PARAMS = {"output_length": "max_tokens", "content": "messages", "message": "messages", "system": "messages"}
-CONVERSATION_PARAMS = {"output_length": "max_tokens", "message": "content"}
+OPENAI_PARAMS = {"content": "messages", "message": "messages", "system": "messages"}
+CONVERSATION_PARAMS = {"message": "content"}
 
 
 class ApiError(Exception):
@@ -76,14 +76,15 @@ def error_response(err: ApiError, openai: bool = False) -> JSONResponse:
 
 def from_chat_error(e: ChatError, openai: bool = False, names: dict[str, str] | None = None) -> ApiError:
     """shared.errors -> ApiError, the field named as the route's request names it (also at the head of the
-    message: "output_length: ..." reads "max_tokens: ..."). `names` adds the request's own renamings."""
+    message: "content: ..." reads "messages: ..." on /v1). `names` adds the request's own renamings (a /v1
+    request that gave `max_completion_tokens` reads that name wherever `max_tokens` stood)."""
     table = {**(OPENAI_PARAMS if openai else CONVERSATION_PARAMS), **(names or {})}
     param = table.get(e.param, e.param) if e.param else None
     message = e.message
     if e.param and param != e.param and message.startswith(f"{e.param}:"):
         message = f"{param}:{message[len(e.param) + 1:]}"
-    if names and "output_length" in names:  # the output length by the name this request gave it, throughout
-        message = message.replace("max_tokens", names["output_length"])
+    if names and "max_tokens" in names:  # the output length by the name this request gave it, throughout
+        message = message.replace("max_tokens", names["max_tokens"])
     headers = {"Retry-After": str(e.retry_after_s)} if isinstance(e, Unavailable) else None
     return ApiError(e.status, message, param=param, code=e.code, headers=headers)
 

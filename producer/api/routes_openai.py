@@ -34,7 +34,7 @@ from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.errors import ChatError, first_error
 from shared.messages import ChatMessage, Role, check_text, is_blank
-from shared.sampling import OutputLength
+from shared.sampling import MaxTokens
 from shared.wire import FinishReason, TurnResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -104,7 +104,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, ge=1, le=1)
-    max_completion_tokens: OutputLength | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
     truncate: bool | None = False  # extension: drop the oldest turns to fit the context instead of refusing
     # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
     tools: list[Any] | None = None
@@ -122,7 +122,7 @@ class ChatCompletionRequest(SamplingFields):
 
     @field_validator("max_completion_tokens")
     @classmethod
-    def _one_output_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+    def _one_max_tokens(cls, v: int | None, info: ValidationInfo) -> int | None:
         given = info.data.get("max_tokens")  # validated before: a field of SamplingFields
         if v is not None and given is not None and v != given:
             raise ValueError(f"differs from max_tokens ({given}): give one of them (max_completion_tokens is "
@@ -273,7 +273,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     try:
         turn = await run_in_threadpool(start)
     except ChatError as e:  # named as this request named it
-        names = {"output_length": "max_completion_tokens"} if req.max_completion_tokens is not None else {}
+        names = {"max_tokens": "max_completion_tokens"} if req.max_completion_tokens is not None else {}
         raise from_chat_error(e, openai=True, names=names) from None
     tid = turn.turn_id
     base = {"id": f"chatcmpl-{tid}", "created": int(time.time()), "model": req.model}

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.messages import is_blank
 from shared.sampling import (
-    OutputLength,
+    MaxTokens,
     RepetitionPenalty,
     SamplingParams,
     Seed,
@@ -39,7 +39,7 @@ class SamplingFields(BaseModel):
     top_p: TopP | None = None
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    max_tokens: OutputLength | None = None
+    max_tokens: MaxTokens | None = None
     seed: Seed | None = None
     stop: StopStrings | None = None  # a string or a list of them (a string is read as a list of one)
     ignore_eos: bool | None = None  # extension (vLLM's): generate past the end key, to max_tokens
@@ -56,7 +56,7 @@ class SamplingFields(BaseModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
-            "output_length": max_tokens or self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
             "seed": self.seed,
             "stop": self.stop,
             "ignore_eos": self.ignore_eos,

@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--turn-tokens",
         type=int,
         default=128,
-        help="output_length of the sequential turns (default 128: long enough that the first text comes "
+        help="max_tokens of the sequential turns (default 128: long enough that the first text comes "
         "from the stream flusher, not with the final commit)",
     )
     g.add_argument("--streams", type=int, default=64, help="concurrent streams for commands per token (default 64)")

@@ -191,11 +191,11 @@ def _turn_latency(client: Any, model: str, question: str, params: Any) -> dict[s
 def latency(client: Any, model: str, turns: int, warm: int, tokens: int) -> dict[str, Any]:
     from shared.sampling import SamplingParams
 
-    params = SamplingParams(temperature=0.0, output_length=tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens)
     for i in range(warm):
         _turn_latency(client, model, QUESTIONS[i % len(QUESTIONS)], params)
     rows = [_turn_latency(client, model, QUESTIONS[i % len(QUESTIONS)], params) for i in range(turns)]
-    out: dict[str, Any] = {"turns": turns, "warm_up_turns": warm, "output_length": tokens}
+    out: dict[str, Any] = {"turns": turns, "warm_up_turns": warm, "max_tokens": tokens}
     for key in ("overhead_ms", "pickup_ms", "after_pickup_ms", "send_ms", "prefill_ms", "to_first_ms"):
         vals = [r[key] for r in rows]
         out[key] = {"p50": rnd(pct(vals, 50), 2), "p95": rnd(pct(vals, 95), 2), "max": rnd(max(vals), 2)}
@@ -226,7 +226,7 @@ def _concurrent_round(client: Any, convs: list[str], tokens: int) -> tuple[list[
     own thread (role reader). Returns the TurnResults and the wall time from the first send."""
     from shared.sampling import SamplingParams
 
-    params = SamplingParams(temperature=0.0, output_length=tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens)
     results: list[Any] = [None] * len(convs)
     errors: list[str] = []
 
@@ -295,7 +295,7 @@ def commands_per_token(
     ct = client_side["total"]
     out: dict[str, Any] = {
         "concurrent_turns": n,
-        "output_length": tokens,
+        "max_tokens": tokens,
         "generated_tokens": gen,
         "completion_tokens_min_max": [min(toks), max(toks)],
         "wall_s": round(wall, 2),
