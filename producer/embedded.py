@@ -47,10 +47,8 @@ class InProcessWorker:
     def __init__(self, settings: Settings, hostname: str = "embedded@localhost", loglevel: str = "WARNING"):
         from celery.app import trace
 
-        from worker import runtime
         from worker.app import make_worker_app, worker_options
 
-        self.runtime = runtime
         self.settings = settings
         self.app = make_worker_app(settings)
         opts: dict[str, Any] = worker_options(settings, hostname, loglevel)
@@ -63,7 +61,7 @@ class InProcessWorker:
     def start(self, timeout: float = 600) -> InProcessWorker:
         self.thread.start()
         end = time.monotonic() + timeout
-        while self.runtime._current is None:  # the pipeline step installs it once loaded
+        while self.app.chat_runtime.runtime is None:  # the pipeline step attaches it once loaded
             if not self.thread.is_alive() or time.monotonic() > end:
                 raise RuntimeError("the embedded worker failed to start (see the log above)")
             time.sleep(0.05)

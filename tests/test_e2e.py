@@ -11,9 +11,8 @@ from producer.embedded import InProcessWorker
 from shared.messages import Role
 from shared.sampling import SamplingParams
 from tests.conftest import tiny_settings
-from worker import runtime
 
-GREEDY = SamplingParams(temperature=0, output_length=12)
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.fixture(scope="module", params=["fakeredis", "redis"])
@@ -25,7 +24,7 @@ def stack(request, fake_redis_url, redis_url):
     worker = InProcessWorker(settings).start()
     client = ChatClient(settings)
     prompts: list[list[int]] = []
-    engine = runtime.current().engine
+    engine = worker.app.chat_runtime.current().engine
     submit = engine.submit
 
     def spy(ids, *a, **k):  # record what the worker really sent to the model
@@ -33,7 +32,7 @@ def stack(request, fake_redis_url, redis_url):
         return submit(ids, *a, **k)
 
     engine.submit = spy
-    yield client, prompts, runtime.current()
+    yield client, prompts, worker.app.chat_runtime.current()
     client.close()
     worker.stop()
     r.flushdb()
@@ -68,7 +67,7 @@ def test_system_prompt_leads_the_prompt(stack):
 def test_stream_read_late_yields_exactly_the_committed_reply(stack):
     client, _, _ = stack
     cid = client.create_conversation("tiny-neox")
-    task = client.send(cid, "stream me", SamplingParams(temperature=1.0, top_k=0, seed=5, output_length=60))
+    task = client.send(cid, "stream me", SamplingParams(temperature=1.0, top_k=0, seed=5, max_tokens=60))
     result = client.wait(task.turn_id, timeout=60)
     events = list(client.events(task.turn_id))  # read after the fact, from the start
     assert events[0].kind == "start" and events[-1].kind == "done"

@@ -12,7 +12,6 @@ from producer.reader import EventKind
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.conftest import tiny_settings
-from worker import runtime
 
 
 def test_stop_drains_the_turn_in_flight_detaches_and_a_second_worker_serves(fake_redis_url, caplog):
@@ -22,11 +21,11 @@ def test_stop_drains_the_turn_in_flight_detaches_and_a_second_worker_serves(fake
             worker = InProcessWorker(settings).start()
             client = ChatClient(settings)
             cid = client.create_conversation("tiny-neox")
-            task = client.send(cid, f"question {i}", SamplingParams(temperature=0, output_length=300, ignore_eos=True))
+            task = client.send(cid, f"question {i}", SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))
             # in flight when the stop comes: its first text was streamed
             assert next(e for e in client.events(task.turn_id, timeout=30) if e.kind is EventKind.delta).text
             worker.stop()
-            assert not worker.thread.is_alive() and runtime.installed() is None
+            assert not worker.thread.is_alive() and worker.app.chat_runtime.runtime is None
             result = client.wait(task.turn_id, timeout=5)  # finished before the worker detached
             assert (result.finish_reason, result.completion_tokens) == (FinishReason.length, 300)
             client.close()

@@ -43,3 +43,24 @@ def test_more_threads_than_cores_is_warned(caplog):
         assert not warn_if_oversubscribed(cores)
         assert warn_if_oversubscribed(cores + 1)
     assert f"CHAT_THREADS={cores + 1} is more than the {cores} cores" in caplog.text
+
+
+def test_each_worker_app_holds_its_own_runtime_and_hands_it_to_its_broker_channels(fake_redis_url):
+    """No module global: the task's base class, the consumer and the transport's delivery screen all read
+    the app's RuntimeHolder, so two worker apps in one process never see each other's pipeline."""
+    import pytest
+
+    from config.celery import GENERATE_TASK
+    from worker.app import make_worker_app
+
+    settings = tiny_settings(fake_redis_url)
+    a, b = make_worker_app(settings), make_worker_app(settings)
+    assert a.chat_runtime is not b.chat_runtime
+    with pytest.raises(RuntimeError, match="no pipeline is attached"):
+        _ = a.tasks[GENERATE_TASK].runtime
+    attached = object()
+    a.chat_runtime.runtime = attached
+    assert a.tasks[GENERATE_TASK].runtime is attached and b.chat_runtime.runtime is None
+    with a.connection_for_read() as conn:
+        channel = conn.default_channel
+        assert channel.chat_runtime is a.chat_runtime and channel.client.chat_runtime is a.chat_runtime

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("worker.lifecycle").error("worker cannot start: %s: %s", type(e).__name__, e)
         return 3
     from worker.app import make_worker_app, worker_options
-    from worker.lifecycle import detach_installed
+    from worker.lifecycle import detach_attached
 
     app = make_worker_app(settings)
     # Unique per process: two workers on one host must not share a liveness report or a name in Flower.
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         w.start()
     finally:
-        detach_installed()  # every path detaches, even one that never reached the step's stop
+        detach_attached(app.chat_runtime)  # every path detaches, even one that never reached the step's stop
     return int(w.exitcode or 0)
 
 

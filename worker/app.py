@@ -6,14 +6,19 @@ from celery import Celery
 
 from config.celery import make_celery, queue_name
 from config.settings import Settings
+from worker.runtime import RuntimeHolder
 from worker.steps import PipelineStep
 from worker.tasks import register_tasks
 
 
 def make_worker_app(settings: Settings) -> Celery:
-    import worker.celery_workarounds  # noqa: F401 - registers the chat-redis and chat-sentinel transports
+    """The app with its RuntimeHolder (`app.chat_runtime`), also handed to the broker transport (its
+    channels screen deliveries against the attached pipeline: worker/celery_workarounds.py)."""
+    from worker.celery_workarounds import HOLDER_OPTION  # registers the chat-redis and chat-sentinel transports
 
     app = make_celery(settings, name="chat-worker", worker=True)
+    app.chat_runtime = RuntimeHolder()  # type: ignore[attr-defined]
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, HOLDER_OPTION: app.chat_runtime}
     register_tasks(app)
     app.steps["worker"].add(PipelineStep)
     return app

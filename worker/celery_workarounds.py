@@ -56,29 +56,30 @@ from celery.worker.consumer import Consumer
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
-from worker import runtime
 from worker.deliveries import Accepted, Refused, item_text, screen, turn_id_or_none
+from worker.runtime import Runtime, RuntimeHolder
+from worker.turn_store import TurnStore
 
 log = logging.getLogger(__name__)
+HOLDER_OPTION = "chat_runtime"  # the broker transport option that carries the app's RuntimeHolder
 
 
-def refuse(refused: Refused) -> None:
-    """Dead-letter a refused delivery and fail each queued turn it names, with the reason."""
-    rt = runtime.installed()
+def refuse(turns: TurnStore | None, refused: Refused) -> None:
+    """Dead-letter a refused delivery and fail each queued turn it names, with the reason (only logged when
+    no pipeline is attached: `turns` None)."""
     log.error("dead-lettering a delivery: %s", refused.reason)
-    if rt is None:
+    if turns is None:
         return
-    try:
-        rt.turns.dead_letter({"delivery": refused.item, "turn_ids": list(refused.turn_ids)}, refused.reason)
+    try:  # the turns first: once the dead letter is there, every turn it names has its answer
         for tid in refused.turn_ids:
-            rt.turns.fail(tid, 0, refused.reason)
+            turns.fail(tid, 0, refused.reason)
+        turns.dead_letter({"delivery": refused.item, "turn_ids": list(refused.turn_ids)}, refused.reason)
     except redis_py.RedisError:
         log.exception("could not dead-letter a refused delivery")
 
 
-def _screen_reply(reply: Any) -> Any:
+def _screen_reply(reply: Any, rt: Runtime | None) -> Any:
     dest, item = reply
-    rt = runtime.installed()
     queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
     result = screen(item, rt.model.name if rt is not None else None, queue)
     if isinstance(result, Accepted):
@@ -89,20 +90,32 @@ def _screen_reply(reply: Any) -> Any:
                     behind = rt.arrivals.backlog(queue)  # queued behind it + announced by producers
             rt.engine.expect(result.task.turn_id, behind)
         return dest, result.item
-    refuse(result)
+    refuse(rt.turns if rt is not None else None, result)
     return None  # kombu treats it as an empty poll (Empty) and issues the next BRPOP
 
 
 class _ScreeningRedis(redis_py.Redis):
+    chat_runtime: RuntimeHolder | None = None  # set per client by the channel that made it
+
     def parse_response(self, connection: Any, command_name: Any, **options: Any) -> Any:
         reply = super().parse_response(connection, command_name, **options)
         if command_name == "BRPOP" and reply:
-            return _screen_reply(reply)
+            return _screen_reply(reply, self.chat_runtime.runtime if self.chat_runtime else None)
         return reply
 
 
 class _Guards:
-    """What GuardedChannel and GuardedSentinelChannel add to kombu's channels (see the module's doc)."""
+    """What GuardedChannel and GuardedSentinelChannel add to kombu's channels (see the module's doc). The
+    worker app's RuntimeHolder arrives as a transport option (worker/app.py) and goes to every client the
+    channel makes, so the screen checks deliveries against that app's pipeline."""
+
+    chat_runtime: RuntimeHolder | None = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        client = super()._create_client(asynchronous)  # type: ignore[misc]
+        if isinstance(client, _ScreeningRedis):
+            client.chat_runtime = self.chat_runtime
+        return client
 
     def _get_client(self) -> Any:
         client = super()._get_client()  # type: ignore[misc]
@@ -120,9 +133,13 @@ class _Guards:
 class GuardedChannel(_Guards, kombu_redis.Channel):
     """kombu's Redis channel with the guards."""
 
+    from_transport_options = kombu_redis.Channel.from_transport_options + (HOLDER_OPTION,)
+
 
 class GuardedSentinelChannel(_Guards, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel (asks the sentinels for the primary on each connect) with the guards."""
+
+    from_transport_options = kombu_redis.SentinelChannel.from_transport_options + (HOLDER_OPTION,)
 
 
 class GuardedTransport(kombu_redis.Transport):
@@ -148,7 +165,8 @@ class GuardedConsumer(Consumer):
         tid = headers.get("id") or (message.properties or {}).get("correlation_id")
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         tid = turn_id_or_none(tid)
-        refuse(Refused(reason, (tid,) if tid else (), item_text(body)))
+        rt = self.app.chat_runtime.runtime
+        refuse(rt.turns if rt is not None else None, Refused(reason, (tid,) if tid else (), item_text(body)))
         message.reject_log_error(log, self.connection_errors)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:

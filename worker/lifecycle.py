@@ -37,9 +37,8 @@ from celery import platforms
 from celery.worker import state
 
 from config.settings import Settings
-from worker import runtime
 from worker.celery_workarounds import end_event_loop
-from worker.runtime import Runtime
+from worker.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class Lifecycle:
             log.error("worker cannot start: %s", _describe(e))
             raise SystemExit(EXIT_START_FAILED) from None
         self.rt = rt
-        runtime.install(rt)
+        self.worker.app.chat_runtime.runtime = rt
         if self.phase is Phase.loading:
             self.phase = Phase.running
         return rt
@@ -196,19 +195,20 @@ class Lifecycle:
             try:
                 rt.detach()
             finally:
-                if runtime.installed() is rt:
-                    runtime.install(None)
+                holder = self.worker.app.chat_runtime
+                if holder.runtime is rt:
+                    holder.runtime = None
 
 
-def detach_installed() -> None:
-    """Last resort for paths that never reach the step's stop (the worker's start raised): detach the
-    process's pipeline if it is still attached. Idempotent."""
-    rt = runtime.installed()
+def detach_attached(holder: RuntimeHolder) -> None:
+    """Last resort for paths that never reach the step's stop (the worker's start raised): detach the app's
+    pipeline if it is still attached. Idempotent."""
+    rt = holder.runtime
     if rt is not None:
         try:
             rt.detach()
         finally:
-            runtime.install(None)
+            holder.runtime = None
 
 
 def _describe(e: BaseException) -> str:

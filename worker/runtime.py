@@ -1,7 +1,9 @@
 """What a worker process owns while it runs: the model pipeline, its engine, and its Redis plumbing.
 
-Opened once at worker start (before any task is consumed), closed ("detached") once at stop.
-Tasks run in the worker's threads and reach it through `current()`.
+Opened once at worker start (before any task is consumed), closed ("detached") once at stop. It is
+kept in its worker app's RuntimeHolder (`app.chat_runtime`, worker/app.py), where the task (through its
+base class), the consumer and the broker transport's delivery screen find it: no module global, so two
+worker apps in one process (the tests' embedded workers) never see each other's pipeline.
 """
 
 from __future__ import annotations
@@ -234,19 +236,16 @@ def warn_if_sharing_cores(r: redis.Redis, keys: Keys, me: WorkerReport) -> None:
         )
 
 
-_current: Runtime | None = None
+class RuntimeHolder:
+    """A worker app's Runtime while its pipeline is attached (`runtime`, None before and after). Made with
+    the app, set by the pipeline step (worker/lifecycle.py), read by the task, the consumer and the broker
+    transport (which gets it through its transport options)."""
 
+    def __init__(self) -> None:
+        self.runtime: Runtime | None = None
 
-def current() -> Runtime:
-    if _current is None:
-        raise RuntimeError("no pipeline is attached in this process (is this a worker started with its step?)")
-    return _current
-
-
-def installed() -> Runtime | None:
-    return _current
-
-
-def install(rt: Runtime | None) -> None:
-    global _current
-    _current = rt
+    def current(self) -> Runtime:
+        """The attached Runtime. Raises RuntimeError when none is (a task called outside a started worker)."""
+        if self.runtime is None:
+            raise RuntimeError("no pipeline is attached to this worker app (was it started with its step?)")
+        return self.runtime

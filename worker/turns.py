@@ -29,9 +29,9 @@ from shared.wire import FinishReason, GenerateTask, Timings, TurnResult
 from worker.celery_workarounds import refuse
 from worker.deliveries import Refused, item_text, turn_id_or_none, validation_message
 from worker.engine.engine import Failed, Finished, Handle
-from worker.runtime import Abandoned, Runtime
+from worker.runtime import Abandoned, Counters, Runtime
 from worker.stream import Signal, StreamPublisher
-from worker.turn_store import Claim, Commit, HandBack
+from worker.turn_store import Claim, Commit, HandBack, TurnStore
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def run_turn(rt: Runtime, payload: Any) -> dict[str, Any]:
 def _serve(rt: Runtime, payload: Any) -> Outcome:
     """The turn's steps: validate -> claim (BEGIN) -> fit -> relay (generate while streaming) -> commit."""
     t_pick = time.time()
-    task = _validate(rt, payload)
+    task = _validate(rt.turns, rt.model.name, payload)
     if task is None:
         return Outcome.refused
     if rt.abandoning:  # cold shutdown under way: hand the delivery back before claiming the turn
@@ -87,7 +87,7 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
     with rt.engine.arriving(task.turn_id):  # until submit, a prefill about to start may wait for this prompt
         lease = rt.turns.begin(task.turn_id, delivery)
         if lease.status is not Claim.ok:
-            return _not_claimed(rt, task, lease.status)
+            return _not_claimed(rt.turns, task, lease.status)
         try:
             prompt = _fit(task, rt.loaded.codec, rt.engine.max_len)
         except (ContextError, ValueError) as e:
@@ -100,11 +100,11 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
             relay.start(rt.submit, prompt, task.sampling, deadline)
         except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
             relay.close()
-            return _hand_back(rt, task, lease.attempt)
+            return _hand_back(rt.turns, rt.counters, task, lease.attempt)
     ev, tail = relay.finish()
     if isinstance(ev, Failed):
         if ev.abandoned:  # cold shutdown: queued again, not failed
-            return _hand_back(rt, task, lease.attempt)
+            return _hand_back(rt.turns, rt.counters, task, lease.attempt)
         rt.turns.fail(task.turn_id, lease.attempt, ev.error)
         rt.counters.turn_finished()
         return Outcome.failed
@@ -113,7 +113,8 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
         return Outcome.stale
     result = _result(task, lease.attempt, prompt, ev, relay.cancelled, rt.hostname, t_pick)
     message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
-    code = _commit(rt, task, lease.attempt, delivery, tail, message.model_dump_json(), result.model_dump_json())
+    code = _commit(rt.turns, lambda: rt.abandoning, task, lease.attempt, delivery, tail, message.model_dump_json(),
+                   result.model_dump_json())
     rt.counters.turn_finished()
     log.info("turn %s: %s (%s, %d tokens, attempt %d)", task.turn_id, code.name, result.finish_reason.value,
              result.completion_tokens, lease.attempt)
@@ -125,7 +126,7 @@ def _fit(task: GenerateTask, codec: Codec, max_len: int) -> FittedPrompt:
     length (shared/context.py). Raises ContextError or ValueError (top_k beyond the vocabulary) naming
     the field: the turn is failed with it."""
     task.sampling.check_vocab(codec.vocab_size)
-    return fit_turn(codec, task.messages, max_len, task.sampling.output_length, truncate=task.truncate)
+    return fit_turn(codec, task.messages, max_len, task.sampling.max_tokens, truncate=task.truncate)
 
 
 class Relay:
@@ -198,58 +199,60 @@ def _result(task: GenerateTask, attempt: int, prompt: FittedPrompt, ev: Finished
     )
 
 
-def _validate(rt: Runtime, payload: Any) -> GenerateTask | None:
-    """The payload as a GenerateTask for this worker's model, or None after refusing it."""
+def _validate(turns: TurnStore, model: str, payload: Any) -> GenerateTask | None:
+    """The payload as a GenerateTask for this worker's `model`, or None after refusing it."""
     try:
         task = GenerateTask.model_validate(payload)
     except ValidationError as e:
         tid = turn_id_or_none(payload.get("turn_id")) if isinstance(payload, dict) else None
-        refuse(Refused(f"invalid payload: {validation_message(e)}", (tid,) if tid else (),
-                       item_text(str(payload).encode())))
+        refuse(turns, Refused(f"invalid payload: {validation_message(e)}", (tid,) if tid else (),
+                           item_text(str(payload).encode())))
         return None
-    if task.model != rt.model.name:
-        refuse(Refused(f"model {task.model!r} is not served by this worker ({rt.model.name})", (task.turn_id,),
-                       item_text(task.model_dump_json().encode())))
+    if task.model != model:
+        refuse(turns, Refused(f"model {task.model!r} is not served by this worker ({model})",
+                           (task.turn_id,), item_text(task.model_dump_json().encode())))
         return None
     return task
 
 
-def _not_claimed(rt: Runtime, task: GenerateTask, status: Claim) -> Outcome:
+def _not_claimed(turns: TurnStore, task: GenerateTask, status: Claim) -> Outcome:
     """What a delivery BEGIN did not give the turn to does."""
     if status is Claim.missing:
-        refuse(Refused("unknown turn (not created by a producer)", (), item_text(task.model_dump_json().encode())))
+        refuse(turns, Refused("unknown turn (not created by a producer)", (),
+                           item_text(task.model_dump_json().encode())))
         return Outcome.refused
     if status is Claim.poison:
-        rt.turns.dead_letter(task.model_dump(mode="json"), "too many attempts")
+        turns.dead_letter(task.model_dump(mode="json"), "too many attempts")
         return Outcome.failed
     log.info("turn %s: %s, skipped", task.turn_id, status.value)
     return Outcome.held if status is Claim.held else Outcome.finished
 
 
-def _commit(rt: Runtime, task: GenerateTask, attempt: int, delivery: str, tail: list[tuple[int, str]],
-            message_json: str, result_json: str) -> Commit:
-    """COMMIT, retried while Redis is away (up to COMMIT_RETRY_S): the reply is in memory, and committing
-    it late beats generating it again. The script is safe to run twice (see turn_store.py)."""
+def _commit(turns: TurnStore, abandoning: Callable[[], bool], task: GenerateTask, attempt: int, delivery: str,
+            tail: list[tuple[int, str]], message_json: str, result_json: str) -> Commit:
+    """COMMIT, retried while Redis is away (up to COMMIT_RETRY_S, or until `abandoning()` says a cold shutdown
+    began): the reply is in memory, and committing it late beats generating it again. The script is safe to
+    run twice (see turn_store.py)."""
     end, wait = time.monotonic() + COMMIT_RETRY_S, 0.25
     while True:
         try:
-            return rt.turns.commit(task.turn_id, attempt, delivery, tail, message_json, result_json)
+            return turns.commit(task.turn_id, attempt, delivery, tail, message_json, result_json)
         except redis.RedisError as e:
-            if time.monotonic() + wait > end or rt.abandoning:
+            if time.monotonic() + wait > end or abandoning():
                 raise
             log.warning("turn %s: commit failed (%s), retrying in %.1fs", task.turn_id, e, wait)
             time.sleep(wait)
             wait = min(5.0, wait * 2)
 
 
-def _hand_back(rt: Runtime, task: GenerateTask, attempt: int) -> Outcome:
+def _hand_back(turns: TurnStore, counters: Counters, task: GenerateTask, attempt: int) -> Outcome:
     """Cold shutdown: queue the turn again from its kept message (not an attempt lost: no poison count)."""
-    code = rt.turns.hand_back(task.turn_id, attempt)
+    code = turns.hand_back(task.turn_id, attempt)
     if code is HandBack.no_message:  # a turn stored before messages were kept: let kombu put this delivery back
-        rt.counters.turn_handed_back()
+        counters.turn_handed_back()
         raise Reject("worker shutting down", requeue=True)
     if code is HandBack.queued:
-        rt.counters.turn_handed_back()
+        counters.turn_handed_back()
         log.info("turn %s: handed back (attempt %d)", task.turn_id, attempt)
         return Outcome.handed_back
     return Outcome.stale
