@@ -83,35 +83,70 @@ class SentinelTarget:
     password: str | None = field(default=None, repr=False)
 
 
+def _port(entry: str, port: str | None, default: int | None) -> int | None:
+    if port is None or port == "":
+        return default
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535, got {port!r}")
+    return int(port)
+
+
+def _db(entry: str, path: str) -> int:
+    db = path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"{entry!r}: the db must be a number, got {db!r}")
+    return int(db or 0)
+
+
+def check_redis_url(url: str, master_name: str = DEFAULT_MASTER_NAME) -> None:
+    """Raises ValueError naming what is wrong with `url` as CHAT_REDIS_URL: what every client of the project
+    and Celery's broker must read alike. redis://, rediss:// (host, port 1-65535, db a number), unix://, or
+    a sentinel:// list (sentinel_target)."""
+    if not url or any(c.isspace() for c in url):
+        raise ValueError("must be a Redis URL without spaces (redis://host:6379/0, or sentinel://host:26379/0;...)")
+    if sentinel_target(url, master_name) is not None:
+        return
+    u = urlsplit(url)
+    if u.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"the scheme must be redis://, rediss://, unix:// or sentinel://, got {url[:40]!r}")
+    if ";" in url:
+        raise ValueError("a list of URLs (';') is for sentinels only: sentinel://host:26379/0;sentinel://...")
+    if u.scheme != "unix":
+        if not u.hostname:
+            raise ValueError(f"{url[:60]!r}: no host")
+        _port(url, u.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2] or None, 6379)
+        _db(url, u.path)
+
+
 def sentinel_target(url: str, master_name: str = DEFAULT_MASTER_NAME) -> SentinelTarget | None:
     """The SentinelTarget a `sentinel://` URL list names, or None for any other URL (redis://, rediss://,
-    unix://). Raises ValueError naming what is wrong (an entry of another scheme, no host, a bad port or
-    db, a db or credentials on a later entry only, an empty master name)."""
-    entries = [e.strip() for e in url.split(";") if e.strip()]
-    if not entries or urlsplit(entries[0]).scheme != SENTINEL_SCHEME:
+    unix://). Raises ValueError naming what is wrong (an empty or padded entry, an entry of another scheme,
+    no host, a bad port or db, a query, a db or credentials on a later entry only, an empty master name):
+    everything that Celery's broker (kombu) would read otherwise than our clients, or not at all."""
+    entries = url.split(";")
+    if urlsplit(entries[0].strip()).scheme.lower() != SENTINEL_SCHEME:
         return None
-    if not master_name:
-        raise ValueError("a sentinel:// URL needs the master's name (CHAT_REDIS_MASTER_NAME)")
+    if not master_name or any(c.isspace() for c in master_name):
+        raise ValueError("a sentinel:// URL needs the master's name without spaces (CHAT_REDIS_MASTER_NAME)")
     hosts, first = [], urlsplit(entries[0])
     for entry in entries:
+        if entry == "" or entry != entry.strip():
+            raise ValueError(f"{url[:80]!r}: an empty or space-padded entry (entries are sentinel://host:port, "
+                             "joined by ';' alone)")
         u = urlsplit(entry)
-        if u.scheme != SENTINEL_SCHEME:
+        if u.scheme.lower() != SENTINEL_SCHEME:
             raise ValueError(f"{entry!r}: every entry of a sentinel URL list must be sentinel://host:port")
-        try:
-            port = u.port or SENTINEL_PORT
-        except ValueError:
-            raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535") from None
+        if u.query or u.fragment:
+            raise ValueError(f"{entry!r}: no query or fragment (Celery's broker cannot take them)")
         if not u.hostname:
             raise ValueError(f"{entry!r}: no host")
+        port = _port(entry, u.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2] or None, SENTINEL_PORT)
         if (u.path.strip("/"), u.username, u.password) not in (("", None, None), (first.path.strip("/"),
                                                                                   first.username, first.password)):
             raise ValueError(f"{entry!r}: put the db and credentials on the first entry (Celery's broker reads "
                              "them from that one only)")
-        hosts.append((u.hostname, port))
-    path = first.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"{entries[0]!r}: the db must be a number, got {path!r}")
-    return SentinelTarget(tuple(hosts), master_name, int(path or 0),
+        hosts.append((u.hostname, int(port or SENTINEL_PORT)))
+    return SentinelTarget(tuple(hosts), master_name, _db(entries[0], first.path),
                           unquote(first.username) if first.username else None,
                           unquote(first.password) if first.password else None)
 

@@ -8,7 +8,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.presets import DevicePreset, ModelPreset, load_presets
-from config.redis_clients import DEFAULT_MASTER_NAME, sentinel_target
+from config.redis_clients import DEFAULT_MASTER_NAME, check_redis_url
 from shared.errors import first_error
 
 
@@ -21,7 +21,7 @@ class Settings(BaseSettings):
 
     # Redis Sentinel: CHAT_REDIS_URL=sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379/0 and the
     # name the sentinels monitor the primary under (config/redis_clients.py).
-    redis_master_name: str = Field(DEFAULT_MASTER_NAME, min_length=1, max_length=200)
+    redis_master_name: str = Field(DEFAULT_MASTER_NAME, pattern=r"^[^\s;]{1,200}$")
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The data nodes' password when the URL carries none (kept out of URLs: no encoding of ':@/', not in ps).
     redis_password: SecretStr | None = None
@@ -72,9 +72,16 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v: str, info: ValidationInfo) -> str:
-        """A sentinel:// list is parsed now, so a typo fails at start with the entry named."""
-        sentinel_target(v, info.data.get("redis_master_name", DEFAULT_MASTER_NAME))
+        """Checked now (check_redis_url), so a typo fails at start with the part at fault named, before the
+        worker loads a model or the broker reads the URL otherwise than our clients."""
+        check_redis_url(v, info.data.get("redis_master_name", DEFAULT_MASTER_NAME))
         return v
+
+    @field_validator("redis_password", mode="before")
+    @classmethod
+    def _no_password(cls, v: object) -> object:
+        """`CHAT_REDIS_PASSWORD=` (blank) is no password, for our clients and Celery's broker alike."""
+        return None if isinstance(v, str) and not v else v
 
     @field_validator("slots", "sequence_length", "threads", mode="before")
     @classmethod

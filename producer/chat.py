@@ -126,7 +126,8 @@ def chat(client: ChatClient, model: str, system: str | None, sampling: SamplingP
 def main(argv: list[str] | None = None) -> int:
     no_progress_bars()  # the embedded worker's first load converts a GGUF with tqdm (config/quiet.py)
     ap = argparse.ArgumentParser(prog="python -m producer.chat", description="Chat with a model served by the pool.")
-    ap.add_argument("--redis", help="Redis URL of a deployment; default: an embedded fakeredis + worker")
+    ap.add_argument("--redis",
+                    help="Redis URL (or sentinel:// list) of a deployment; default: an embedded fakeredis + worker")
     ap.add_argument("--model", default=None, help="model preset (default: smollm2-135m)")
     ap.add_argument("--device", default=None, help="embedded worker's device preset (default: cpu)")
     ap.add_argument("--system", default=None, help="system prompt")

@@ -132,15 +132,45 @@ def test_sentinel_url_lists_parse_like_celerys_broker_reads_them() -> None:
     ("sentinel://", "no host"),
     ("sentinel://a;sentinel://b/2", "put the db and credentials on the first entry"),
     ("sentinel://a;sentinel://:pw@b", "put the db and credentials on the first entry"),
+    # Read otherwise by Celery's broker than by our clients (it would have used another db, or failed
+    # after the worker's start-up ping): refused up front.
+    (";sentinel://h1/2", "the scheme must be"),
+    ("sentinel://h1;", "an empty or space-padded entry"),
+    (" sentinel://h1:26379 ; sentinel://h2:26379 ", "without spaces"),
+    ("sentinel://h/0?x=1", "no query or fragment"),
+    ("sentinel://h:0", "the port must be a number from 1 to 65535"),
+    ("sentinel://h/\u00b2", "the db must be a number"),
+    ("sentinel://h/\u0663", "the db must be a number"),
+    # Plain URLs are checked as strictly.
+    ("", "must be a Redis URL"),
+    ("   ", "must be a Redis URL"),
+    ("http://h", "the scheme must be"),
+    ("h1:6379", "the scheme must be"),
+    ("sentinels://h1", "the scheme must be"),
+    ("redis://h:abc/0", "the port must be a number"),
+    ("redis://h:99999", "the port must be a number"),
+    ("redis://h:6379/abc", "the db must be a number"),
+    ("redis://h1;sentinel://h2", "a list of URLs"),
 ])
-def test_a_malformed_sentinel_url_is_a_config_error_naming_the_variable(url: str, says: str) -> None:
+def test_a_malformed_redis_url_is_a_config_error_naming_the_variable(url: str, says: str) -> None:
     with pytest.raises(ConfigError, match=f"^CHAT_REDIS_URL: .*{says}"):
         load_settings(redis_url=url)
 
 
-def test_a_sentinel_url_needs_a_master_name() -> None:
+@pytest.mark.parametrize("url", ["sentinel://[::1]:26379/1;sentinel://h2", "SENTINEL://h1", "redis://:pw@h:6380/3",
+                                 "rediss://h/0?ssl_cert_reqs=required", "unix:///tmp/r.sock", "redis://[::1]:6379/0"])
+def test_well_formed_urls_pass(url: str) -> None:
+    assert load_settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a b", "a;b"])
+def test_a_sentinel_url_needs_a_master_name(name: str) -> None:
     with pytest.raises(ConfigError, match="^CHAT_REDIS_MASTER_NAME: "):
-        load_settings(redis_url="sentinel://a", redis_master_name="")
+        load_settings(redis_url="sentinel://a", redis_master_name=name)
+
+
+def test_a_blank_password_is_no_password() -> None:
+    assert load_settings(redis_password="").redis_options()["password"] is None
 
 
 def test_clients_made_before_a_failover_follow_it() -> None:

@@ -25,7 +25,8 @@ from config.settings import ConfigError, load_settings
 def main(argv: list[str] | None = None) -> int:
     no_progress_bars()  # before anything imports tqdm (config/quiet.py)
     ap = argparse.ArgumentParser(prog="python -m worker", description=__doc__.split("\n")[0])
-    ap.add_argument("--redis", dest="redis_url", help="Redis URL (broker, results, conversations)")
+    ap.add_argument("--redis", dest="redis_url",
+                    help="Redis URL, or a sentinel:// list with CHAT_REDIS_MASTER_NAME (CHAT_REDIS_URL)")
     ap.add_argument("--model", help="model preset, hub id or local path")
     ap.add_argument(
         "--device", help="device preset: cpu, cpu-fp32, cuda, ipu (pod4 or pod16 by IPU count), ipu-pod4, ipu-pod16"

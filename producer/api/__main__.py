@@ -16,7 +16,8 @@ from config.settings import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m producer.api", description=__doc__.split("\n")[0])
-    ap.add_argument("--redis", dest="redis_url", help="Redis URL (CHAT_REDIS_URL)")
+    ap.add_argument("--redis", dest="redis_url",
+                    help="Redis URL, or a sentinel:// list with CHAT_REDIS_MASTER_NAME (CHAT_REDIS_URL)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--loglevel", default="INFO")
