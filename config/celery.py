@@ -75,7 +75,7 @@ def make_celery(settings: Settings, name: str = "chat", *, worker: bool = False)
     app = Celery(name, set_as_current=False)
     app.config_from_object(CeleryConfig(settings))
     if worker:
-        sentinel = sentinel_target(settings.redis_url, settings.redis_master_name) is not None
+        sentinel = "master_name" in app.conf.broker_transport_options  # CeleryConfig set it for a sentinel URL
         app.conf.broker_transport = "chat-sentinel" if sentinel else "chat-redis"
         app.conf.worker_consumer = "worker.celery_workarounds:GuardedConsumer"
     app.chat_settings = settings  # type: ignore[attr-defined]

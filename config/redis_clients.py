@@ -83,12 +83,15 @@ class SentinelTarget:
     password: str | None = field(default=None, repr=False)
 
 
-def _port(entry: str, port: str | None, default: int | None) -> int | None:
-    if port is None or port == "":
+def _port(entry: str, default: int) -> int:
+    """`entry`'s port, or `default` when it names none. Raises ValueError unless it is 1 to 65535."""
+    netloc = urlsplit(entry).netloc
+    text = netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]  # after the host (IPv6 in [])
+    if not text:
         return default
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535, got {port!r}")
-    return int(port)
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def _db(entry: str, path: str) -> int:
@@ -114,7 +117,7 @@ def check_redis_url(url: str, master_name: str = DEFAULT_MASTER_NAME) -> None:
     if u.scheme != "unix":
         if not u.hostname:
             raise ValueError(f"{url[:60]!r}: no host")
-        _port(url, u.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2] or None, 6379)
+        _port(url, 6379)
         _db(url, u.path)
 
 
@@ -140,12 +143,11 @@ def sentinel_target(url: str, master_name: str = DEFAULT_MASTER_NAME) -> Sentine
             raise ValueError(f"{entry!r}: no query or fragment (Celery's broker cannot take them)")
         if not u.hostname:
             raise ValueError(f"{entry!r}: no host")
-        port = _port(entry, u.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2] or None, SENTINEL_PORT)
         if (u.path.strip("/"), u.username, u.password) not in (("", None, None), (first.path.strip("/"),
                                                                                   first.username, first.password)):
             raise ValueError(f"{entry!r}: put the db and credentials on the first entry (Celery's broker reads "
                              "them from that one only)")
-        hosts.append((u.hostname, int(port or SENTINEL_PORT)))
+        hosts.append((u.hostname, _port(entry, SENTINEL_PORT)))
     return SentinelTarget(tuple(hosts), master_name, _db(entries[0], first.path),
                           unquote(first.username) if first.username else None,
                           unquote(first.password) if first.password else None)

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from config.presets import DevicePreset, ModelPreset, load_presets
 from config.redis_clients import DEFAULT_MASTER_NAME, check_redis_url
 from shared.errors import first_error
+from shared.replication import Replication
 
 
 class ConfigError(Exception):
@@ -19,8 +20,9 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
 
-    # Redis Sentinel: CHAT_REDIS_URL=sentinel://h1:26379;sentinel://h2:26379;sentinel://h3:26379/0 and the
-    # name the sentinels monitor the primary under (config/redis_clients.py).
+    # Redis Sentinel: CHAT_REDIS_URL=sentinel://h1:26379/0;sentinel://h2:26379;sentinel://h3:26379 (db and
+    # credentials on the first entry) and the name the sentinels monitor the primary under
+    # (config/redis_clients.py).
     redis_master_name: str = Field(DEFAULT_MASTER_NAME, pattern=r"^[^\s;]{1,200}$")
     redis_url: str = "redis://127.0.0.1:6379/0"
     # The data nodes' password when the URL carries none (kept out of URLs: no encoding of ':@/', not in ps).
@@ -93,6 +95,10 @@ class Settings(BaseSettings):
         """What config/redis_clients.py's clients take besides the URL: master name and password."""
         return {"master_name": self.redis_master_name,
                 "password": self.redis_password.get_secret_value() if self.redis_password else None}
+
+    def replication(self) -> Replication:
+        """How the project's writes wait for replicas (shared/replication.py), from redis_wait_*."""
+        return Replication(self.redis_wait_replicas, self.redis_wait_ms)
 
     def model_preset(self) -> ModelPreset:
         try:

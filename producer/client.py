@@ -31,7 +31,6 @@ from shared.context import ContextLengthExceeded, fit_turn
 from shared.errors import Busy, InvalidInput, NotFound, TurnFailed, Unavailable
 from shared.keys import Keys, check_id
 from shared.messages import ChatMessage, Role
-from shared.replication import Replication
 from shared.sampling import SamplingParams
 from shared.task_message import MAX_ITEM_BYTES, generate_message
 from shared.wire import MAX_PAYLOAD_BYTES, GenerateTask, TurnResult
@@ -89,7 +88,7 @@ class ChatClient:
         self.store = ConversationStore(self.r, self.keys, max_message_chars=settings.max_message_chars,
                                        stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
                                        result_ttl_s=settings.result_ttl_s,
-                                       replication=Replication(settings.redis_wait_replicas, settings.redis_wait_ms))
+                                       replication=settings.replication())
         self.catalog = ModelCatalog(self.r, self.keys)
         self._position = self.r.register_script(POSITION)
         self.arrivals = Arrivals(self.r, self.keys)

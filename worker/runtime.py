@@ -25,7 +25,6 @@ from config.settings import Settings
 from shared.arrivals import Arrivals
 from shared.cards import HEARTBEAT_S, WorkerReport
 from shared.keys import Keys
-from shared.replication import Replication
 from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
 from worker.engine.own_thread import start_on_own_thread
@@ -122,7 +121,7 @@ class Runtime:
         engine, (loaded, backend) = start_on_own_thread(attach)
         try:  # a start that fails (or is interrupted by a stop signal) past this point releases the device
             keys = Keys(settings.key_prefix)
-            replication = Replication(settings.redis_wait_replicas, settings.redis_wait_ms)
+            replication = settings.replication()
             turns = TurnStore(
                 r,
                 keys,
