@@ -18,14 +18,26 @@ from config.redis_clients import sentinel_target
 from config.settings import Settings
 from shared.task_message import GENERATE_TASK
 
-__all__ = ["GENERATE_TASK", "CeleryConfig", "make_celery", "queue_name", "restore_interval_s"]
+__all__ = ["GENERATE_TASK", "CeleryConfig", "make_celery", "queue_name", "restore_interval_s", "worker_queue"]
 
 UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"  # kombu's Redis transport defaults
+# kombu's Redis transport (5.7) keeps each exchange's bindings in sets under these names, and Celery names a
+# queue's exchange after the queue: a worker's own queue leaves two behind, deleted when it is handed home
+# (nothing reads them for our messages, whose exchange is the default one).
+BINDING_KEYS = ("_kombu.binding.{}", "_kombu.binding_permanent.{}")
 
 
 def queue_name(settings: Settings, model: str) -> str:
-    """One queue per model: a turn is routed by its conversation's model."""
+    """The model's shared queue: every worker of the model consumes it, and it is every turn's home (the
+    routing key inside its task message, where requeues and kombu's own restores go)."""
     return f"{settings.key_prefix}.{model}"
+
+
+def worker_queue(settings: Settings, model: str, worker: str) -> str:
+    """The queue only `worker` (its Celery hostname, the name in `{p}:live:{model}`) consumes, beside the
+    shared one: producers route a conversation's turns there while that worker is live and not overloaded,
+    so they land where its KV cache is. `worker=""` gives the prefix the START script appends a name to."""
+    return f"{queue_name(settings, model)}.w.{worker}"
 
 
 def restore_interval_s(settings: Settings) -> int:

@@ -46,6 +46,10 @@ class DevicePreset(BaseModel):
     quantize: Literal["none", "int8"] = "none"
     cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
     compile_decode: bool = False  # torch.compile that step first (fuses small ops; a minute or two at start)
+    # Prefix reuse (worker/engine/prefix_cache.py): finished sequences' KV stays for prompts that extend it.
+    prefix_cache: bool = True
+    # KV rows beyond `slots` that only hold cached prefixes, each as large as a slot; None = as many as slots.
+    prefix_cache_slots: int | None = Field(None, ge=0, le=4096)
     ipus: int = Field(0, ge=0)
     available_memory_proportion: float = Field(0.4, gt=0, le=1)
     executable_cache: str = ".cache/poptorch"
@@ -55,6 +59,13 @@ class DevicePreset(BaseModel):
         if self.compile_decode and not self.cuda_graphs:
             raise ValueError("compile_decode compiles the static decode step: set cuda_graphs too")
         return self
+
+    @property
+    def spare_slots(self) -> int:
+        """KV rows for cached prefixes past the decode slots: 0 with the prefix cache off."""
+        if not self.prefix_cache:
+            return 0
+        return self.slots if self.prefix_cache_slots is None else self.prefix_cache_slots
 
 
 class Presets(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     model: str = "smollm2-135m"  # preset name, hub id or local path
     device: str = "cpu"  # preset name in presets.yaml
     slots: int | None = Field(None, ge=1, le=1024)  # overrides the device preset
+    # Prefix reuse across turns (worker/engine/prefix_cache.py); both override the device preset.
+    prefix_cache: bool | None = None  # keep finished sequences' KV for prompts that extend it
+    prefix_cache_slots: int | None = Field(None, ge=0, le=4096)  # extra KV rows for it (default: = slots)
     sequence_length: int | None = Field(None, ge=16)  # overrides the model preset
     threads: int | None = Field(None, ge=1, le=1024)  # torch intra-op threads on CPU (more than the cores: warned)
     # Where a model loaded from a GGUF is kept as safetensors after its first load, so the next start skips
@@ -58,6 +61,17 @@ class Settings(BaseSettings):
     # Producers: refuse a turn at once (503) when no live worker serves its model; true = queue it anyway
     # (for deployments whose workers start after the producers).
     queue_without_workers: bool = False
+    # Where producers queue a turn. cache_aware: on the own queue of the worker that holds the conversation's
+    # KV cache (the one that answered its last turn; for a new conversation, a rendezvous hash of its opening
+    # over the live workers) while that worker is live and its own queue holds fewer than route_max_backlog
+    # turns, else on the model's shared queue. shared: always the shared queue (any worker; for benchmarks).
+    routing: Literal["cache_aware", "shared"] = "cache_aware"
+    # A worker's own queue at this length counts as overloaded: further turns go to the shared queue.
+    # 0 = never route to a worker's own queue (as routing=shared).
+    route_max_backlog: int = Field(4, ge=0, le=10_000)
+    # Workers: a turn that has waited this long on a live worker's own queue (its slots busy with long replies,
+    # or its consumer stuck) is moved to the shared queue by the watchdogs, for any worker. 0 = no limit.
+    route_max_wait_s: float = Field(10.0, ge=0)
     # Messages kept per conversation in Redis; older ones are dropped (counted in the conversation's
     # `trimmed` field). 0 = keep everything. What a turn sends the model is bounded by its context anyway.
     max_history_messages: int = Field(10_000, ge=0)
@@ -85,7 +99,7 @@ class Settings(BaseSettings):
         """`CHAT_REDIS_PASSWORD=` (blank) is no password, for our clients and Celery's broker alike."""
         return None if isinstance(v, str) and not v else v
 
-    @field_validator("slots", "sequence_length", "threads", mode="before")
+    @field_validator("slots", "sequence_length", "threads", "prefix_cache", "prefix_cache_slots", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         """`CHAT_THREADS=` (as docker-compose passes an unset `${CPU_THREADS:-}`) means the default."""
@@ -119,9 +133,9 @@ class Settings(BaseSettings):
             preset = load_presets().device(self.device)
         except KeyError as e:
             raise ConfigError(f"CHAT_DEVICE: {e.args[0]}") from None
-        if self.slots is not None:
-            preset = preset.model_copy(update={"slots": self.slots})
-        return preset
+        update = {k: getattr(self, k) for k in ("slots", "prefix_cache", "prefix_cache_slots")
+                  if getattr(self, k) is not None}
+        return preset.model_copy(update=update) if update else preset
 
 
 def load_settings(**overrides: object) -> Settings:

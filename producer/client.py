@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from config.celery import queue_name
+from config.celery import queue_name, worker_queue
 from config.redis_clients import sync_client
 from config.settings import Settings
 from producer.cards import ModelCatalog, ModelInfo
 from producer.reader import TERMINAL, EventKind, StreamEvent, follow
+from producer.routing import opening, rendezvous
 from producer.store import ConversationStore, Started, new_id
 from shared.arrivals import Arrivals
 from shared.context import ContextLengthExceeded, fit_turn
@@ -39,7 +40,8 @@ FIRST_READ = 64  # messages of history read first; more (x4) only while everythi
 UNCHECKED_PAYLOAD_BYTES = MAX_PAYLOAD_BYTES // 2  # history sent when no tokenizer is known to fit it ...
 UNCHECKED_MESSAGES = 4096  # ... in at most this many messages
 POSITION = """
--- KEYS[1] = a model's queue (kombu: LPUSH in, BRPOP out, so the right end is served next)
+-- KEYS[1] = the queue the turn is on (its record's `queue`: a worker's own or the model's shared one;
+-- kombu: LPUSH in, BRPOP out, so the right end is served next)
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 for i = #items, 1, -1 do
   if string.find(items[i], ARGV[1], 1, true) then return #items - i + 1 end
@@ -78,6 +80,7 @@ class StartedTurn:
     prompt_tokens: int | None = None  # when the model's tokenizer is known here
     payload_bytes: int = 0  # the task message's size on the queue (bounded by the context, not the history)
     enqueued_at: float = 0.0  # unix time the turn was queued
+    queue: str = ""  # the queue it went to: a worker's own (cache-aware routing) or the model's shared one
 
 
 class ChatClient:
@@ -153,6 +156,7 @@ class ChatClient:
         started = False
         for _ in range(8):  # a few rounds: more history (x4), or a turn that went by meanwhile
             try:
+                last_worker = None
                 if req.conversation_id is None:
                     model, system, total, earlier, expect = req.model, req.system, len(req.history), req.history, None
                 else:
@@ -161,17 +165,19 @@ class ChatClient:
                     if req.owner is not None and conv.owner != req.owner:
                         raise NotFound(f"conversation {cid!r} not found", "conversation_id")
                     model, system, total, earlier, expect = conv.model, conv.system, hist.total, hist.tail, conv.turn
+                    last_worker = conv.worker
                 assert model is not None
                 queue = queue_name(self.settings, model)
-                if queue not in announced:
-                    self.arrivals.announce(queue, tid)
-                    announced.append(queue)
                 info = self.catalog.info(model)
                 if not info.served and not self.settings.queue_without_workers:
                     raise Unavailable(
                         f"model {model!r}: no live worker serves it (start one, or set "
                         "CHAT_QUEUE_WITHOUT_WORKERS=true to queue turns for workers that start later)",
                         "model", "model_not_served")
+                preferred, expected = self._route(info, last_worker, opening(system, [*earlier, user]))
+                if expected not in announced:  # while it is checked, so an idle worker there waits for it
+                    self.arrivals.announce(expected, tid)
+                    announced.append(expected)
                 head = [ChatMessage(role=Role.system, text=system)] if system else []
                 kept, dropped, truncated, prompt_tokens = self._fit(info, head, list(earlier), user, req)
                 if dropped == 0 and len(earlier) < total and req.conversation_id is not None and n < max(
@@ -199,6 +205,9 @@ class ChatClient:
                     require_live=not self.settings.queue_without_workers,
                     max_queue_depth=-1 if req.max_queue_depth is None else req.max_queue_depth,
                     create=create, ttl_s=req.ttl_s, earlier=kept if create is not None else None,
+                    worker_queue_prefix=worker_queue(self.settings, model, "") if self.routing else None,
+                    preferred_worker=preferred, max_backlog=self.settings.route_max_backlog,
+                    announced_on=expected,
                 )
             except redis.RedisError as e:
                 if started:
@@ -206,7 +215,7 @@ class ChatClient:
                 raise Unavailable(f"Redis unavailable: {e}") from None
             if reply.status in (Started.ok, Started.exists):
                 return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens, len(message),
-                                   task.enqueued_at)
+                                   task.enqueued_at, reply.queue or queue)
             if reply.status is Started.missing:
                 raise NotFound(f"conversation {cid!r} not found", "conversation_id")
             if reply.status is Started.busy:
@@ -220,6 +229,25 @@ class ChatClient:
                 cid = new_id()
             # changed: a turn went by since the history was read; read it again
         raise Unavailable("the conversation kept changing while this turn was being queued; try again")
+
+    @property
+    def routing(self) -> bool:
+        """Whether turns may go to a worker's own queue (CHAT_ROUTING=cache_aware, a backlog limit above 0)."""
+        return self.settings.routing == "cache_aware" and self.settings.route_max_backlog > 0
+
+    def _route(self, info: ModelInfo, last_worker: str | None, opening_text: str) -> tuple[str | None, str]:
+        """(the worker START should prefer when the conversation has no last worker, the queue the turn is
+        expected on). START decides for itself, atomically with the liveness and backlog checks; this
+        guess only picks where to announce the turn (a wrong guess costs an idle worker a hold of a few ms)."""
+        shared = queue_name(self.settings, info.name)
+        if not self.routing:
+            return None, shared
+        live = [w.name for w in info.workers]
+        preferred = rendezvous(opening_text, live)
+        target = last_worker or preferred
+        if target is None or target not in live:
+            return preferred, shared
+        return preferred, worker_queue(self.settings, info.name, target)
 
     def _fit(self, info: ModelInfo, head: list[ChatMessage], earlier: list[ChatMessage], user: ChatMessage,
              req: TurnRequest) -> tuple[list[ChatMessage], int, int, int | None]:

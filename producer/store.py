@@ -2,8 +2,9 @@
 producer restart loses nothing. Each change is one Lua script, so nothing is stored half-way, and each
 script is safe to run twice (a retried call after a dropped connection changes nothing more).
 
-start    store the user message, create the turn and push its task message onto the model's queue,
-         all in one step (or nothing: conversation busy or changed, no live worker, queue full)
+start    store the user message, create the turn and push its task message onto the queue it is routed
+         to (a worker's own queue or the model's shared one), all in one step (or nothing: conversation
+         busy or changed, no live worker, queue full)
 cancel   a running turn is asked to stop at its next step (its partial reply is kept); a turn that no
          worker holds (queued, or its worker gone) ends at once with an empty reply, finish_reason
          cancelled, so its conversation is free even when no worker serves its model
@@ -28,12 +29,15 @@ from shared.replication import Replication
 from shared.wire import FinishReason, TurnResult, TurnStatus
 
 START = PRELUDE + """
--- KEYS: conv, messages, turn, queue, queued zset, live zset, arriving zset (shared/arrivals.py)
+-- KEYS: conv, messages, turn, home queue (the model's shared one), queued zset, live zset, arriving zset
+--       (shared/arrivals.py), routed set
 -- ARGV: 1 turn id, 2 conversation id, 3 user message json, 4 enqueued_at, 5 task message,
 --       6 expected last turn ('' for none), 7 history cap, 8 require a live worker, 9 max queue depth (-1: none),
 --       10 model, 11 create the conversation ('1'), 12 its ttl s (0 = none), 13 n: how many of the
---       arguments after 14 are its hash (field, value) pairs, 14 turn key prefix, then 2n field/value
---       arguments, then its earlier messages (create only)
+--       arguments after 18 are its hash (field, value) pairs, 14 turn key prefix, 15 route to a worker's own
+--       queue ('1'), 16 the preferred worker for a conversation none has answered yet ('' for none),
+--       17 a worker's own queue less its name, 18 the own-queue length that counts as overloaded,
+--       then 2n field/value arguments, then its earlier messages (create only)
 local now = now_s()
 redis.call('ZREM', KEYS[7], ARGV[1])  -- whatever the answer, the turn is no longer about to be queued
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'exists'} end
@@ -49,12 +53,27 @@ else
   if (c[3] or '') ~= ARGV[6] or c[1] ~= ARGV[10] then return {'changed'} end
 end
 if ARGV[8] == '1' and redis.call('ZCOUNT', KEYS[6], now, '+inf') == 0 then return {'no_worker'} end
-local depth = redis.call('LLEN', KEYS[4])
+-- Where the turn goes: the own queue of the worker that holds its conversation's KV cache (the one that
+-- answered its last turn, else the producer's rendezvous pick) if that worker is live and not overloaded,
+-- else the shared queue. Decided here, with the liveness check, so a worker that died is never chosen.
+local target, chosen = KEYS[4], nil
+if ARGV[15] == '1' then
+  local w = ARGV[16]
+  if ARGV[11] ~= '1' then w = redis.call('HGET', KEYS[1], 'worker') or w end
+  if w ~= '' then
+    local exp = redis.call('ZSCORE', KEYS[6], w)
+    local own = ARGV[17] .. w
+    if exp and tonumber(exp) > now and redis.call('LLEN', own) < tonumber(ARGV[18]) then
+      target, chosen = own, w
+    end
+  end
+end
+local depth = redis.call('LLEN', target)
 if tonumber(ARGV[9]) >= 0 and depth > tonumber(ARGV[9]) then return {'queue_full', depth} end
 if ARGV[11] == '1' then
   local n = tonumber(ARGV[13])
-  for i = 15, 14 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  for i = 15 + 2 * n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+  for i = 19, 18 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  for i = 19 + 2 * n, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 end
 redis.call('RPUSH', KEYS[2], ARGV[3])
 local cap = tonumber(ARGV[7])
@@ -66,16 +85,18 @@ if cap > 0 then
   end
 end
 redis.call('HSET', KEYS[3], 'status', 'queued', 'attempt', 0, 'lost', 0, 'conversation', ARGV[2],
-           'conv_key', KEYS[1], 'model', ARGV[10], 'queue', KEYS[4], 'user_message', ARGV[3],
+           'conv_key', KEYS[1], 'model', ARGV[10], 'queue', target, 'home', KEYS[4], 'user_message', ARGV[3],
            'message', ARGV[5], 'enqueued_at', ARGV[4], 'queued_at', now)
 redis.call('HSET', KEYS[1], 'busy', ARGV[1], 'turn', ARGV[1])
 if tonumber(ARGV[12]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[12])
   redis.call('EXPIRE', KEYS[2], ARGV[12])
 end
-redis.call('LPUSH', KEYS[4], ARGV[5])
+redis.call('LPUSH', target, ARGV[5])
+-- In the same step: the watchdogs now know this worker's queue may hold a turn (worker/own_queue.py).
+if chosen then redis.call('SADD', KEYS[8], chosen) end
 redis.call('ZADD', KEYS[5], now, ARGV[1])
-return {'ok', depth + 1}
+return {'ok', depth + 1, target}
 """
 
 CANCEL = PRELUDE + """
@@ -156,6 +177,7 @@ class StartReply:
     status: Started
     position: int = 0  # 1 = served next (ok); the depth (queue_full)
     busy_turn: str | None = None
+    queue: str | None = None  # the queue the turn went to (ok): a worker's own or the model's shared one
 
 
 @dataclass
@@ -167,6 +189,7 @@ class Conversation:
     busy: str | None  # the turn in flight
     turn: str | None = None  # the last turn started
     trimmed: int = 0  # oldest messages dropped from the store by the history cap
+    worker: str | None = None  # the worker that answered its last turn (holds its KV cache)
 
 
 @dataclass(frozen=True)
@@ -252,7 +275,7 @@ class ConversationStore:
         if "model" not in h:
             raise NotFound(f"conversation {cid!r} not found")
         return Conversation(cid, h["model"], h.get("system"), h.get("owner", ""), h.get("busy"), h.get("turn"),
-                            int(h.get("trimmed", 0)))
+                            int(h.get("trimmed", 0)), h.get("worker"))
 
     def get(self, cid: str) -> Conversation:
         return self._conversation(cid, self.r.hgetall(self._conv_key(cid)))
@@ -296,12 +319,22 @@ class ConversationStore:
         create: dict[str, str] | None = None,
         ttl_s: int = 0,
         earlier: list[ChatMessage] | None = None,
+        worker_queue_prefix: str | None = None,
+        preferred_worker: str | None = None,
+        max_backlog: int = 0,
+        announced_on: str | None = None,
     ) -> StartReply:
-        """Store the user message, create the turn and queue it, atomically (see START above)."""
+        """Store the user message, create the turn and queue it, atomically (see START above). `queue`: the
+        model's shared queue, the turn's home. With `worker_queue_prefix` (config/celery.py worker_queue(...,
+        "")) the turn goes instead to the own queue of the worker that answered the conversation's last turn
+        (else `preferred_worker`) when that worker is live and its queue holds fewer than `max_backlog`.
+        `announced_on`: the queue the turn was announced on (shared/arrivals.py; default `queue`).
+        Raises redis.RedisError."""
         args: list[object] = [
             turn_id, conversation_id, user.model_dump_json(), enqueued_at, task_message, expect_turn or "",
             history_cap, int(require_live), max_queue_depth, model, int(create is not None), ttl_s,
-            len(create or {}), self.keys.turn_prefix,
+            len(create or {}), self.keys.turn_prefix, int(worker_queue_prefix is not None), preferred_worker or "",
+            worker_queue_prefix or "", max_backlog,
         ]
         for field, value in (create or {}).items():
             args += [field, value]
@@ -309,13 +342,14 @@ class ConversationStore:
         out = self.replication.run(
             self.r, self._start,
             [self.keys.conv(conversation_id), self.keys.messages(conversation_id), self.keys.turn(turn_id),
-             queue, self.keys.queued, self.keys.live(model), self.keys.arriving(queue)],
+             queue, self.keys.queued, self.keys.live(model), self.keys.arriving(announced_on or queue),
+             self.keys.routed(model)],
             args,
         )
         status = Started(_s(out[0]))
         if status is Started.busy:
             return StartReply(status, busy_turn=_s(out[1]))
-        return StartReply(status, int(out[1]) if len(out) > 1 else 0)
+        return StartReply(status, int(out[1]) if len(out) > 1 else 0, queue=_s(out[2]) if len(out) > 2 else None)
 
     def turn(self, tid: str) -> TurnState:
         try:

@@ -9,6 +9,9 @@ queued behind its delivery plus what is announced (`backlog`) and holds its firs
 
     {p}:arriving:{queue}   zset   turn id -> until when (Redis clock, s) it counts as about to be queued
 
+A producer announces a turn on the queue it expects START to route it to (a worker's own queue, or the
+model's shared queue: producer/client.py), and a worker counts both queues it consumes.
+
 An announcement ends when its turn's START runs (whatever START answers), when the producer fails before
 that, or by itself after ANNOUNCE_TTL_S (a producer that died): a stale one costs at most one bounded hold.
 """
@@ -34,8 +37,10 @@ return 1
 """
 
 BACKLOG = PRELUDE + """
--- KEYS: queue list, arriving zset   returns: deliveries queued + turns announced and not yet expired
-return redis.call('LLEN', KEYS[1]) + redis.call('ZCOUNT', KEYS[2], now_s(), '+inf')
+-- KEYS: (queue list, its arriving zset) pairs   returns: deliveries queued + turns announced and not yet expired
+local now, n = now_s(), 0
+for i = 1, #KEYS, 2 do n = n + redis.call('LLEN', KEYS[i]) + redis.call('ZCOUNT', KEYS[i + 1], now, '+inf') end
+return n
 """
 
 
@@ -59,6 +64,7 @@ class Arrivals:
         with contextlib.suppress(redis.RedisError):
             self.r.zrem(self.keys.arriving(queue), turn_id)
 
-    def backlog(self, queue: str) -> int:
-        """Deliveries waiting on `queue` plus turns announced for it. Raises redis.RedisError."""
-        return int(self._backlog(keys=[queue, self.keys.arriving(queue)]))
+    def backlog(self, *queues: str) -> int:
+        """Deliveries waiting on `queues` plus turns announced for them (a worker asks for the queues it
+        consumes: its model's shared queue and its own). Raises redis.RedisError."""
+        return int(self._backlog(keys=[k for q in queues for k in (q, self.keys.arriving(q))]))

@@ -1,9 +1,12 @@
 """Redis key layout. Every key lives under one prefix so a deployment can share a Redis.
 
     {p}:conv:{cid}            hash    model, system, owner, created, turn (last turn id), busy (the turn in
-                                      flight, if any), trimmed (oldest messages dropped by the history cap)
+                                      flight, if any), trimmed (oldest messages dropped by the history cap),
+                                      worker (the one that answered its last turn: its next turn is routed
+                                      there, where its KV cache is)
     {p}:conv:{cid}:messages   list    ChatMessage JSON, oldest first (the system prompt is in the hash)
-    {p}:turn:{tid}            hash    conversation, conv_key, model, queue, status (TurnStatus), attempt
+    {p}:turn:{tid}            hash    conversation, conv_key, model, queue (the list its message is on now),
+                                      home (the model's shared queue: where requeues go), status (TurnStatus), attempt
                                       (fencing token), lost (attempts whose worker vanished), worker,
                                       delivery, user_message, message (the queued task message, kept until
                                       the turn ends so it can be queued again), enqueued_at, started_at,
@@ -18,6 +21,9 @@
     {p}:model:{model}         string  the model card (ModelCard JSON) its workers publish
     {p}:tokenizer:{sha}       hash    file name -> content: the tokenizer a model card names
     {p}:live:{model}          zset    worker name -> liveness expiry (Redis clock)
+    {p}:routed:{model}        set     worker names whose own queue (config/celery.py worker_queue) may hold
+                                      turns: added by the producer's START when it routes to one, removed
+                                      when a watchdog hands a dead worker's queue home (worker/own_queue.py)
     {p}:worker:{name}         string  WorkerReport JSON, with a TTL: gone by itself when the worker is
     {p}:ratelimit:{key id}    hash    the HTTP API's token bucket per API key (with a TTL)
     {p}:dead                  list    dead-lettered deliveries and payloads with the reason
@@ -102,6 +108,10 @@ class Keys:
     def live(self, model: str) -> str:
         """Zset of the model's live workers: worker name -> liveness expiry (Redis clock)."""
         return f"{self.prefix}:live:{model}"
+
+    def routed(self, model: str) -> str:
+        """Set of the model's worker names whose own queue may hold turns (the watchdogs sweep it)."""
+        return f"{self.prefix}:routed:{model}"
 
     def worker(self, name: str) -> str:
         """The worker's WorkerReport JSON (with a TTL)."""

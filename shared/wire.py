@@ -75,6 +75,9 @@ class TurnResult(BaseModel):
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # Of prompt_tokens, those whose KV the worker reused from an earlier sequence instead of prefilling them
+    # (worker/engine/prefix_cache.py; OpenAI's usage.prompt_tokens_details.cached_tokens).
+    cached_tokens: int = 0
     dropped_messages: int = 0  # oldest messages left out to fit the sequence length
     truncated_tokens: int = 0  # tokens cut from the start of an over-long newest message
     worker: str = ""

@@ -417,11 +417,17 @@ def test_metrics_reflect_turns_that_ran(a: httpx.Client, server: LiveServer) -> 
         return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
 
     before = httpx.get(server.url + "/metrics").text
-    _, turn = new_turn(a, max_tokens=5)
+    cid, turn = new_turn(a, max_tokens=5)
     read_sse(a, turn["events_url"])
+    # The conversation's next turn: its history's KV is still on the worker, reused rather than prefilled.
+    nxt = a.post(f"/api/conversations/{cid}/messages", json={"content": "And then?", "max_tokens": 5}).json()
+    read_sse(a, nxt["events_url"])
     text = httpx.get(server.url + "/metrics").text
     fin = 'chat_turns_finished_total{finish_reason="length",model="tiny-neox"}'
-    assert value(text, fin) == value(before, fin) + 1
+    assert value(text, fin) == value(before, fin) + 2
+    hits = 'chat_prefix_cache_hit_tokens_total{model="tiny-neox"}'
+    assert value(text, hits) > value(before, hits)
+    assert 0 < value(text, 'chat_prefix_cache_hit_ratio{model="tiny-neox"}') < 1
     assert value(text, 'chat_turns_started_total{model="tiny-neox"}') >= 1
     assert value(text, 'chat_tokens_generated_total{model="tiny-neox"}') >= value(before, "chat_tokens_generated") + 5
     assert value(text, 'chat_time_to_first_token_seconds_count{model="tiny-neox"}') >= 1

@@ -74,6 +74,23 @@ def test_completion_maps_history_and_sampling(oai: openai.OpenAI, r: redis.Redis
     assert '"Name a colour."' in msgs[2]
 
 
+def test_a_resent_history_reuses_the_workers_cached_prefix(oai: openai.OpenAI, r: redis.Redis) -> None:
+    """Stateless /v1: the client resends the whole conversation each turn; the worker matches its token ids
+    against the KV it kept from the previous turn and prefills only what is new (usage and TurnResult say how
+    much it reused)."""
+    history = [{"role": "system", "content": "You answer in one short line. " * 4},
+               {"role": "user", "content": "Tell me about the sea, the sky and the mountains."}]
+    first = oai.chat.completions.create(model="tiny-neox", messages=history, max_tokens=8, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And the rivers?"}]
+    second = oai.chat.completions.create(model="tiny-neox", messages=history, max_tokens=8, temperature=0)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage is not None and 0 < first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    result = r.hget(f"chat:turn:{second.id.removeprefix('chatcmpl-')}", "result")
+    assert result is not None and f'"cached_tokens":{cached}' in result
+
+
 def test_length_finish_and_same_seed_same_reply(oai: openai.OpenAI) -> None:
     kw = {"model": "tiny-neox", "messages": MESSAGES[1:2], "max_tokens": 4, "temperature": 0.9, "seed": 11}
     one, two = oai.chat.completions.create(**kw), oai.chat.completions.create(**kw)

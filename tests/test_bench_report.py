@@ -77,3 +77,32 @@ def test_http_stages_come_from_each_request_own_record(r):
     h = {"redis_url": "redis://x", "model": "m", "device_preset": "cpu", "slots": 8, "threads": 2,
          "stream_flush_ms": 50, "max_tokens": 4, "clients": 8, "questions": ["q"], "1_client": s}
     assert "p50 40.0, p95 40.0" in "\n".join(http_md(h))
+
+
+def test_the_multiturn_section_summarizes_turns_and_renders_every_configuration():
+    """tests/bench/multiturn.py's summary on made-up turns (the real run takes half an hour): per-turn
+    TTFT, reuse and stickiness computed from the turns, then rendered with the targets."""
+    from tests.bench import multiturn as mt
+
+    turns = [mt.Turn(c, t, ttft_ms=100.0 + 10 * t * (c + 1), prompt_tokens=100 + 50 * t, cached_tokens=40 * t,
+                     worker=f"w{c % 2 if t < 2 else 0}") for c in range(3) for t in range(10)]
+    s = mt.summarize(turns, wall_s=12.0)
+    assert s["ttft_ms_by_turn"]["1"] == {"p50": 100.0, "p95": 100.0, "n": 3}
+    # turns 9-10 (indexes 8, 9): 180 260 340 and 190 280 370 ms: median 270
+    assert s["ttft_ms_p50_turns_9_12"] == 270.0 and s["late_over_first"] == 2.7
+    assert s["prompt_tokens"] == 3 * sum(100 + 50 * t for t in range(10))
+    assert s["cached_tokens"] == 3 * sum(40 * t for t in range(10))
+    assert s["conversations_on_one_worker"] == 2 and s["conversations"] == 3  # conversation 1 moved w1 -> w0
+    res = results("here", multiturn={"model": "m", "device_preset": "cpu", "workload": {"conversations": 3},
+                                     "3_workers_cache_aware": {**s, "workers": 3, "prefix_cache": True,
+                                                               "routing": "cache_aware"},
+                                     "targets": {"late_over_first_cache_on": {"value": None, "target": 1.5},
+                                                 "reuse_3_workers_cache_aware": {"value": s["reuse"],
+                                                                                 "target": 0.85, "met": False}}})
+    res["machine"].update(git_commit="abc", cpu_model="c", logical_cpus=2, usable_cpus=2, torch="t",
+                          torch_threads=2, transformers="x", python="3", os="linux")
+    md = markdown(res)
+    assert "## 5. Multi-turn conversations" in md
+    assert "3 worker(s), cache on, routing cache_aware" in md and "2/3" in md
+    target_line = next(ln for ln in md.splitlines() if ln.startswith("Targets: TTFT p50 turns 9-12"))
+    assert f"{100 * s['reuse']:.1f}%" in target_line and "❌" in target_line

@@ -1,7 +1,8 @@
 """Start a worker: `python -m worker --redis redis://HOST:6379/0 --model smollm2-135m --device cpu`.
 
 Every option but --hostname and --loglevel also reads from its CHAT_* variable (config/settings.py).
-The process loads and attaches its pipeline, then consumes only its model's queue. SIGTERM/SIGINT stop it warm (turns in
+The process loads and attaches its pipeline, then consumes only its model's queues (the
+shared one and its own: config/celery.py). SIGTERM/SIGINT stop it warm (turns in
 flight finish within CHAT_SHUTDOWN_GRACE_S); SIGQUIT or a second signal stops it cold (turns in
 flight go back to the queue). See worker/lifecycle.py and docs/GUARANTEES.md.
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.utils.nodenames import default_nodename
 
-from config.celery import make_celery, queue_name
+from config.celery import make_celery, queue_name, worker_queue
 from config.settings import Settings
 from worker.runtime import RuntimeHolder
 from worker.steps import PipelineStep
@@ -26,23 +27,26 @@ def make_worker_app(settings: Settings) -> Celery:
 
 def worker_options(settings: Settings, hostname: str | None = None, loglevel: str = "INFO") -> dict[str, object]:
     """Options for app.Worker / WorkController: a threads pool with one thread per engine slot, consuming
-    only this model's queue. On IPU the engine has more slots than the preset's micro-batch (one
-    micro-batch per pipeline stage and replica): ipu.sizing.worker_slots counts them without compiling."""
+    this model's shared queue and the worker's own (config/celery.py worker_queue: where producers route
+    the conversations whose KV cache it holds). `hostname` becomes the worker's name as Celery completes
+    it (`name` -> `celery@name`; None -> `celery@HOST`), which names its own queue and its liveness report.
+    On IPU the engine has more slots than the preset's micro-batch (one micro-batch per pipeline stage and
+    replica): ipu.sizing.worker_slots counts them without compiling."""
     model, device = settings.model_preset(), settings.device_preset()
     slots = device.slots
     if device.backend == "ipu":
         from worker.pipeline.ipu.sizing import worker_slots  # poptorch is optional: import only here
 
         slots = worker_slots(device, model)
+    name = default_nodename(hostname)  # what WorkController would make of it: the same name everywhere
     opts: dict[str, object] = {
         "pool": "threads",
         "concurrency": slots,
-        "queues": [queue_name(settings, model.name)],
+        "hostname": name,
+        "queues": [queue_name(settings, model.name), worker_queue(settings, model.name, name)],
         "loglevel": loglevel,
         "prefetch_multiplier": 1,
         "without_mingle": True,
         "without_gossip": True,
     }
-    if hostname:
-        opts["hostname"] = hostname
     return opts

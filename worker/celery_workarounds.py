@@ -81,13 +81,16 @@ def refuse(turns: TurnStore | None, refused: Refused) -> None:
 def _screen_reply(reply: Any, rt: Runtime | None) -> Any:
     dest, item = reply
     queue = (dest.decode() if isinstance(dest, bytes) else str(dest)).split("\x06\x16")[0]  # less the priority
-    result = screen(item, rt.model.name if rt is not None else None, queue)
+    # Whether popped from the shared queue or this worker's own, a redelivery (kombu's restore, a Reject with
+    # requeue) goes to the shared queue: this worker may be gone by then (worker/own_queue.py).
+    home = rt.home_queue if rt is not None else queue
+    result = screen(item, rt.model.name if rt is not None else None, home)
     if isinstance(result, Accepted):
         if rt is not None:  # a prefill about to start may wait for it and for what is coming (Engine.expect)
             behind = 0
             if rt.engine.idle:  # only an idle engine holds a prefill: one call per burst, not per turn
                 with contextlib.suppress(redis_py.RedisError):
-                    behind = rt.arrivals.backlog(queue)  # queued behind it + announced by producers
+                    behind = rt.arrivals.backlog(rt.home_queue, rt.own_queue)  # queued + announced, both queues
             rt.engine.expect(result.task.turn_id, behind)
         return dest, result.item
     refuse(rt.turns if rt is not None else None, result)

@@ -78,7 +78,8 @@ def item_text(raw: bytes) -> str:
 
 def screen(raw: bytes | str, model: str | None = None, queue: str | None = None) -> Accepted | Refused:
     """Check one queue item (never raises). `model`: the model this worker serves (a turn for another is
-    refused); `queue`: the list it was popped from, where a redelivery of it must go."""
+    refused); `queue`: where a redelivery of it must go (the model's shared queue, whichever of the worker's
+    queues it was popped from), its routing key from here on; None keeps the item's own."""
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_ITEM_BYTES:

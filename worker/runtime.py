@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import redis
 import torch
 
+from config.celery import queue_name, worker_queue
 from config.presets import DevicePreset, ModelPreset
 from config.redis_clients import sync_client
 from config.settings import Settings
@@ -28,6 +29,7 @@ from shared.keys import Keys
 from shared.sampling import SamplingParams
 from worker.engine.engine import Engine, Handle
 from worker.engine.own_thread import start_on_own_thread
+from worker.own_queue import OwnQueues
 from worker.pipeline.backend import Backend
 from worker.pipeline.factory import backend_dtype, build_backend, check_device
 from worker.pipeline.loader import LoadedModel, load_model
@@ -81,11 +83,16 @@ class Runtime:
     # the engine is abandoned, so its task hands it back to the queue instead of failing it.
     abandoning: bool = False
     _gate: threading.RLock = field(default_factory=threading.RLock, repr=False)
-    # What is coming on this worker's queue (celery_workarounds._screen_reply asks when the engine is idle).
+    # What is coming on this worker's queues (celery_workarounds._screen_reply asks when the engine is idle).
     arrivals: Arrivals = field(init=False, repr=False)
+    # The queues it consumes: its model's shared queue (every turn's home) and its own (config/celery.py).
+    home_queue: str = field(init=False)
+    own_queue: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.arrivals = Arrivals(self.redis, self.keys)
+        self.home_queue = queue_name(self.settings, self.model.name)
+        self.own_queue = worker_queue(self.settings, self.model.name, self.hostname)
 
     @classmethod
     def open(cls, settings: Settings, hostname: str) -> Runtime:
@@ -148,7 +155,8 @@ class Runtime:
             publisher.heartbeat = lambda: None if presence.withdrawn else presence.heartbeat(engine.busy)
             publisher.heartbeat_s = HEARTBEAT_S
             publisher.start()
-            watchdog = Watchdog(turns, lease_s=settings.lease_s, lost_after_s=settings.lost_after_s).start()
+            watchdog = Watchdog(turns, lease_s=settings.lease_s, lost_after_s=settings.lost_after_s,
+                                own_queues=OwnQueues(r, settings, model.name)).start()
         except BaseException:
             engine.stop()
             backend.detach()
@@ -179,11 +187,22 @@ class Runtime:
             return self.engine.abandon_all(reason)
 
     def withdraw(self) -> None:
-        """Stop reporting this worker as live (it takes no new turns): producers stop counting on it."""
+        """Stop reporting this worker as live (it takes no new turns): producers stop counting on it and
+        route nothing more to its own queue, and what waits there goes to the shared queue now, not when
+        its liveness would have expired. Called once the consumer has stopped (Lifecycle.shutdown, detach);
+        idempotent."""
         try:
             self.presence.withdraw()
         except redis.RedisError:
             pass  # the report expires by its TTL anyway
+        try:
+            own = self.watchdog.own_queues
+            moved = own.hand_home(self.hostname, force=True).moved if own is not None else 0
+            if moved:
+                log.info("handed %d turn(s) waiting on this worker's own queue to the shared queue", moved)
+        except redis.RedisError:
+            log.warning("could not hand this worker's own queue home: the other workers' watchdogs will, once "
+                        "its liveness expires")
 
     def detach(self) -> None:
         """Release the device. Idempotent; logs one summary line."""

@@ -5,13 +5,14 @@ begin     queued -> running: attempt += 1 (a fencing token), a lease in `{p}:run
           under a live lease belongs to another delivery and is skipped too, so a redelivery never
           takes a live turn away from its worker. Only a lease that expired (its worker is gone)
           is taken over. A turn whose workers vanished max_attempts times is failed (poison).
-commit    append the reply and mark the turn done, only if this attempt still owns it
+commit    append the reply and mark the turn done, only if this attempt still owns it; the conversation
+          records this worker as the one holding its KV cache (its next turn is routed here)
 fail      mark failed with a reason and take the user message back out (nothing half-stored)
-requeue   running -> queued, pushing the turn's kept task message onto its queue again: a cold
-          shutdown hands its turns back this way (fenced by attempt), and the watchdog does it for
-          turns whose lease expired (their worker died or froze)
+requeue   running -> queued, pushing the turn's kept task message onto its home (the model's shared
+          queue) again: a cold shutdown hands its turns back this way (fenced by attempt), and the
+          watchdog does it for turns whose lease expired (their worker died or froze)
 lost      the watchdog's second sweep: a queued turn whose message is on no queue and held by no
-          live delivery (lost between Redis and a worker that died) is queued again
+          live delivery (lost between Redis and a worker that died) is queued again, on its home
 dead      dead-letter a delivery or payload that cannot be served, with the reason
 
 Every script may run twice when a connection drops after Redis executed it but before the reply
@@ -70,7 +71,7 @@ COMMIT = """
 -- KEYS: turn, stream, running, queued
 -- ARGV: attempt, (unused), message json, result json, maxlen, stream ttl, finished_at, turn id, result ttl,
 --       delivery, then the stream's unflushed tail as (seq, text) pairs
-local s = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'committed', 'conv_key', 'fseq')
+local s = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'committed', 'conv_key', 'fseq', 'worker')
 if s[1] == 'done' then
   if s[3] == ARGV[10] then return 1 end  -- this delivery's own commit, run again
   return 0
@@ -89,6 +90,8 @@ if conv and redis.call('EXISTS', conv) == 1 then  -- a deleted conversation gets
   local ttl = redis.call('PTTL', conv)
   if ttl > 0 then redis.call('PEXPIRE', msgs, ttl) end
   if redis.call('HGET', conv, 'busy') == ARGV[8] then redis.call('HDEL', conv, 'busy') end
+  -- This worker holds the conversation's KV cache now: its next turn is routed here (producer/store.py START).
+  if s[6] then redis.call('HSET', conv, 'worker', s[6]) end
 end
 redis.call('HSET', KEYS[1], 'status', 'done', 'result', ARGV[4], 'finished_at', ARGV[7], 'committed', ARGV[10])
 redis.call('HDEL', KEYS[1], 'message')
@@ -116,11 +119,13 @@ fail_turn(KEYS[1], ARGV[6], ARGV[2], ARGV[1], ARGV[5], ARGV[3], ARGV[4], ARGV[7]
 return 1
 """
 
-# Queue a running turn again from its kept task message. ARGV[2] = attempt: a worker handing its own turn
-# back (fenced); '' = the watchdog, for a turn whose lease has expired (its worker is counted as lost).
+# Queue a running turn again from its kept task message, on its home (the model's shared queue: its worker is
+# stopping or gone, so not that worker's own queue; a turn stored before `home` existed has only `queue`).
+# ARGV[2] = attempt: a worker handing its own turn back (fenced); '' = the watchdog, for a turn whose lease
+# has expired (its worker is counted as lost).
 REQUEUE = PRELUDE + """
 local function requeue(turn, tid, attempt, running, queued, now)
-  local s = redis.call('HMGET', turn, 'status', 'attempt', 'queue', 'message')
+  local s = redis.call('HMGET', turn, 'status', 'attempt', 'queue', 'message', 'home')
   if s[1] ~= 'running' then return 0 end
   if attempt ~= '' then
     if s[2] ~= attempt then return -1 end
@@ -130,11 +135,12 @@ local function requeue(turn, tid, attempt, running, queued, now)
     redis.call('HINCRBY', turn, 'lost', 1)
   end
   redis.call('ZREM', running, tid)
-  if not s[3] or not s[4] then return -3 end  -- no kept message: the next delivery of the old one begins it
-  redis.call('HSET', turn, 'status', 'queued', 'queued_at', now)
+  local home = s[5] or s[3]
+  if not home or not s[4] then return -3 end  -- no kept message: the next delivery of the old one begins it
+  redis.call('HSET', turn, 'status', 'queued', 'queued_at', now, 'queue', home)
   redis.call('HDEL', turn, 'worker', 'delivery')
   redis.call('ZADD', queued, now, tid)
-  redis.call('RPUSH', s[3], s[4])  -- the served end: it has waited its turn already
+  redis.call('RPUSH', home, s[4])  -- the served end: it has waited its turn already
   return 1
 end
 """
@@ -160,10 +166,11 @@ end
 return out
 """
 
-# A queued turn is present when its id is on its queue or in a delivery younger than `min age` in kombu's
-# unacked hash (a live worker begins what it receives within milliseconds; an older entry belongs to a
-# worker that died). Otherwise its message was lost in transit: push the kept copy again. Runs under a
-# lock, so one worker of the pool scans at a time.
+# A queued turn is present when its id is on its queue, on its home (where kombu restores a delivery it
+# took back), or in a delivery younger than `min age` in kombu's unacked hash (a live worker begins what it
+# receives within milliseconds; an older entry belongs to a worker that died). Otherwise its message was
+# lost in transit: push the kept copy again, onto its home. Runs under a lock, so one worker of the pool
+# scans at a time.
 LOST_QUEUED = PRELUDE + """
 -- KEYS: queued, unacked hash, unacked index, running, lock
 -- ARGV: turn key prefix, min age s, limit, lock ms, max_attempts, maxlen, stream ttl, result ttl
@@ -185,13 +192,16 @@ local scanned = {}
 local out = {}
 for _, tid in ipairs(cands) do
   local turn = ARGV[1] .. tid
-  local s = redis.call('HMGET', turn, 'status', 'queue', 'message', 'lost')
+  local s = redis.call('HMGET', turn, 'status', 'queue', 'message', 'lost', 'home')
+  local home = s[5] or s[2]
   if s[1] ~= 'queued' then
     redis.call('ZREM', KEYS[1], tid)
   elseif s[2] and s[3] then
-    if not scanned[s[2]] then
-      scanned[s[2]] = true
-      for _, item in ipairs(redis.call('LRANGE', s[2], 0, -1)) do mark(item) end
+    for _, q in ipairs({s[2], home}) do
+      if not scanned[q] then
+        scanned[q] = true
+        for _, item in ipairs(redis.call('LRANGE', q, 0, -1)) do mark(item) end
+      end
     end
     if not present[tid] then
       local lost = redis.call('HINCRBY', turn, 'lost', 1)
@@ -199,7 +209,8 @@ for _, tid in ipairs(cands) do
         fail_turn(turn, tid, 'gave up: its task message was lost ' .. lost .. ' times', 0, now,
                   ARGV[6], ARGV[7], ARGV[8], KEYS[4], KEYS[1])
       else
-        redis.call('RPUSH', s[2], s[3])
+        redis.call('RPUSH', home, s[3])
+        redis.call('HSET', turn, 'queue', home)
         redis.call('ZADD', KEYS[1], now, tid)
         present[tid] = true
       end

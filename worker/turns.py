@@ -186,6 +186,7 @@ def _result(task: GenerateTask, attempt: int, prompt: FittedPrompt, ev: Finished
         finish_reason=ev.reason if not cancelled else FinishReason.cancelled,
         prompt_tokens=ev.prompt_tokens,
         completion_tokens=ev.completion_tokens,
+        cached_tokens=ev.cached_tokens,
         dropped_messages=task.dropped_messages + prompt.dropped_messages,
         truncated_tokens=prompt.truncated_tokens,
         worker=worker,

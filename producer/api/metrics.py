@@ -78,13 +78,18 @@ class Tracker:
         self.m.latency.labels(model).observe(res.timings.total_s)
         self.m.completion_tokens.labels(model).inc(res.completion_tokens)
         self.m.prompt_tokens.labels(model).inc(res.prompt_tokens)
+        self.m.prefix_cache_hit_tokens.labels(model).inc(res.cached_tokens)
+        with self.m.lock:
+            hit, total = self.m.reuse.get(model, (0, 0))
+            self.m.reuse[model] = (hit + res.cached_tokens, total + res.prompt_tokens)
 
 
 class _Live(Collector):
     """Gauges read at scrape time."""
 
-    def __init__(self, models: Callable[[], list[str]], depth: Callable[[str], int], busy: Callable[[], dict]):
-        self.models, self.depth, self.busy = models, depth, busy
+    def __init__(self, models: Callable[[], list[str]], depth: Callable[[str], int], busy: Callable[[], dict],
+                 reuse: Callable[[], dict[str, tuple[int, int]]]):
+        self.models, self.depth, self.busy, self.reuse = models, depth, busy, reuse
 
     def collect(self) -> Iterator[Metric]:
         q = GaugeMetricFamily("chat_queue_depth", "Turns waiting in the model's queue", labels=["model"])
@@ -99,6 +104,13 @@ class _Live(Collector):
                 slots.add_metric([worker], total)
         yield busy
         yield slots
+        ratio = GaugeMetricFamily("chat_prefix_cache_hit_ratio",
+                                  "Prompt tokens reused from a worker's prefix cache / prompt tokens, since start",
+                                  labels=["model"])
+        for model, (hit, total) in sorted(self.reuse().items()):
+            if total:
+                ratio.add_metric([model], hit / total)
+        yield ratio
 
 
 class Metrics:
@@ -114,6 +126,11 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=reg)
         self.completion_tokens = Counter("chat_tokens_generated", "Tokens generated", ["model"], registry=reg)
         self.prompt_tokens = Counter("chat_prompt_tokens", "Prompt tokens processed", ["model"], registry=reg)
+        self.prefix_cache_hit_tokens = Counter(
+            "chat_prefix_cache_hit_tokens", "Prompt tokens whose KV a worker reused instead of prefilling them",
+            ["model"], registry=reg)
+        self.lock = threading.Lock()
+        self.reuse: dict[str, tuple[int, int]] = {}  # model -> (hit tokens, prompt tokens), for the ratio gauge
         self.rejected = Counter("chat_api_rejected", "Requests refused by admission control", ["reason"],
                                 registry=reg)
         self.tracker: Tracker | None = None
@@ -122,7 +139,11 @@ class Metrics:
              workers: Callable[[], list[WorkerReport]]) -> None:
         self.tracker = Tracker(self, r, keys)
         self._workers = workers
-        self.registry.register(_Live(models, depth, self.busy_slots))
+        self.registry.register(_Live(models, depth, self.busy_slots, self._reuse))
+
+    def _reuse(self) -> dict[str, tuple[int, int]]:
+        with self.lock:
+            return dict(self.reuse)
 
     def busy_slots(self) -> dict[str, tuple[int, int | None]]:
         assert self.tracker is not None

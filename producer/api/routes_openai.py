@@ -228,11 +228,13 @@ def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, 
     return ("\n\n".join(sys_parts) or None), history, rest[-1].text, last
 
 
-def usage(res: TurnResult) -> dict[str, int]:
+def usage(res: TurnResult) -> dict[str, Any]:
+    """OpenAI's usage object (cached prompt tokens where OpenAI puts them) and our two extensions."""
     return {
         "prompt_tokens": res.prompt_tokens,
         "completion_tokens": res.completion_tokens,
         "total_tokens": res.prompt_tokens + res.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": res.cached_tokens},
         "dropped_messages": res.dropped_messages,
         "truncated_tokens": res.truncated_tokens,
     }

@@ -101,6 +101,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, reused from the worker's prefix cache (not prefilled)
 
 
 class TurnOut(BaseModel):
@@ -133,4 +134,5 @@ def usage(res: TurnResult) -> Usage:
         prompt_tokens=res.prompt_tokens,
         completion_tokens=res.completion_tokens,
         total_tokens=res.prompt_tokens + res.completion_tokens,
+        cached_tokens=res.cached_tokens,
     )

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 
-from config.celery import queue_name
+from config.celery import queue_name, worker_queue
 from config.redis_clients import async_client
 from producer.api.config import ApiSettings
 from producer.api.errors import ApiError
@@ -47,7 +47,13 @@ class ChatService:
 
     # -- queues ------------------------------------------------------------------------------------
     def queue_depth(self, model: str) -> int:
-        return int(self.r.llen(queue_name(self.settings, model)))
+        """Turns of `model` waiting on a queue: its shared queue plus the own queues of the workers turns were
+        routed to (`{p}:routed:{model}`). Raises redis.RedisError."""
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.routed(model)))
+        pipe = self.r.pipeline(transaction=False)
+        for q in [queue_name(self.settings, model), *(worker_queue(self.settings, model, n) for n in names)]:
+            pipe.llen(q)
+        return sum(int(n) for n in pipe.execute())
 
     async def aqueue_position(self, queue: str, turn_id: str) -> int:
         return int(await self._aposition(keys=[queue], args=[turn_id]))

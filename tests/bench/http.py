@@ -318,6 +318,9 @@ def run(*, new: int, singles: int, rounds: int, ignore_eos: bool = True) -> dict
             CHAT_SLOTS=str(SLOTS),
             CHAT_THREADS=str(threads),
             CHAT_STREAM_FLUSH_MS=str(flush_ms),
+            # The requests below repeat section 1's prompts, which the prefix cache would serve from memory:
+            # off, so that both sides prefill every prompt and the difference is the serving path alone.
+            CHAT_PREFIX_CACHE="false",
             TQDM_DISABLE="1",
         )
         port = free_port()

@@ -475,6 +475,57 @@ def gpu_md(g: dict[str, Any]) -> list[str]:
     return lines
 
 
+def multiturn_md(m: dict[str, Any]) -> list[str]:
+    """Section 5: per configuration, TTFT by turn index and the prompt tokens reused."""
+    from tests.bench.multiturn import CONFIGS
+
+    w = m.get("workload", {})
+    lines = [
+        f"Issue 14's workload through the whole stack: {w.get('conversations')} conversations × {w.get('turns')} "
+        f"turns (a ~{w.get('system_tokens_target')}-token system prompt shared by all, user messages of "
+        f"~{w.get('user_tokens_target')} tokens, replies capped at {w.get('reply_max_tokens')} tokens, greedy), "
+        "each conversation a client of its own resending its whole history to `/v1/chat/completions` "
+        f"(stateless), streaming; `{m.get('model')}` on the `{m.get('device_preset')}` preset, 8 slots per "
+        "worker, a private redis-server and one API process per configuration. TTFT = request sent → first "
+        "content delta read. Reused = `usage.prompt_tokens_details.cached_tokens`. 3 workers share this "
+        "machine's cores (1 torch thread each).",
+        "",
+    ]
+    rows, labels = [], [c.label for c in CONFIGS if c.label in m]
+    for label in labels:
+        c = m[label]
+        if "error" in c:
+            rows.append([label, c["error"], "", "", "", "", "", ""])
+            continue
+        rows.append([
+            f"{c['workers']} worker(s), cache {'on' if c['prefix_cache'] else 'off'}, routing {c['routing']}",
+            c.get("turns"), _f(c.get("ttft_ms_p50_turn_1")), _f(c.get("ttft_ms_p50_turns_9_12")),
+            _f(c.get("late_over_first"), 2), f"{c.get('prefilled_tokens')} / {c.get('cached_tokens')}",
+            _f(100 * c["reuse"] if c.get("reuse") is not None else None),
+            f"{c.get('conversations_on_one_worker')}/{c.get('conversations')}",
+        ])
+    lines += _table(["configuration", "turns", "TTFT p50 turn 1 ms", "TTFT p50 turns 9-12 ms",
+                     "9-12 ÷ 1 (≤ 1.5×)", "prompt tokens prefilled / reused", "reused %",
+                     "conversations on one worker"], rows)
+    lines += ["", "TTFT p50 / p95 ms by turn:", ""]
+    turns = sorted({int(t) for label in labels for t in m[label].get("ttft_ms_by_turn", {})})
+    rows = []
+    for label in labels:
+        by = m[label].get("ttft_ms_by_turn", {})
+        rows.append([label] + [f"{_f(by[str(t)]['p50'])} / {_f(by[str(t)]['p95'])}" if str(t) in by else "—"
+                               for t in turns])
+    lines += _table(["configuration"] + [str(t) for t in turns], rows)
+    tg = m.get("targets", {})
+    if tg:
+        a, b = tg.get("late_over_first_cache_on", {}), tg.get("reuse_3_workers_cache_aware", {})
+        lines += ["", f"Targets: TTFT p50 turns 9-12 ÷ turn 1 with the cache on ≤ {a.get('target')}×: "
+                  f"{_f(a.get('value'), 2)} {_mark(a.get('met'))} "
+                  f"(cache off: {_f(tg.get('cache_off_late_over_first'), 2)}); "
+                  f"reuse with 3 workers and cache-aware routing ≥ {_f(100 * b.get('target', 0))}%: "
+                  f"{_f(100 * b['value'] if b.get('value') is not None else None)}% {_mark(b.get('met'))}."]
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
@@ -503,6 +554,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("stack", "2. Whole stack on Redis", stack_md),
         ("gpu", "3. GPU", gpu_md),
         ("http", "4. HTTP serving path beside the engine alone", http_md),
+        ("multiturn", "5. Multi-turn conversations: prefix reuse and cache-aware routing", multiturn_md),
     ):
         lines += [f"## {title}", ""]
         if key not in sections:
@@ -622,7 +674,7 @@ def write(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> 
     md = markdown(res)
     if md_path:
         md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(md)
+        md_path.write_text(keep_peers(md, md_path))  # the Peers section is `make bench-peers`'s: kept
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -640,6 +692,202 @@ def merge(base: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
             sec.setdefault("_machine", o.get("machine"))
             out["sections"][name] = sec
     return out
+
+
+# -- peers (`make bench-peers`, tests/bench/peers.py): a marked section of BENCHMARKS.md ----------------
+PEERS_BEGIN = "<!-- peers:begin (written by `make bench-peers`; `make bench` keeps it) -->"
+PEERS_END = "<!-- peers:end -->"
+PEER_LABELS = {
+    "ours": "this project (`cpu` preset: int8 weights, bf16)",
+    "llama_cpp": "llama.cpp (llama-cpp-python, same GGUF)",
+    "vllm_default_threads": "vLLM CPU, bf16, default threads",
+    "vllm_2_threads": "vLLM CPU, bf16, 2 compute threads",
+    "vllm": "vLLM CPU, bf16",
+}
+
+
+def keep_peers(md: str, md_path: Path) -> str:
+    """`md` with the Peers section that `md_path` holds now (if any) put back before the reading notes."""
+    if not md_path.exists():
+        return md
+    old = md_path.read_text()
+    if PEERS_BEGIN not in old or PEERS_END not in old:
+        return md
+    block = old[old.index(PEERS_BEGIN): old.index(PEERS_END) + len(PEERS_END)]
+    return _put_peers(md, block)
+
+
+def _put_peers(md: str, block: str) -> str:
+    """Replace the marked block in `md`, else insert it before '## Reading these numbers' (else append)."""
+    if PEERS_BEGIN in md and PEERS_END in md:
+        return md[: md.index(PEERS_BEGIN)] + block + md[md.index(PEERS_END) + len(PEERS_END):]
+    anchor = "## Reading these numbers"
+    if anchor in md:
+        i = md.index(anchor)
+        return md[:i] + block + "\n\n" + md[i:]
+    return md.rstrip() + "\n\n" + block + "\n"
+
+
+def _ttft(s: dict[str, Any], p95: str = "ttft_ms_p95") -> str:
+    return f"{_f(s.get('ttft_ms_p50'))} / {_f(s.get(p95))}"
+
+
+def peers_engine_md(e: dict[str, Any]) -> list[str]:
+    """Engine-level rows: tok/s and TTFT at 1 stream and 8 together, and this project's ratio to each."""
+    rows = e.get("rows", {})
+    ours = rows.get("ours", {})
+    out = [f"**Engine alone**: {e.get('new_tokens')} new tokens, greedy, end token ignored, the same 8 prompt-id "
+           f"lists ({e.get('prompt_tokens')} tokens) for every system, medians of {e.get('rounds')} rounds "
+           "(tok/s of each round after it). TTFT = submit → first token; at 8 together all 8 are submitted at "
+           "once, so a system that runs them one after another makes the later ones wait.", ""]
+    table = []
+    for key, r in rows.items():
+        if "error" in r:
+            table.append([PEER_LABELS.get(key, key), f"error: {r['error'][:300]}", "", "", "", "", ""])
+            continue
+        s1, s8 = r["1_stream"], r["8_together"]
+        ratio = [_f(ours[k]["tok_s_total"] / r[k]["tok_s_total"], 2) + "×" if "error" not in ours and ours
+                 and key != "ours" else "—" for k in ("1_stream", "8_together")]
+        threads = r.get("threads") or (r.get("env") or {}).get("VLLM_CPU_OMP_THREADS_BIND") or "default"
+        table.append([PEER_LABELS.get(key, key), str(threads),
+                      f"{_f(s1['tok_s_total'])} ({', '.join(_f(x) for x in s1.get('rounds_tok_s', []))})",
+                      _f(s1.get("ttft_ms_p50")),
+                      f"{_f(s8['tok_s_total'])} ({', '.join(_f(x) for x in s8.get('rounds_tok_s', []))})",
+                      _f(s8.get("ttft_ms_p50")), " / ".join(ratio)])
+    out += _table(["system", "threads", "1 stream tok/s (rounds)", "1 stream TTFT ms",
+                   "8 together tok/s (rounds)", "8 together TTFT p50 ms", "this project ÷ it (1 / 8)"], table)
+    notes = []
+    for key, r in rows.items():
+        if "error" in r:
+            continue
+        extra = [f"version {r['version']}" if r.get("version") else "", f"torch {r['torch']}" if r.get("torch") else "",
+                 f"ready in {r.get('load_s')} s", r.get("batching", "")]
+        if r.get("env"):
+            extra.append("env " + " ".join(f"{k}={v}" for k, v in r["env"].items()))
+        notes.append(f"{PEER_LABELS.get(key, key)}: " + "; ".join(x for x in extra if x) + ".")
+    return out + [""] + [" ".join(notes)]
+
+
+def peers_http_md(h: dict[str, Any]) -> list[str]:
+    """HTTP rows: each system's own OpenAI server, 1 client and 8 clients streaming."""
+    out = [f"**OpenAI HTTP path** (streaming `/v1/chat/completions`, greedy, `max_tokens` {h.get('new_tokens')}, "
+           f"end token ignored: `ignore_eos` where the server has it, a -100 logit bias on the end tokens for "
+           f"llama.cpp's): 1 client = {h.get('singles')} requests one after another, 8 clients = "
+           f"{h.get('rounds')} rounds of 8 sent at once. TTFT = request sent → first content delta read.", ""]
+    table = []
+    for key, r in h.get("rows", {}).items():
+        if "error" in r:
+            table.append([PEER_LABELS.get(key, key), f"error: {r['error'][:300]}", "", "", "", ""])
+            continue
+        one, many = r.get("1_client", {}), r.get("8_clients", {})
+        cached = many.get("cached_tokens_mean")
+        prompt = _f(many.get("prompt_tokens_mean")) if many.get("usage_reported", True) else "not reported"
+        table.append([PEER_LABELS.get(key, key), _f(one.get("tok_s_total")), _ttft(one),
+                      _f(many.get("tok_s_total")), _ttft(many),
+                      prompt + (f" ({_f(cached)} cached)" if cached is not None else "")])
+    out += _table(["system", "1 client tok/s", "1 client TTFT p50 / p95 ms", "8 clients tok/s total",
+                   "8 clients TTFT p50 / p95 ms", "prompt tokens (8 clients, mean)"], table)
+    return out
+
+
+def peers_multiturn_md(m: dict[str, Any]) -> list[str]:
+    """Multi-turn rows: TTFT by turn index, late turns over the first, prompt tokens reused."""
+    rows = m.get("rows", {})
+    w = next((r.get("workload") for r in rows.values() if r.get("workload")), {}) or {}
+    out = [f"**Multi-turn** (issue 14's workload, tests/bench/multiturn_workload.py): {w.get('conversations')} "
+           f"conversations × {w.get('turns')} turns, a ~{w.get('system_tokens_target')}-token shared system "
+           f"prompt, ~{w.get('user_tokens_target')}-token user messages, replies capped at "
+           f"{w.get('reply_max_tokens')} tokens (greedy, natural end), every conversation its own client resending "
+           "its whole history (stateless), all conversations at once; driven by tests/bench/multiturn.py's `drive`. "
+           "Reused = `usage.prompt_tokens_details.cached_tokens` where the server reports it.", ""]
+    table, by_turn = [], []
+    for key, r in rows.items():
+        label = PEER_LABELS.get(key, key) + (f" — {r['server']}" if r.get("server") else "")
+        if "error" in r:
+            table.append([label, f"error: {r['error'][:300]}", "", "", "", "", ""])
+            continue
+        reuse = r.get("reuse")
+        table.append([label, _f(r.get("ttft_ms_p50_turn_1")), _f(r.get("ttft_ms_p50_turns_9_12")),
+                      _f(r.get("late_over_first"), 2), _f(r.get("ttft_ms_mean")),
+                      _f(100 * reuse) + "%" if reuse is not None else "not reported", _f(r.get("wall_s"))])
+        t = r.get("ttft_ms_by_turn", {})
+        by_turn.append([label] + [f"{_f(t[k]['p50'], 0)} / {_f(t[k]['p95'], 0)}" if k in t else "—"
+                                  for k in map(str, range(1, 13))])
+    out += _table(["system", "TTFT p50 turn 1 ms", "TTFT p50 turns 9-12 ms", "9-12 ÷ 1", "TTFT mean ms",
+                   "prompt tokens reused", "wall s"], table)
+    if by_turn:
+        out += ["", "TTFT p50 / p95 ms by turn:", ""]
+        out += _table(["system"] + [str(i) for i in range(1, 13)], by_turn)
+    return out
+
+
+PEERS_NOTES = [
+    "How each system runs (`python -m tests.bench.peers --help`; peers built once by tests/bench/peers_env.sh):",
+    "",
+    "- **This project**: engine rows with tests/bench/cpu.py's measuring code (the `Engine` on preset `cpu`, "
+    "its default 2 torch threads) in a subprocess of its own; HTTP rows are tests/bench/http.py's run (a private "
+    "redis-server, one `python -m worker` with 8 slots, the API); its multi-turn row is tests/bench/multiturn.py's "
+    "`1_worker_cache_on` configuration (the prefix cache of issue 14), driven by the same `drive` as the peers.",
+    "- **llama.cpp**: llama-cpp-python 0.3.36 compiled here with `-DGGML_NATIVE=ON` but the AMX kernels off "
+    "(`-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`): on this AMX Xeon the native build's AMX buffer type repacks "
+    "the Q4_1 weights and `llama_decode` then segfaults on the first prompt (in-process and in its server). "
+    "Engine: `Llama(n_ctx=1024, n_threads=2, n_threads_batch=2)`, `Llama.generate` greedy, the context reset "
+    "before every prompt (no prefix reused); no batching, so 8 together runs the prompts one after another. "
+    "Server: `python -m llama_cpp.server --n_threads 2 --n_threads_batch 2 --n_ctx 4096 --logits_all False "
+    "--interrupt_requests False` (its default cuts a running stream off when the next request arrives); it "
+    "serves one request at a time. It has no `ignore_eos` (a -100 logit bias on token ids 0 and 2 instead) and "
+    "sends no usage chunk (a reply that ended by length is counted as `max_tokens` tokens). Multi-turn with "
+    "`--cache True`: its RAM prompt cache reloads the longest cached prefix state; it does not report cached "
+    "tokens.",
+    "- **vLLM CPU**: vllm-cpu 0.32.0 (torch 2.13.0+cpu), bf16, from the GGUF dequantized once into a plain HF "
+    "folder (tests/bench/peers_convert.py), `VLLM_CPU_KVCACHE_SPACE=1` (otherwise it reserves 92% of the NUMA "
+    "node's memory and refuses to start while other processes on this shared machine hold more than 8%). Engine: "
+    "the offline `LLM`, prefix caching off, stepped through `LLM.llm_engine.add_request` / `step` (the loop "
+    "`LLM.generate` runs) so each request's first token is timed; its default CPU binding on 2 CPUs is 1 compute "
+    "thread (one CPU is left to its front end); the 2-thread row binds both "
+    "(`VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0`). Server: "
+    "`python -m vllm.entrypoints.openai.api_server --dtype bfloat16 --max-model-len 4096 --enable-prefix-caching "
+    "--enable-prompt-tokens-details`, default binding, `ignore_eos` on the 1- and 8-client requests. Its first "
+    "start compiles the model (minutes; cached under ~/.cache/vllm for the next).",
+]
+
+
+def peers_md(res: dict[str, Any]) -> str:
+    """The marked Peers section (markers included)."""
+    m, v = res["machine"], res.get("peer_versions", {})
+    lines = [PEERS_BEGIN, "## Peers: this project beside llama.cpp and vLLM CPU (`make bench-peers`)", "",
+             f"Run {m['date_utc']} UTC, commit {(m.get('git_commit') or 'unknown')[:10]}, {m['cpu_model']} "
+             f"({m['usable_cpus']} usable CPUs, {m.get('memory_gb')} GB), load average {m.get('loadavg_start')} → "
+             f"{m.get('loadavg_end')}, {res.get('wall_s')} s. SmolLM2-135M-Instruct everywhere: this project and "
+             f"llama.cpp from the GGUF of preset `smollm2-135m` (Q4_1 layers, Q8_0 head), vLLM from that GGUF "
+             f"dequantized once into a plain HF folder. Versions: torch {m['torch']} / transformers "
+             f"{m['transformers']} (this project), llama-cpp-python {v.get('llama_cpp')}, vllm-cpu {v.get('vllm')}. "
+             "Each system alone in memory, one after another with a pause between. "
+             "Figures in `docs/benchmarks-peers.json`.", ""]
+    if res.get("load_samples"):
+        lines += ["Load average (1 min) before each part: " + ", ".join(
+            f"{label} {load}" for label, load in res["load_samples"]) + ".", ""]
+    if res.get("quick"):
+        lines += ["> **Quick mode (`--quick`)**: smoke-test sizes; not for comparison.", ""]
+    if res.get("note"):
+        lines += [f"> {res['note']}", ""]
+    for key, fn in (("engine", peers_engine_md), ("http", peers_http_md), ("multiturn", peers_multiturn_md)):
+        if key in res:
+            lines += fn(res[key]) + [""]
+    lines += PEERS_NOTES
+    return "\n".join(lines).rstrip() + "\n" + PEERS_END
+
+
+def write_peers(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> str:
+    """Replace (or add) the Peers section of `md_path`, keeping the rest; write the JSON. Returns the section."""
+    block = peers_md(res)
+    if md_path:
+        old = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+        md_path.write_text(_put_peers(old, block).rstrip() + "\n")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    return block
 
 
 if __name__ == "__main__":

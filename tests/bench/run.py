@@ -13,6 +13,10 @@
            from 1 client (one request after another) and 8 clients at once: TTFT p50/p95, tok/s per
            stream and in total, beside section 1's engine-alone figures (preset cpu) with targets. Run
            right after cpu (before queue and gpu), so that the two are measured close together.
+5. multiturn — issue 14's multi-turn workload (16 conversations x 12 turns, stateless /v1 resending
+           the history) through Redis, workers and the API: 1 worker with the prefix cache off and on,
+           3 workers with shared-queue and cache-aware routing; TTFT per turn index, tokens reused.
+           Not in the default set (about half an hour on 2 cores): ask for it with --only.
 
 Prints the Markdown report, writes it to --out and the same figures to --json. Run it on a quiet
 machine: everything is wall-clock time.
@@ -31,7 +35,7 @@ from typing import Any
 from tests.bench import report
 from tests.bench.common import ROOT, log, machine_info
 
-SECTIONS = ("cpu", "http", "queue", "gpu")
+SECTIONS = ("cpu", "http", "queue", "gpu", "multiturn")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke-test sizes: few tokens and turns, CPU baseline skipped (it has no small mode)",
     )
-    ap.add_argument("--only", help="comma-separated sections: cpu, http, queue, gpu (default: all)")
+    ap.add_argument("--only", help="comma-separated sections: cpu, http, queue, gpu, multiturn "
+                    "(default: all but multiturn)")
     ap.add_argument("--out", default="docs/BENCHMARKS.md", help="Markdown report ('' = do not write)")
     ap.add_argument("--json", default="docs/benchmarks.json", help="JSON results ('' = do not write)")
     b = ap.add_mutually_exclusive_group()
@@ -65,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = ap.add_argument_group("http")
     g.add_argument("--http-requests", type=int, help="1 client: requests one after another (default 5; quick 3)")
     g.add_argument("--http-rounds", type=int, help="8 clients: rounds of 8 requests at once (default 3; quick 2)")
+    g = ap.add_argument_group("multiturn")
+    g.add_argument("--mt-conversations", type=int, help="conversations (default 16; quick 4)")
+    g.add_argument("--mt-turns", type=int, help="turns per conversation (default 12; quick 3)")
     g = ap.add_argument_group("queue")
     g.add_argument("--redis-url", help="default $REDIS_URL or redis://127.0.0.1:6379/13 (the db is flushed)")
     g.add_argument(
@@ -113,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    only = [s.strip() for s in a.only.split(",")] if a.only else list(SECTIONS)
+    only = [s.strip() for s in a.only.split(",")] if a.only else [s for s in SECTIONS if s != "multiturn"]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         print(f"--only: unknown section(s) {bad}; expected {', '.join(SECTIONS)}", file=sys.stderr)
@@ -178,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in res["sections"]["http"]:
             # Beside the engine alone of this run (section cpu, when it ran), with the targets.
             res["sections"]["http"]["vs_engine"] = http.vs_engine(res["sections"]["http"], res["sections"].get("cpu"))
+    if "multiturn" in only:
+        from tests.bench import multiturn
+
+        section("multiturn", lambda: multiturn.run(conversations=a.mt_conversations or (4 if q else 16),
+                                                   turns=a.mt_turns or (3 if q else 12)))
     if "queue" in only:
         from config.settings import Settings
         from tests.bench import stack

@@ -34,9 +34,10 @@ from shared.codec import Codec
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
+from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampling import Sampler, sample
 from worker.engine.stopping import StoppingCriteria
-from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Prefill
+from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Copy, Prefill
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Finished:
     prefill_s: float
     decode_s: float
     token_ids: list[int] = field(default_factory=list)  # the reply's ids (end key excluded)
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier sequence (not prefilled)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class _Seq:
     on_text: Callable[[str], None] | None = None
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # ... of which reused from an earlier sequence (prefix_cache.py)
     pos: int = 0  # where the last sampled token will be written
     last: int = 0
     pending: int | None = None  # sampled, text not yet emitted (Engine._emit_pending)
@@ -166,6 +169,12 @@ class Engine:
         self.tokens_generated = 0
         self.finished = 0
         self._sampler = Sampler()  # the decode step's: its row tensors live while the batch does
+        # Prefix reuse (prefix_cache.py), where the backend can copy KV rows; the copies placements planned,
+        # run on the engine thread before the next prefill.
+        self.prefix: PrefixCache | None = None
+        if getattr(backend, "prefix_reuse", False):
+            self.prefix = PrefixCache(backend.slots, getattr(backend, "spare_slots", 0))
+        self._copies: list[Copy] = []
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -282,6 +291,8 @@ class Engine:
                 s.stopping.cancelled = True
                 s.events.put(Failed(reason, abandoned=True))
             self.slots = [None] * len(self.slots)
+            if self.prefix is not None:
+                self.prefix.clear()  # steps may still be writing those rows
             return len(seqs)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -323,10 +334,9 @@ class Engine:
                         self._cv.wait(min(left, 0.002))
                 for i, s in enumerate(self.slots):
                     if s is None and self._waiting:
-                        seq = self._waiting.popleft()
-                        seq.slot = i
-                        self.slots[i] = seq
+                        self._place(self._waiting.popleft(), i)
             try:
+                self._run_copies()
                 self._prefill_some()
                 self._reap()
                 if any(s is not None and s.prefilled == len(s.prompt) for s in self.slots):
@@ -335,6 +345,45 @@ class Engine:
                 log.exception("engine step failed")
                 for s in [s for s in self.slots if s is not None]:
                     self._finish(s, Failed(f"generation failed: {e}"))
+
+    def _place(self, seq: _Seq, slot: int) -> None:
+        """Put a waiting sequence in free decode row `slot` (the caller holds _cv), its prompt's cached prefix
+        copied in by _run_copies before anything is prefilled."""
+        if self.prefix is not None:
+            busy = {i for i, s in enumerate(self.slots) if s is not None}
+            placement = self.prefix.place(seq.prompt, slot, busy)
+            seq.prefilled = seq.cached = placement.cached
+            self._copies += placement.copies
+        seq.slot = slot
+        self.slots[slot] = seq
+
+    def _run_copies(self) -> None:
+        """Run the planned row copies, in order. A copy that fails voids every cached row and sends the
+        sequences that counted on one back to a full prefill."""
+        if not self._copies:
+            return
+        copies, self._copies = self._copies, []
+        try:
+            self.backend.copy_kv(copies)
+        except Exception:
+            log.exception("copying cached KV failed: prefix cache cleared")
+            with self._cv:
+                assert self.prefix is not None
+                self.prefix.clear()
+                for s in self.slots:
+                    if s is not None and s.cached:
+                        s.prefilled = s.cached = 0
+
+    def _leave(self, seq: _Seq, trusted: bool) -> None:
+        """Record what seq's row holds as it leaves it (the caller holds _cv): positions 0..pos-1 of prompt
+        and reply once its prompt is in, else the prefilled part; nothing unless `trusted` (a failed write)."""
+        if self.prefix is None:
+            return
+        if not trusted:
+            self.prefix.drop(seq.slot)
+            return
+        written = seq.pos if seq.prefilled == len(seq.prompt) else seq.prefilled
+        self.prefix.store(seq.slot, (seq.prompt + seq.generated)[:written])
 
     def _prefill_some(self) -> None:
         """Prefill up to PREFILL_BUDGET prompt tokens in one backend call, oldest admissions first:
@@ -360,7 +409,7 @@ class Engine:
     def _prefill(self, batch: list[tuple[_Seq, int]]) -> None:
         now = time.perf_counter()
         for seq, _ in batch:
-            if seq.prefilled == 0:
+            if not seq.t_start:
                 seq.t_start = now
         chunks = [Prefill(s.slot, s.prompt[s.prefilled : s.prefilled + n], s.prefilled) for s, n in batch]
         try:
@@ -377,6 +426,9 @@ class Engine:
             if seq.prefilled == len(seq.prompt):  # else more chunks next iteration; running streams decode in between
                 seq.pos = len(seq.prompt)
                 done.append((row, seq))
+                if self.prefix is not None:  # others may start from this prompt while it runs
+                    with self._cv:
+                        self.prefix.store(seq.slot, list(seq.prompt))
         if not done:
             return
         rows = torch.tensor([row for row, _ in done], device=logits.device)
@@ -475,12 +527,14 @@ class Engine:
             (seq.t_first or now) - (seq.t_start or now),
             now - (seq.t_first or now),
             list(seq.generated),
+            seq.cached,
         )
 
     def _finish(self, seq: _Seq, event: Event) -> None:
         seq.pending = None  # a failed sequence's last text is moot (a result already took it: _result)
         with self._cv:
             if seq.slot >= 0 and self.slots[seq.slot] is seq:
+                self._leave(seq, trusted=not isinstance(event, Failed))
                 self.slots[seq.slot] = None
                 self.finished += 1
             seq.events.put(event)

@@ -58,6 +58,14 @@ def check_prefills(prefills: Sequence[Prefill], slots: int, max_len: int) -> Non
             raise ValueError(f"prompt of {p.start + len(p.ids)} tokens exceeds the sequence length {max_len}")
 
 
+class Copy(NamedTuple):
+    """Copy positions 0..length-1 of every layer's keys and values from KV row `src` to row `dst`."""
+
+    src: int
+    dst: int
+    length: int
+
+
 class Piece(NamedTuple):
     """One chunk of prefill number `index`: ids[offset : offset + real], padded to `size`."""
 
@@ -104,6 +112,8 @@ class Backend(Protocol):
     slots: int  # sequences decoded together (the micro-batch on IPU)
     max_len: int  # positions per slot (the compiled sequence length)
     attached: bool
+    prefix_reuse: bool  # copy_kv works: the engine keeps finished sequences' KV for prompts that extend it
+    spare_slots: int  # KV rows past `slots` that only hold cached prefixes (prefix_reuse only)
 
     def prefill(self, prefills: Sequence[Prefill]) -> torch.Tensor:
         """Write each prefill into its slot (distinct slots), batched where the device allows.
@@ -113,6 +123,10 @@ class Backend(Protocol):
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token for each of the first `len(ids)` slots at `positions`; rows where `active` is
         False are idle (their writes go nowhere). Returns logits (rows, vocab) fp32."""
+        ...
+
+    def copy_kv(self, copies: Sequence[Copy]) -> None:
+        """Run KV row copies in order, before the next forward (only called when prefix_reuse)."""
         ...
 
     def warm_up(self) -> None:

@@ -46,4 +46,6 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
         quantize=device.quantize,
         cuda_graphs=device.cuda_graphs,
         compile_decode=device.compile_decode,
+        prefix_reuse=device.prefix_cache,
+        spare_slots=device.spare_slots,
     )

@@ -8,6 +8,9 @@ repeat and graphs can be reused).
 
 Position `max_len` is a scratch column: padding tokens and idle rows write there, and no mask
 ever lets attention read it.
+
+Rows past the first `slots` are spare: no forward binds them; they only hold cached prefixes that
+`copy` moves in and out of decode rows (worker/engine/prefix_cache.py plans the moves).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import torch
 
 
 class SlotKVCache:
-    """A transformers-compatible KV cache in `dtype` on `device`: per layer, k and v of (slots, kv_heads,
-    max_len + 1, head_dim) once allocate()d, the last column the scratch one."""
+    """A transformers-compatible KV cache in `dtype` on `device`: per layer, k and v of (slots + spare,
+    kv_heads, max_len + 1, head_dim) once allocate()d, the last column the scratch one."""
 
-    def __init__(self, num_layers: int, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_layers: int, slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 spare: int = 0):
         self.num_layers = num_layers
         self.slots = slots
+        self.spare = spare
         self.max_len = max_len
         self.scratch = max_len  # write-only column for padding and idle rows
         self.dtype = dtype
@@ -35,7 +40,7 @@ class SlotKVCache:
 
     def allocate(self, kv_heads: int, head_dim: int) -> None:
         """Preallocate every layer's buffers once (static addresses, as CUDA graphs need)."""
-        shape = (self.slots, kv_heads, self.max_len + 1, head_dim)
+        shape = (self.slots + self.spare, kv_heads, self.max_len + 1, head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
@@ -65,6 +70,15 @@ class SlotKVCache:
             return k[: self._rows, :, : self._kv_len], v[: self._rows, :, : self._kv_len]
         idx = self._row_idx.view(-1)
         return k[:, :, : self._kv_len].index_select(0, idx), v[:, :, : self._kv_len].index_select(0, idx)
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy positions 0..length-1 of row `src` to row `dst` in every layer, in place (the buffers keep
+        their addresses, as captured graphs need). ValueError for rows or a length out of range."""
+        rows = self.slots + self.spare
+        if not (0 <= src < rows and 0 <= dst < rows) or src == dst or not 0 < length <= self.max_len:
+            raise ValueError(f"copy: rows {src}->{dst} of {rows}, length {length} of {self.max_len}")
+        for t in (*self.k, *self.v):
+            t[dst, :, :length].copy_(t[src, :, :length])
 
     # transformers asks these of any cache object in a few code paths.
     def get_seq_length(self, layer_idx: int = 0) -> int:

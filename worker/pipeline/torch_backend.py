@@ -14,7 +14,15 @@ from typing import Any
 
 import torch
 
-from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, cache_keyword, check_prefills, kv_dims, prefill_rounds
+from worker.pipeline.backend import (
+    PREFILL_CHUNKS,
+    Copy,
+    Prefill,
+    cache_keyword,
+    check_prefills,
+    kv_dims,
+    prefill_rounds,
+)
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.quantize import quantize_int8
 
@@ -31,7 +39,9 @@ class TorchBackend:
     """The Backend protocol over a transformers CausalLM on CPU or CUDA, with a SlotKVCache. quantize="int8":
     Int8WeightOnlyLinear (CPU only); cuda_graphs: static decode, on CUDA one captured graph per (row bucket,
     kv bucket); compile_decode: torch.compile that step (needs cuda_graphs); kv_block: the kv-length bucket
-    (256 with cuda_graphs).
+    (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences' KV and copy it between rows
+    (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes (each costs as much
+    memory as a slot).
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -45,8 +55,14 @@ class TorchBackend:
         cuda_graphs: bool = False,
         compile_decode: bool = False,
         kv_block: int = 32,
+        prefix_reuse: bool = True,
+        spare_slots: int = 0,
     ):
+        if spare_slots < 0 or (spare_slots and not prefix_reuse):
+            raise ValueError("spare_slots: at least 0, and only with prefix_reuse")
         self.slots = slots
+        self.prefix_reuse = prefix_reuse
+        self.spare_slots = spare_slots
         self.max_len = max_len
         self.device = torch.device(device)
         if quantize == "int8":
@@ -60,7 +76,8 @@ class TorchBackend:
         self.head = model.get_output_embeddings()
         self.dtype = model.get_input_embeddings().weight.dtype
         self._cache_kw = cache_keyword(self.base.forward)
-        self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device)
+        self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
+                                 spare_slots)
         self.cache.allocate(*kv_dims(model.config))
         self.kv_block = kv_block if not cuda_graphs else 256
         self.attached = True
@@ -140,6 +157,14 @@ class TorchBackend:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
         hidden = self._forward(ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, n)
         return self.head(hidden[:, -1]).float()
+
+    @torch.inference_mode()
+    def copy_kv(self, copies: Sequence[Copy]) -> None:
+        """Run row copies in order (worker/engine/prefix_cache.py plans them). ValueError for a bad row or
+        length; RuntimeError once detached."""
+        self._check()
+        for c in copies:
+            self.cache.copy(c.src, c.dst, c.length)
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _decode_graph(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int, n: int):

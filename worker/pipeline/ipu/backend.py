@@ -45,7 +45,15 @@ import torch
 from torch import nn
 
 from config.presets import DevicePreset
-from worker.pipeline.backend import PREFILL_CHUNKS, Prefill, cache_keyword, check_prefills, kv_dims, prefill_rounds
+from worker.pipeline.backend import (
+    PREFILL_CHUNKS,
+    Copy,
+    Prefill,
+    cache_keyword,
+    check_prefills,
+    kv_dims,
+    prefill_rounds,
+)
 from worker.pipeline.ipu.sizing import IPUPlan, check_hardware, import_poptorch, plan_ipus, stage_starts
 from worker.pipeline.loader import DTYPES
 
@@ -251,6 +259,11 @@ class IPUBackend:
         opts = build_options(poptorch, device, self.plan, self.dtype, weights_fit_on_chip(model, self.plan.stages))
         self.options = opts
         self._cache_rows = torch.arange(self.slots, dtype=INDEX)
+        # Prefix reuse would need a KV row copy on the device: another compiled program (and its IPU
+        # memory) beside the step. Not built yet: every prompt is prefilled whole here.
+        self.prefix_reuse = False
+        self.spare_slots = 0
+        log.info("prefix reuse is off on the IPU backend: every prompt is prefilled whole")
         self._exe = poptorch.inferenceModel(StepModule(model, self.cache, self._cache_kw), opts)
         self._compile()
 
@@ -352,6 +365,10 @@ class IPUBackend:
         if self._exe.isAttachedToDevice():
             self._exe.detachFromDevice()
             log.info("detached from the IPUs")
+
+    def copy_kv(self, copies: Sequence[Copy]) -> None:
+        """Not available here (prefix_reuse is False): NotImplementedError."""
+        raise NotImplementedError("the IPU backend keeps no KV across sequences")
 
     def attach(self) -> None:
         """Take the IPUs again after detach(). poptorch uploads the host's weights and buffers on attach, so
