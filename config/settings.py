@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticUseDefault
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.presets import DevicePreset, ModelPreset, load_presets
@@ -99,11 +100,14 @@ class Settings(BaseSettings):
         """`CHAT_REDIS_PASSWORD=` (blank) is no password, for our clients and Celery's broker alike."""
         return None if isinstance(v, str) and not v else v
 
-    @field_validator("slots", "sequence_length", "threads", "prefix_cache", "prefix_cache_slots", mode="before")
+    @field_validator("slots", "sequence_length", "threads", "prefix_cache", "prefix_cache_slots", "route_max_backlog",
+                     "route_max_wait_s", mode="before")
     @classmethod
     def _blank_is_default(cls, v: object) -> object:
         """`CHAT_THREADS=` (as docker-compose passes an unset `${CPU_THREADS:-}`) means the default."""
-        return None if isinstance(v, str) and not v.strip() else v
+        if isinstance(v, str) and not v.strip():
+            raise PydanticUseDefault()
+        return v
 
     def redis_options(self) -> dict[str, Any]:
         """What config/redis_clients.py's clients take besides the URL: master name and password."""

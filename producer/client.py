@@ -242,7 +242,7 @@ class ChatClient:
         shared = queue_name(self.settings, info.name)
         if not self.routing:
             return None, shared
-        live = [w.name for w in info.workers]
+        live = [w.name for w in info.workers if w.own_queue]  # older workers consume the shared queue only
         preferred = rendezvous(opening_text, live)
         target = last_worker or preferred
         if target is None or target not in live:

@@ -63,7 +63,11 @@ if ARGV[15] == '1' then
   if w ~= '' then
     local exp = redis.call('ZSCORE', KEYS[6], w)
     local own = ARGV[17] .. w
-    if exp and tonumber(exp) > now and redis.call('LLEN', own) < tonumber(ARGV[18]) then
+    -- A key of another type where the own queue or the routed set belongs (not ours to repair here: the
+    -- worker's sweep does) sends the turn to the shared queue, before anything is written.
+    local fit = kind(own) .. ',' .. kind(KEYS[8])
+    if exp and tonumber(exp) > now and (fit == 'list,set' or fit == 'none,set' or fit == 'list,none'
+        or fit == 'none,none') and redis.call('LLEN', own) < tonumber(ARGV[18]) then
       target, chosen = own, w
     end
   end

@@ -47,6 +47,9 @@ class WorkerReport(BaseModel):
     pid: int = 0
     started_at: float = 0.0  # unix time
     at: float = 0.0  # unix time of this report
+    # It consumes its own queue too (cache-aware routing): producers route to it only then, so a producer
+    # upgraded before its workers never routes to a queue an older worker does not consume.
+    own_queue: bool = False
 
 
 def read_card(raw: bytes | str | None, model: str) -> ModelCard | None:

@@ -1,6 +1,8 @@
 """Lua helpers shared by the producer's and the worker's scripts (each script is one atomic step).
 
 now_s()      Redis' clock in seconds: leases, liveness and queue times agree across hosts.
+kind(key)    the key's type ('none', 'list', 'set', ...): a script checks what it is about to write before
+             its first write, so a key someone else filled with another type never leaves it half-done.
 fail_turn()  end a turn as failed with a reason: its user message is taken back out of a conversation
              that still exists, the conversation is freed, the stream ends with an error event, and the
              turn's record, stream and index entries get their lifetimes (nothing is left without one).
@@ -10,6 +12,11 @@ PRELUDE = """
 local function now_s()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function kind(key)
+  local t = redis.call('TYPE', key)
+  if type(t) == 'table' then return t['ok'] end
+  return t
 end
 local function fail_turn(turn, tid, err, a, fin, maxlen, sttl, rttl, running, queued)
   local stream = turn .. ':stream'

@@ -249,3 +249,38 @@ def test_static_decode_shapes_with_spare_rows(tiny):
     finally:
         static.stop()
         off.stop()
+
+
+def test_the_start_log_says_whether_it_is_on_and_what_it_costs(tiny):
+    from worker.runtime import prefix_cache_line
+
+    on = TorchBackend(tiny.model, slots=2, max_len=64, spare_slots=2)
+    size = sum(t.numel() * t.element_size() for t in (*on.cache.k, *on.cache.v))
+    expected = f"prefix cache on: 2 spare row(s) beside the slots, KV cache {size / 2**20:.0f} MiB in all"
+    assert prefix_cache_line(on) == expected
+    off = TorchBackend(tiny.model, slots=2, max_len=64, prefix_reuse=False)
+    assert prefix_cache_line(off) == "prefix cache off"
+    assert sum(t.numel() for t in off.cache.k) * 2 == sum(t.numel() for t in on.cache.k)  # 4 rows, not 2
+
+
+def test_a_failed_copy_leaves_a_decoding_sequence_alone(pair, monkeypatch):
+    """A decodes from a reused row while B's copy fails: only B goes back to a full prefill (a bad-input
+    review found A prefilled again mid-reply, its first tokens repeated)."""
+    off, on = pair
+    rng = random.Random(9)
+    prompt = ids(rng, 40)
+    run(on, prompt)
+    a_prompt, b_prompt = prompt + ids(rng, 5), prompt + ids(rng, 5)
+    a = on.submit(a_prompt, GREEDY, 200)
+    first = a.get(timeout=30)  # A is decoding (its prefix reused from row 0)
+    assert first is not None
+
+    def broken(copies):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(on.backend, "copy_kv", broken)
+    b = run(on, b_prompt, 12)  # needs a copy of row 0's prefix into row 1: it fails
+    *_, a_end = [first, *a]
+    assert isinstance(a_end, Finished) and a_end.cached_tokens == len(prompt)
+    assert a_end.token_ids == run(off, a_prompt, 200).token_ids
+    assert b.cached_tokens == 0 and b.token_ids == run(off, b_prompt, 12).token_ids

@@ -45,10 +45,12 @@ def client(r: redis.Redis, redis_url: str):
     yield c
 
 
-def live(r: redis.Redis, *names: str) -> None:
-    """Workers reporting as a real one does (its report and its liveness entry)."""
+def live(r: redis.Redis, *names: str, own_queue: bool = True) -> None:
+    """Workers reporting as a real one does (its report and its liveness entry); `own_queue=False`: as a
+    worker from before cache-aware routing reports (it consumes the shared queue only)."""
     for n in names:
-        Presence(r, KEYS, WorkerReport(name=n, model=MODEL, sequence_length=256, slots=4)).heartbeat(0)
+        rep = WorkerReport(name=n, model=MODEL, sequence_length=256, slots=4, own_queue=own_queue)
+        Presence(r, KEYS, rep).heartbeat(0)
 
 
 def dead(r: redis.Redis, name: str) -> None:
@@ -446,3 +448,73 @@ def test_three_workers_keep_each_conversation_and_a_killed_workers_turns_finish_
     finally:
         for w in ws.values():
             w.stop()
+
+
+# -- bad input a bad-input review found: older workers, keys of another type, names that are not names ------
+
+
+def test_a_worker_from_before_routing_is_never_the_rendezvous_pick(r, client):
+    """Producers upgraded before their workers: an older worker consumes the shared queue only, so a turn
+    routed to its own queue would wait there for nobody."""
+    live(r, "old", own_queue=False)
+    turns = [client.start_turn(TurnRequest(f"opening {i}", model=MODEL)) for i in range(8)]
+    assert {t.queue for t in turns} == {SHARED} and not r.exists(own("old"))
+    live(r, "new")
+    assert {client.start_turn(TurnRequest(f"opening {i}", model=MODEL)).queue for i in range(4)} == {own("new")}
+
+
+@pytest.mark.parametrize("key", ["own queue", "routed set"])
+def test_a_key_of_another_type_sends_the_turn_to_the_shared_queue_and_stores_it_whole(r, client, key):
+    live(r, "w1")
+    cid = conversation_of(client, "w1")
+    r.set(own("w1") if key == "own queue" else KEYS.routed(MODEL), "not ours")
+    turn = client.send(cid, "hi")
+    assert turn.queue == SHARED and r.lrange(SHARED, 0, -1) == [message(r, turn)]
+    assert [m.text for m in client.store.messages(cid)] == ["hi"]
+
+
+def test_the_sweep_repairs_what_it_cannot_read_and_goes_on_with_the_others(r, client, caplog):
+    live(r, "w1", "w2")
+    turns = [client.send(conversation_of(client, w), "hi") for w in ("w1", "w2")]
+    dead(r, "w1")
+    dead(r, "w2")
+    r.sadd(KEYS.routed(MODEL), b"\xff-not-a-name")
+    r.delete(own("w1"))
+    r.set(own("w1"), "not a list")  # w1's queue replaced by another type: deleted, w2's still handed home
+    moved = OwnQueues(r, tiny_settings(client.settings.redis_url), MODEL).sweep()
+    assert moved == {"w2": Handed(1, True)}
+    assert r.lrange(SHARED, 0, -1) == [message(r, turns[1])] and not r.exists(own("w1"))
+    assert b"\xff-not-a-name" not in r.smembers(KEYS.routed(MODEL))
+    assert "not a list: deleted" in caplog.text and "not a worker name: removed" in caplog.text
+
+
+def test_a_routed_set_of_another_type_is_rebuilt_from_the_own_queues_found(r, client):
+    live(r, "w1")
+    turn = client.send(conversation_of(client, "w1"), "hi")
+    dead(r, "w1")
+    r.delete(KEYS.routed(MODEL))
+    r.set(KEYS.routed(MODEL), "not a set")
+    assert OwnQueues(r, tiny_settings(client.settings.redis_url), MODEL).sweep() == {"w1": Handed(1, True)}
+    assert r.lrange(SHARED, 0, -1) == [message(r, turn)]
+
+
+def test_the_watchdog_survives_a_sweep_that_raises(r, client):
+    """It is every worker's only rescuer of lost turns: an error it did not foresee is logged, not fatal."""
+    from worker.watchdog import Watchdog
+
+    calls = []
+
+    class Broken(OwnQueues):
+        def sweep(self):
+            calls.append(time.monotonic())
+            raise ValueError("unforeseen")
+
+    dog = Watchdog(TurnStore(r, KEYS, worker="w"), lease_s=2, lost_after_s=30,
+                   own_queues=Broken(r, tiny_settings(client.settings.redis_url), MODEL)).start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(calls) >= 3 and dog._thread is not None and dog._thread.is_alive()
+    finally:
+        dog.stop()

@@ -23,6 +23,7 @@ that stopped consuming cannot hold turns either.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import redis
@@ -32,11 +33,19 @@ from config.settings import Settings
 from shared.keys import Keys
 from shared.lua import PRELUDE
 
+log = logging.getLogger(__name__)
+
 HAND_HOME = PRELUDE + """
 -- KEYS: routed set, live zset, the worker's own queue, the shared queue, its kombu binding sets (2), queued zset
 -- ARGV: worker name, force ('1': the worker itself, stopping), turn key prefix, max wait s (0: none)
--- returns {turns moved, 1 if the whole queue was handed home (its worker not live, or force) else 0}
+-- returns {turns moved, 1 if the whole queue was handed home (its worker not live, or force) else 0}, or
+-- {0, -1, type} when the own queue's key held another type: deleted (ours: producers and workers rebuild it)
 local now = now_s()
+local k = kind(KEYS[3])
+if k ~= 'list' and k ~= 'none' then
+  redis.call('DEL', KEYS[3])
+  return {0, -1, k}
+end
 local function follow(items)  -- each moved turn's `queue` field follows its message
   for _, item in ipairs(items) do
     local id = string.match(item, '"correlation_id": "([%w_%-]+)"')
@@ -100,20 +109,62 @@ class OwnQueues:
         itself, stopping); if it is live, only the turns that waited there longer than the max wait.
         Raises redis.RedisError."""
         queue = worker_queue(self.settings, self.model, worker)
-        moved, whole = self._hand_home(
+        moved, whole, *kind = self._hand_home(
             keys=[self.keys.routed(self.model), self.keys.live(self.model), queue, self.shared,
                   *(k.format(queue) for k in BINDING_KEYS), self.keys.queued],
             args=[worker, int(force), self.keys.turn_prefix, self.max_wait_s])
+        if int(whole) < 0:
+            log.error("%s held a %s, not a list: deleted (a worker's own queue is ours to rebuild)", queue,
+                      _text(kind[0]))
+            return Handed(0, False)
         return Handed(int(moved), bool(whole))
 
     def sweep(self) -> dict[str, Handed]:
         """Hand home every routed worker's queue: {worker: what moved} for each worker that is not live
         (`whole`, even with nothing on its queue) and each live one that lost turns waiting too long.
         Raises redis.RedisError."""
+        routed = self.keys.routed(self.model)
+        try:
+            members = self.r.smembers(routed)
+        except redis.ResponseError as e:
+            if "WRONGTYPE" not in str(e):
+                raise
+            members = self._rebuild_routed()
         out = {}
-        for raw in self.r.smembers(self.keys.routed(self.model)):
-            name = raw.decode() if isinstance(raw, bytes) else str(raw)
-            handed = self.hand_home(name)
+        for raw in members:
+            try:
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError:  # no worker is named so: nothing was ever routed to it
+                log.error("%s held %r, not a worker name: removed", routed, raw[:80])
+                self.r.srem(routed, raw)
+                continue
+            try:
+                handed = self.hand_home(name)
+            except redis.ResponseError as e:  # one bad key must not stop the sweep of the others
+                log.error("handing worker %s's own queue home failed: %s", name, e)
+                continue
             if handed.whole or handed.moved:
                 out[name] = handed
         return out
+
+    def _rebuild_routed(self) -> set[bytes]:
+        """The routed set held another type: deleted, and rebuilt from the own queues that exist (SCAN), so
+        no dead worker's queue goes unswept. Returns the names found."""
+        routed = self.keys.routed(self.model)
+        log.error("%s held another type, not a set: deleted and rebuilt from the own queues found", routed)
+        self.r.delete(routed)
+        prefix = worker_queue(self.settings, self.model, "")
+        names = {key[len(prefix.encode()):] for key in self.r.scan_iter(match=_glob_escape(prefix) + "*", _type="list")
+                 if isinstance(key, bytes)}
+        if names:
+            self.r.sadd(routed, *names)
+        return names
+
+
+def _text(v: object) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _glob_escape(s: str) -> str:
+    """`s` matched literally in a Redis MATCH pattern (model names may hold glob characters)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

@@ -144,7 +144,7 @@ class Runtime:
             card = model_card(model.name, loaded.codec, engine.max_len, model.end_keys, files_sha(files))
             report = WorkerReport(name=hostname, model=model.name, sequence_length=engine.max_len,
                                   slots=len(engine.slots), host=socket.gethostname(), pid=os.getpid(),
-                                  started_at=time.time())
+                                  started_at=time.time(), own_queue=True)
             presence = Presence(r, keys, report)
             presence.publish_card(card, files)
             presence.heartbeat(0)
@@ -163,11 +163,15 @@ class Runtime:
             log.info("start failed: released the device")
             raise
         log.info(
-            "pipeline attached in %.1fs; serving %s with %d slots",
+            "pipeline attached in %.1fs; serving %s with %d slots; %s",
             time.perf_counter() - t0,
             model.name,
             len(engine.slots),
+            prefix_cache_line(backend),
         )
+        if not device.prefix_cache and settings.prefix_cache_slots:
+            log.warning("CHAT_PREFIX_CACHE_SLOTS=%d has no effect: the prefix cache is off",
+                        settings.prefix_cache_slots)
         return cls(settings, model, device, loaded, backend, engine, r, keys, turns, publisher, presence, watchdog,
                    hostname)
 
@@ -223,6 +227,17 @@ class Runtime:
             self.counters.handed_back,
             time.perf_counter() - t0,
         )
+
+
+def prefix_cache_line(backend: Backend) -> str:
+    """What the start-up log says about prefix reuse: off, or its spare rows and the KV cache's size."""
+    if not getattr(backend, "prefix_reuse", False):
+        return "prefix cache off"
+    cache = getattr(backend, "cache", None)
+    tensors = [*getattr(cache, "k", []), *getattr(cache, "v", [])]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return (f"prefix cache on: {backend.spare_slots} spare row(s) beside the slots, KV cache {size / 2**20:.0f} MiB "
+            "in all")
 
 
 def usable_cores() -> int:

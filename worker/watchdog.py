@@ -92,3 +92,5 @@ class Watchdog:
             except redis.RedisError as e:
                 log.warning("watchdog: Redis unavailable (%s); waiting a lease after it returns", e)
                 connected_since = time.monotonic() + self.sweep_s
+            except Exception:  # whatever Redis held, the pool's only rescuer of lost turns keeps sweeping
+                log.exception("watchdog: sweep failed; sweeping again in %.1fs", self.sweep_s)

@@ -49,7 +49,7 @@ class ChatService:
     def queue_depth(self, model: str) -> int:
         """Turns of `model` waiting on a queue: its shared queue plus the own queues of the workers turns were
         routed to (`{p}:routed:{model}`). Raises redis.RedisError."""
-        names = sorted(n.decode() for n in self.r.smembers(self.keys.routed(model)))
+        names = sorted(n.decode(errors="replace") for n in self.r.smembers(self.keys.routed(model)))
         pipe = self.r.pipeline(transaction=False)
         for q in [queue_name(self.settings, model), *(worker_queue(self.settings, model, n) for n in names)]:
             pipe.llen(q)

@@ -359,7 +359,8 @@ class Engine:
 
     def _run_copies(self) -> None:
         """Run the planned row copies, in order. A copy that fails voids every cached row and sends the
-        sequences that counted on one back to a full prefill."""
+        sequences whose rows it was filling back to a full prefill. Copies only ever write rows no running
+        sequence uses (placed ones have prefilled nothing yet), so a sequence already decoding is untouched."""
         if not self._copies:
             return
         copies, self._copies = self._copies, []
@@ -367,11 +368,12 @@ class Engine:
             self.backend.copy_kv(copies)
         except Exception:
             log.exception("copying cached KV failed: prefix cache cleared")
+            filled = {c.dst for c in copies}
             with self._cv:
                 assert self.prefix is not None
                 self.prefix.clear()
                 for s in self.slots:
-                    if s is not None and s.cached:
+                    if s is not None and s.slot in filled and s.prefilled == s.cached:
                         s.prefilled = s.cached = 0
 
     def _leave(self, seq: _Seq, trusted: bool) -> None:

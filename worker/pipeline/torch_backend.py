@@ -78,7 +78,12 @@ class TorchBackend:
         self._cache_kw = cache_keyword(self.base.forward)
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
-        self.cache.allocate(*kv_dims(model.config))
+        try:
+            self.cache.allocate(*kv_dims(model.config))
+        except RuntimeError as e:  # torch's out-of-memory errors are RuntimeErrors
+            raise RuntimeError(
+                f"the KV cache ({slots} slots + {spare_slots} prefix-cache rows x {max_len} positions) does not fit: "
+                f"{e}; lower CHAT_PREFIX_CACHE_SLOTS, CHAT_SLOTS or CHAT_SEQUENCE_LENGTH") from None
         self.kv_block = kv_block if not cuda_graphs else 256
         self.attached = True
         # Static decode: a step runs a bucket of rows (row_buckets) from fixed input buffers, one set
