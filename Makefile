@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed-stamp
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT     := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: install system-venv system-test redis chat test test-fast lint bench gpu-bench-prep worker api clean
+.PHONY: install system-venv system-test redis chat test test-fast lint bench bench-peers gpu-bench-prep worker api clean
 
 system-venv:  ## python3-venv (Debian's python3 lacks ensurepip without it)
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3-venv python3-dev gcc; }
@@ -46,6 +46,10 @@ lint: install
 
 bench: install  ## CPU + queue benchmarks -> docs/BENCHMARKS.md and docs/benchmarks.json
 	$(VPY) -m tests.bench.run $(ARGS)
+
+bench-peers: install  ## this project beside llama.cpp and vLLM CPU (built once under ~/.cache/chat-bench-peers) -> docs/BENCHMARKS.md's Peers section
+	-PY=$(PY) VPY=$(VPY) bash tests/bench/peers_env.sh  # a peer that cannot be built is reported by the run
+	$(VPY) -m tests.bench.peers $(ARGS)
 
 worker: install  ## a worker on $$CHAT_REDIS_URL (see README)
 	$(VPY) -m worker $(ARGS)

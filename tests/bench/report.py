@@ -852,6 +852,35 @@ PEERS_NOTES = [
 ]
 
 
+PEERS_READING = [
+    "",
+    "Reading the peers (2026-11-30, this Intel Xeon VM with AMX, quiet apart from the pytest runs of another "
+    "session at the time, every benchmark process at `nice -n 19`; the figures above):",
+    "",
+    "- **Engine, 1 stream**: llama.cpp 73.5 tok/s against this project's 27.2 (0.37×; issue 15's target is "
+    "≥ 1.0×) and vLLM's 25.1 / 30.0 (1 / 2 threads). All three are slower here than on the AMD EPYC of "
+    "shared/REFERENCE.md §6 (122.7 / 70.7 / 61.9): the `cpu` preset's `int8pack_mm` is slow on this CPU (\"The machine "
+    "changed under the same name\" under *Reading these numbers*), and llama.cpp runs without its AMX kernels "
+    "(they crash: see above).",
+    "- **Engine, 8 together**: vLLM with 2 compute threads 222.4 tok/s, with its default 1 thread 171.6, this "
+    "project 111.6 (0.50× vLLM-2-threads; issue 15's target is ≥ 1.3×), llama.cpp 74.9 (one prompt after another: "
+    "its TTFT p50 6.3 s).",
+    "- **HTTP**: at 1 client the three are close (30.1 / 32.2 / 22.4 tok/s; TTFT 122 / 106 / 114 ms); "
+    "llama.cpp's server loses more than half its engine speed (32.2 vs 73.5 tok/s) to its per-token Python path, "
+    "the logit-bias processor included. At 8 clients vLLM 143.9 tok/s (TTFT p50 255 ms), this project 131.6 "
+    "(266 ms), llama.cpp 48.0 (12.8 s: it serves one request at a time).",
+    "- **Multi-turn** (16 users at once): vLLM's TTFT stays flat and low (p50 1.2 s at turn 1, 0.74 s at turns "
+    "9-12, 85.5% of prompt tokens reused). This project with 1 worker and the prefix cache on reuses 60.0% and "
+    "keeps turns 9-12 within 1.14× of turn 1, but every TTFT is ~9-11 s: its 8 slots serve 8 of the 16 "
+    "conversations while the other 8 wait for a slot (vLLM runs all 16 in one batch), so the figure is queueing, "
+    "not prefill. llama.cpp's single-request server gives 13-59 s.",
+    "- **A busy machine breaks these figures**: the same run an hour earlier, while another session's tests held "
+    "the cores at normal priority, gave llama.cpp 6.5 tok/s (rounds 6.5, 47.3, 5.1) and this project 18.4 "
+    "(19.4, 2.2, 18.4) at 1 stream, while vLLM's rounds barely moved (19.6-21.6): 2 OpenMP threads that spin at "
+    "their barriers lose most when one of them is descheduled. Compare only runs whose load line above is low.",
+]
+
+
 def peers_md(res: dict[str, Any]) -> str:
     """The marked Peers section (markers included)."""
     m, v = res["machine"], res.get("peer_versions", {})
@@ -874,7 +903,7 @@ def peers_md(res: dict[str, Any]) -> str:
     for key, fn in (("engine", peers_engine_md), ("http", peers_http_md), ("multiturn", peers_multiturn_md)):
         if key in res:
             lines += fn(res[key]) + [""]
-    lines += PEERS_NOTES
+    lines += PEERS_NOTES + PEERS_READING
     return "\n".join(lines).rstrip() + "\n" + PEERS_END
 
 
