@@ -81,7 +81,8 @@ def test_a_turn_routed_to_a_worker_is_announced_on_that_workers_own_queue(r, red
     from worker.presence import Presence
 
     keys = Keys("chat")
-    Presence(r, keys, WorkerReport(name="celery@x", model="tiny-neox", sequence_length=256, slots=4)).heartbeat(0)
+    rep = WorkerReport(name="celery@x", model="tiny-neox", sequence_length=256, slots=4, own_queue=True)
+    Presence(r, keys, rep).heartbeat(0)
     client = ChatClient(tiny_settings(redis_url))
     cid = client.create_conversation("tiny-neox")
     r.hset(keys.conv(cid), "worker", "celery@x")  # it answered the last turn
