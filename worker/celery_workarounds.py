@@ -130,7 +130,10 @@ class _Guards:
     def _connparams(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(self.connection, "client", None) is None:  # type: ignore[attr-defined]
             raise redis_py.ConnectionError("broker connection already closed")
-        return super()._connparams(*args, **kwargs)  # type: ignore[misc]
+        try:
+            return super()._connparams(*args, **kwargs)  # type: ignore[misc]
+        except AttributeError as e:  # closed under us (a consumer restart after a failover): a connection error,
+            raise redis_py.ConnectionError(f"broker connection already closed ({e})") from None  # which kombu retries
 
 
 class GuardedChannel(_Guards, kombu_redis.Channel):
