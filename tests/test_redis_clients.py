@@ -215,3 +215,30 @@ def test_clients_made_before_a_failover_follow_it() -> None:
         r.close()
     finally:
         cluster.close()
+
+
+def test_the_workers_broker_connection_keeps_its_guarded_transport_across_a_failover() -> None:
+    """kombu's Connection switches to the next URL of the list on each failed connect and takes the transport
+    from that URL's scheme: the worker's consumer had come back on kombu's plain Sentinel transport, without
+    the guards (its next failover ended the worker). The failover strategy keeps the guarded one."""
+    from worker.app import make_worker_app
+    from worker.celery_workarounds import GuardedSentinelChannel
+
+    cluster = SentinelCluster()
+    try:
+        app = make_worker_app(load_settings(redis_url=cluster.url))
+        conn = app.connection_for_read()
+        conn.ensure_connection(max_retries=3)
+        assert isinstance(conn.default_channel, GuardedSentinelChannel)
+        old = cluster.kill_primary()
+        new = cluster.wait_promoted(old)
+        for _ in range(4):  # every entry of the list, and round again
+            conn.maybe_switch_next()
+            assert conn.transport_cls == "chat-sentinel"
+        conn.ensure_connection(max_retries=20, interval_start=0.2, interval_step=0.2)
+        channel = conn.default_channel
+        assert isinstance(channel, GuardedSentinelChannel)
+        assert channel.client.info("server")["tcp_port"] == new  # every sentinel of the list still asked
+        conn.release()
+    finally:
+        cluster.close()

@@ -15,9 +15,10 @@ from worker.tasks import register_tasks
 def make_worker_app(settings: Settings) -> Celery:
     """The app with its RuntimeHolder (`app.chat_runtime`), also handed to the broker transport (its
     channels screen deliveries against the attached pipeline: worker/celery_workarounds.py)."""
-    from worker.celery_workarounds import HOLDER_OPTION  # registers the chat-redis and chat-sentinel transports
+    from worker.celery_workarounds import HOLDER_OPTION, keep_transport  # registers chat-redis and chat-sentinel
 
     app = make_celery(settings, name="chat-worker", worker=True)
+    app.conf.broker_failover_strategy = keep_transport(app.conf.broker_transport)  # a reconnect keeps it
     app.chat_runtime = RuntimeHolder()  # type: ignore[attr-defined]
     app.conf.broker_transport_options = {**app.conf.broker_transport_options, HOLDER_OPTION: app.chat_runtime}
     register_tasks(app)

@@ -25,6 +25,15 @@ GuardedTransport, GuardedSentinelTransport (kombu's Redis and Sentinel transport
       'hostname'; kombu issues 582, 970), which Celery does not tolerate there: the worker exits.
       Raised as the connection error it is, the close goes on and the consumer reconnects.
 
+keep_transport (the worker app's broker_failover_strategy)
+    A sentinel:// URL list is kombu's failover list too: on each failed connect kombu's Connection switches to
+    the next entry, and `Connection.switch` takes the transport from that entry's scheme, so the consumer that
+    reconnected after a failover ran kombu's plain Sentinel transport, none of the guards above: its close
+    after the next failover died on the AttributeError (seen in test_failover under load on a slow machine:
+    every worker exited and the queued turns waited for none). The strategy hands kombu the same entries with
+    our transport's alias as their scheme. The sentinel transport still asks every sentinel in the list (it
+    reads them from the list itself), so nothing is lost by staying on one transport.
+
 GuardedConsumer (Celery's consumer, four handlers)
     Celery logs and drops a message it cannot route (unknown task, invalid headers, undecodable or
     disallowed content): its turn then waits forever. The screen above refuses all of those first;
@@ -46,7 +55,9 @@ in worker/tasks.py (acks_late + reject_on_worker_lost: see docs/GUARANTEES.md).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis as redis_py
@@ -163,6 +174,18 @@ class GuardedSentinelTransport(kombu_redis.SentinelTransport):
 # The worker's broker_transport (config/celery.py picks one by the URL's scheme).
 TRANSPORT_ALIASES.setdefault("chat-redis", f"{__name__}:GuardedTransport")
 TRANSPORT_ALIASES.setdefault("chat-sentinel", f"{__name__}:GuardedSentinelTransport")
+
+
+def keep_transport(transport: str) -> Callable[[Sequence[str]], Iterator[str]]:
+    """A kombu failover strategy (Celery's `broker_failover_strategy`) that cycles through the broker URL
+    list round-robin, as kombu's default does, with every entry's scheme replaced by `transport` (a
+    TRANSPORT_ALIASES name such as "chat-sentinel"), so a reconnect keeps the worker's guarded transport
+    (see the module's doc). Entries without a scheme pass unchanged (kombu then keeps the first transport)."""
+
+    def strategy(alternates: Sequence[str]) -> Iterator[str]:
+        return itertools.cycle([transport + u[u.index("://"):] if "://" in u else u for u in alternates])
+
+    return strategy
 
 
 class GuardedConsumer(Consumer):
