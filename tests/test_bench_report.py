@@ -106,3 +106,55 @@ def test_the_multiturn_section_summarizes_turns_and_renders_every_configuration(
     assert "3 worker(s), cache on, routing cache_aware" in md and "2/3" in md
     target_line = next(ln for ln in md.splitlines() if ln.startswith("Targets: TTFT p50 turns 9-12"))
     assert f"{100 * s['reuse']:.1f}%" in target_line and "❌" in target_line
+
+
+def _sse(*events: str) -> bytes:
+    return "".join(f"{e}\n\n" for e in events).encode()
+
+
+def test_the_benches_one_stream_reader_times_and_checks_every_kind_of_stream():
+    """tests/bench/http.py's stream_chat, which the HTTP, peers and multi-turn benches all read with: pings
+    skipped, deltas joined and timed, usage read (with cached tokens), and what each server may leave out
+    treated as the caller asked (our API must send [DONE] and usage; a peer without usage that ended by
+    length counts max_tokens)."""
+    import json as _json
+
+    import httpx
+
+    from tests.bench.http import Req, stream_chat
+
+    def chunk(content: str | None = None, finish: str | None = None, usage: dict | None = None) -> str:
+        c: dict = {"id": "chatcmpl-" + "b" * 32, "choices": [] if usage else [
+            {"delta": {"content": content} if content else {}, "finish_reason": finish}]}
+        if usage:
+            c["usage"] = usage
+        return "data: " + _json.dumps(c)
+
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 5}}
+    bodies = {
+        "full": _sse(": ping", chunk("He"), chunk("llo"), chunk(finish="length"), chunk(usage=usage), "data: [DONE]"),
+        "no_usage": _sse(chunk("Hi"), chunk(finish="length"), "data: [DONE]"),
+        "cut": _sse(chunk("Hi")),
+        "error": _sse(chunk("Hi"), 'data: {"error": {"message": "worker lost"}}'),
+    }
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        kind = _json.loads(request.content)["kind"]
+        if kind == "refused":
+            return httpx.Response(503, json={"error": {"message": "no live worker"}})
+        return httpx.Response(200, content=bodies[kind], headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(serve)) as client:
+        def read(kind: str, **kw: bool) -> Req:
+            return stream_chat(client, "http://x", {"kind": kind, "max_tokens": 7}, Req(kind), **kw)
+
+        full = read("full")
+        assert full.error is None and full.text == "Hello" and full.chars == 5 and full.turn_id == "b" * 32
+        assert (full.prompt_tokens, full.completion_tokens, full.cached_tokens) == (9, 2, 5)
+        assert full.sent <= full.first <= full.end and full.finish_reason == "length"
+        assert "stream ended early" in read("no_usage").error  # our API always sends usage
+        peer = read("no_usage", usage_required=False)
+        assert peer.error is None and peer.completion_tokens == 7 and not peer.usage_reported
+        assert "stream ended early" in read("cut", usage_required=False).error
+        assert "worker lost" in read("error").error
+        assert "HTTP 503" in read("refused").error

@@ -284,3 +284,28 @@ def test_a_failed_copy_leaves_a_decoding_sequence_alone(pair, monkeypatch):
     assert isinstance(a_end, Finished) and a_end.cached_tokens == len(prompt)
     assert a_end.token_ids == run(off, a_prompt, 200).token_ids
     assert b.cached_tokens == 0 and b.token_ids == run(off, b_prompt, 12).token_ids
+
+
+def test_an_entry_copied_whole_into_a_decode_row_frees_its_row():
+    pc = PrefixCache(slots=1, spare=1)
+    pc.store(1, [1, 2, 3])  # a conversation's last turn, moved to the spare row
+    assert pc.place([1, 2, 3, 4, 5], slot=0, busy=set()) == (3, [Copy(1, 0, 3)])
+    assert pc.cached(1) == [] and pc.cached(0) == [1, 2, 3]  # the row keeps it even if nothing more is written
+
+
+def test_as_many_conversations_as_rows_all_keep_their_history():
+    """Conversations taking turns through fewer decode rows than there are of them: with a row per
+    conversation and one more (a turn swaps its entry into its decode row with the one there, through a
+    free row), every turn after the first reuses its whole history (duplicates left behind by copies had
+    crowded out other conversations' entries)."""
+    slots, spare = 2, 3
+    pc = PrefixCache(slots, spare)
+    histories = [[100 * c] for c in range(slots + spare - 1)]
+    for turn in range(5):
+        for c, hist in enumerate(histories):
+            slot = c % slots
+            prompt = [*hist, 100 * c + 1 + turn]
+            placement = pc.place(prompt, slot, busy=set())
+            assert placement.cached == (len(hist) if turn else 0), (turn, c)
+            hist[:] = [*prompt, 7, 7]  # the reply written
+            pc.store(slot, list(hist))

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -53,11 +53,22 @@ class Req:
     completion_tokens: int | None = None
     prompt_tokens: int | None = None
     finish_reason: str | None = None
-    chars: int = 0
     error: str | None = None
     sent_wall: float = 0.0  # time.time() at `sent`: the turn record's and the stream's clock
     turn_id: str | None = None  # from the chunks' id (chatcmpl-<turn id>)
     stages: dict[str, float] | None = None  # where the TTFT went (ms), from the turn's record: see stage_times
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
+    usage_reported: bool = False  # a usage chunk was read
+    done: bool = False  # `data: [DONE]` was read
+    parts: list[str] = field(default_factory=list)  # the content deltas, in order
+
+    @property
+    def chars(self) -> int:
+        return sum(map(len, self.parts))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     @property
     def ttft(self) -> float | None:
@@ -88,54 +99,61 @@ def body(question: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
     }
 
 
-def stream_one(
-    client: Any, base_url: str, question: str, max_tokens: int, ignore_eos: bool,
-    start: threading.Barrier | None = None,
-) -> Req:
-    """One streaming request; its SSE `data:` lines parsed as they arrive. Errors are kept in the Req."""
-    req = Req(question)
-    payload = json.dumps(body(question, max_tokens, ignore_eos)).encode()
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+def stream_chat(client: Any, base_url: str, payload: dict[str, Any], req: Req,
+                start: threading.Barrier | None = None, *, usage_required: bool = True) -> Req:
+    """The benches' one reader of a streaming `/v1/chat/completions` request (this API, vLLM's, llama.cpp's):
+    sends `payload` (after `start`, when given, so a group of requests leaves together) and fills `req` as the
+    SSE `data:` lines arrive (times from time.perf_counter, s). A stream must end with a finish reason; with
+    `usage_required` also with `[DONE]` and the usage chunk (this API always sends it), else a reply without
+    usage that ended by length is counted as `max_tokens` tokens (llama.cpp's server sends none). Errors (a
+    non-200 answer, an error event, a stream cut short) are kept in `req.error`, for the caller to report."""
     if start is not None:
         start.wait()
     req.sent, req.sent_wall = time.perf_counter(), time.time()
     try:
-        with client.stream("POST", f"{base_url}/v1/chat/completions", content=payload, headers=headers) as resp:
+        with client.stream("POST", f"{base_url}/v1/chat/completions", json=payload) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
-            done = False
             for line in resp.iter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, `: ping` comments
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    done = True
+                    req.done = True
                     break
                 chunk = json.loads(data)
-                if req.turn_id is None and str(chunk.get("id", "")).startswith("chatcmpl-"):
-                    req.turn_id = chunk["id"].removeprefix("chatcmpl-")
                 if "error" in chunk:
                     raise RuntimeError(f"error event: {chunk['error']}")
+                if req.turn_id is None and str(chunk.get("id", "")).startswith("chatcmpl-"):
+                    req.turn_id = chunk["id"].removeprefix("chatcmpl-")
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content")
                     if text:
-                        if req.first is None:
-                            req.first = time.perf_counter()
-                        req.chars += len(text)
+                        req.first = req.first or time.perf_counter()
+                        req.parts.append(text)
                     if choice.get("finish_reason"):
-                        req.end = time.perf_counter()
-                        req.finish_reason = choice["finish_reason"]
-                if chunk.get("usage"):
-                    req.completion_tokens = chunk["usage"]["completion_tokens"]
-                    req.prompt_tokens = chunk["usage"]["prompt_tokens"]
-            if not done or req.end is None or req.completion_tokens is None:
-                raise RuntimeError(
-                    f"stream ended early (done {done}, finish {req.finish_reason}, usage {req.completion_tokens})"
-                )
+                        req.end, req.finish_reason = time.perf_counter(), choice["finish_reason"]
+                if usage := chunk.get("usage"):
+                    req.completion_tokens, req.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+                    req.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                    req.usage_reported = True
+        if req.end is None or (usage_required and not (req.done and req.usage_reported)):
+            raise RuntimeError(f"stream ended early (done {req.done}, finish {req.finish_reason}, "
+                               f"usage {req.completion_tokens})")
+        if req.completion_tokens is None and req.finish_reason == "length":
+            req.completion_tokens = payload["max_tokens"]
     except Exception as e:  # reported by the caller, with the others
         req.error = f"{type(e).__name__}: {e}"
     return req
+
+
+def stream_one(
+    client: Any, base_url: str, question: str, max_tokens: int, ignore_eos: bool,
+    start: threading.Barrier | None = None,
+) -> Req:
+    """One streaming request of this section (see the module's doc), read by stream_chat."""
+    return stream_chat(client, base_url, body(question, max_tokens, ignore_eos), Req(question), start)
 
 
 def concurrent(client: Any, base_url: str, questions: list[str], max_tokens: int, ignore_eos: bool) -> list[Req]:

@@ -73,35 +73,17 @@ class Turn:
 
 
 def chat_turn(client: Any, base_url: str, messages: list[dict[str, str]], turn: Turn) -> None:
-    """One streaming stateless request; fills `turn` (errors are kept in it, for the caller to report)."""
+    """One streaming stateless request, read by tests/bench/http.py's stream_chat; fills `turn` (errors are
+    kept in it, for the caller to report)."""
+    from tests.bench.http import Req, stream_chat
+
     body = {"model": MODEL, "messages": messages, "stream": True, "stream_options": {"include_usage": True},
             "temperature": 0.0, "max_tokens": REPLY_MAX_TOKENS}
-    sent = time.perf_counter()
-    parts: list[str] = []
-    try:
-        with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
-            for line in resp.iter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise RuntimeError(f"error event: {chunk['error']}")
-                turn.turn_id = turn.turn_id or str(chunk.get("id", "")).removeprefix("chatcmpl-") or None
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        if turn.ttft_ms is None:
-                            turn.ttft_ms = (time.perf_counter() - sent) * 1e3
-                        parts.append(text)
-                if chunk.get("usage"):
-                    turn.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    turn.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    except Exception as e:
-        turn.error = f"{type(e).__name__}: {e}"
-    turn.reply = "".join(parts)
+    req = stream_chat(client, base_url, body, Req(f"conversation {turn.conversation} turn {turn.index}"),
+                      usage_required=False)
+    turn.ttft_ms = None if req.ttft is None else req.ttft * 1e3
+    turn.prompt_tokens, turn.cached_tokens = req.prompt_tokens or 0, req.cached_tokens or 0
+    turn.turn_id, turn.reply, turn.error = req.turn_id, req.text, req.error
 
 
 def drive(base_url: str, conversations: list[Conversation]) -> list[Turn]:

@@ -305,46 +305,11 @@ def vllm_server(port: int, log_path: Path) -> PeerServer:
 # -- HTTP: 1 and 8 clients -----------------------------------------------------------------------------------
 def stream_chat(client: Any, base_url: str, payload: dict[str, Any], question: str,
                 start: threading.Barrier | None = None) -> Any:
-    """One streaming request as tests/bench/http.py times it (an http.Req), for servers that may omit the
-    usage chunk: then a reply that ended by length is counted as max_tokens tokens."""
-    from tests.bench.http import Req
+    """One streaming request as tests/bench/http.py times it (an http.Req, read by its stream_chat), for
+    servers that may omit the usage chunk: then a reply that ended by length is counted as max_tokens tokens."""
+    from tests.bench import http
 
-    req = Req(question)
-    req.cached_tokens = None  # type: ignore[attr-defined]
-    req.usage_reported = False  # type: ignore[attr-defined]
-    if start is not None:
-        start.wait()
-    req.sent, req.sent_wall = time.perf_counter(), time.time()
-    try:
-        with client.stream("POST", f"{base_url}/v1/chat/completions", json=payload) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:500]}")
-            for line in resp.iter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    raise RuntimeError(f"error event: {chunk['error']}")
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        req.first = req.first or time.perf_counter()
-                        req.chars += len(text)
-                    if choice.get("finish_reason"):
-                        req.end, req.finish_reason = time.perf_counter(), choice["finish_reason"]
-                if chunk.get("usage"):
-                    u = chunk["usage"]
-                    req.completion_tokens, req.prompt_tokens = u["completion_tokens"], u["prompt_tokens"]
-                    req.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
-                    req.usage_reported = True
-        if req.end is None:
-            raise RuntimeError("stream ended without a finish reason")
-        if req.completion_tokens is None and req.finish_reason == "length":
-            req.completion_tokens = payload["max_tokens"]
-    except Exception as e:  # reported by the caller, with the others
-        req.error = f"{type(e).__name__}: {e}"
-    return req
+    return http.stream_chat(client, base_url, payload, http.Req(question), start, usage_required=False)
 
 
 def http_groups(base_url: str, extra: dict[str, Any], new: int, singles: int, rounds: int,

@@ -428,11 +428,12 @@ class Engine:
             if seq.prefilled == len(seq.prompt):  # else more chunks next iteration; running streams decode in between
                 seq.pos = len(seq.prompt)
                 done.append((row, seq))
-                if self.prefix is not None:  # others may start from this prompt while it runs
-                    with self._cv:
-                        self.prefix.store(seq.slot, list(seq.prompt))
         if not done:
             return
+        if self.prefix is not None:  # others may start from these prompts while they run
+            with self._cv:
+                for _, seq in done:
+                    self.prefix.store(seq.slot, list(seq.prompt))
         rows = torch.tensor([row for row, _ in done], device=logits.device)
         seqs = [seq for _, seq in done]
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]

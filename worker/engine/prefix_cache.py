@@ -94,7 +94,12 @@ class PrefixCache:
             copies += self._demote(slot, avoid={best, *busy})
         if best_n and best != slot:
             copies.append(Copy(best, slot, best_n))
-        if best_n:
+        if best_n and best != slot and best not in busy and best_n == len(self._rows[best].tokens):
+            # All of it goes into `slot`, which keeps it even if the sequence ends before writing more: the
+            # copy left behind is a duplicate that would crowd out another conversation's entry (LRU), so the
+            # row is freed (a conversation's turns otherwise leave a trail of their older prefixes).
+            self._rows[best] = _Entry()
+        elif best_n:
             self._rows[best].used = next(self._clock)
         # The row holds the reused prefix from now on; the sequence's own tokens are recorded when it leaves.
         self._rows[slot] = _Entry(list(prompt[:best_n]), next(self._clock))
