@@ -265,6 +265,9 @@ def test_idle_workers_serve_the_next_turn_after_a_failover(pool: Pool) -> None:
     for c in cids:
         client.ask(c, "before", sampling, timeout=60)
     old = pool.cluster.primary_port()
+    r = pool.primary()
+    dead_before = r.llen("chat:dead")  # the streams test's failover may have left some: writes it lost
+    r.close()
     pool.failover()
     new = pool.cluster.wait_promoted(old)
     for c in cids:  # each conversation's next turn, on the promoted replica, by workers never restarted
@@ -276,6 +279,6 @@ def test_idle_workers_serve_the_next_turn_after_a_failover(pool: Pool) -> None:
         res = client.wait(task.turn_id, timeout=60)
         assert res.completion_tokens > 0 and assistant_turns(client, c) == [assistant_turns(client, c)[0], res.turn_id]
     r = redis.Redis(port=new, decode_responses=True)
-    assert r.info("replication")["role"] == "master" and r.llen("chat:dead") == 0
+    assert r.info("replication")["role"] == "master" and r.llen("chat:dead") == dead_before  # none from this one
     r.close()
     pool.alive()
