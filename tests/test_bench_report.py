@@ -158,3 +158,29 @@ def test_the_benches_one_stream_reader_times_and_checks_every_kind_of_stream():
         assert "stream ended early" in read("cut", usage_required=False).error
         assert "worker lost" in read("error").error
         assert "HTTP 503" in read("refused").error
+
+
+def test_the_benches_wait_for_a_server_until_it_answers_exits_or_times_out():
+    """tests/bench/common.py's wait_http_ok, which the HTTP bench's API and the peers' servers start with."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from producer.embedded import free_port
+    from tests.bench.common import wait_http_ok
+
+    gone = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    gone.wait(10)
+    with pytest.raises(RuntimeError, match="exited with 3: ...LOG"):
+        wait_http_ok(gone, "http://127.0.0.1:9/", 5, "gone", lambda: "LOG")
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http_ok(srv, f"http://127.0.0.1:{port}/", 20, "srv", lambda: "")  # returns once it answers 200
+        with pytest.raises(TimeoutError, match="not ready in 0.5 s"):
+            wait_http_ok(srv, f"http://127.0.0.1:{port}/no-such-page", 0.5, "srv", lambda: "")
+    finally:
+        srv.kill()
+        srv.wait(10)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -280,3 +281,22 @@ def measure(engine: Any, backend: TimedBackend, prompts, max_new, params, offset
     if offsets is not None:
         out["arrival_offsets_s"] = [round(o, 3) for o in offsets]
     return out
+
+
+def wait_http_ok(proc: subprocess.Popen, url: str, timeout: float, what: str, tail: Callable[[], str],
+                 every_s: float = 0.2) -> None:
+    """Poll GET `url` until it answers 200. Raises RuntimeError when `proc` exits first, TimeoutError after
+    `timeout` s; both end with `tail()` (the process's log)."""
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: ...{tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(every_s)
+    raise TimeoutError(f"{what} not ready in {timeout} s: ...{tail()}")

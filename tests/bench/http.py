@@ -32,7 +32,7 @@ from statistics import median
 from typing import Any
 
 from producer.embedded import free_port
-from tests.bench.common import ROOT, log, pct, rnd
+from tests.bench.common import ROOT, log, pct, rnd, wait_http_ok
 from tests.bench.cpu import MODEL, QUESTIONS
 
 DEVICE = "cpu"  # the preset section 1 compares against the baseline first (int8)
@@ -259,19 +259,7 @@ class ApiProcess:
         )
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        import httpx
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"API exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"API not healthy in {timeout}s:\n{self.log()[-3000:]}")
+        wait_http_ok(self.proc, f"{self.url}/healthz", timeout, "API", lambda: self.log()[-3000:], every_s=0.1)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

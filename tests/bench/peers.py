@@ -46,7 +46,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import ROOT, log, machine_info
+from tests.bench.common import ROOT, log, machine_info, wait_http_ok
 
 MODEL = "smollm2-135m"  # the name every server is asked for (peers serve it under this alias)
 CACHE = Path(os.environ.get("BENCH_PEERS_DIR") or "~/.cache/chat-bench-peers").expanduser()
@@ -253,19 +253,8 @@ class PeerServer:
 
     def wait_ready(self, timeout: float) -> float:
         """Seconds from start to ready; raises with the log's tail when it exits or times out."""
-        import httpx
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: ...{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return round(time.perf_counter() - self.t0, 1)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not ready in {timeout} s: ...{self.tail()}")
+        wait_http_ok(self.proc, f"{self.url}/v1/models", timeout, self.name, self.tail, every_s=0.5)
+        return round(time.perf_counter() - self.t0, 1)
 
     def tail(self, n: int = 2000) -> str:
         """The end of the server's log."""
