@@ -1,6 +1,8 @@
 """tests/bench/report.py: merging a lent GPU machine's results into this machine's report."""
 
+import json
 import re
+from pathlib import Path
 
 from tests.bench.report import markdown, merge
 
@@ -31,7 +33,7 @@ def test_the_report_names_the_machine_a_merged_section_came_from():
     res["machine"].update(git_commit="abc", cpu_model="c", logical_cpus=2, usable_cpus=2, torch="t",
                           torch_threads=2, transformers="x", python="3", os="linux")
     md = markdown(res)
-    assert "Merged from another run" in md and "GPU H200" in md
+    assert "From another run" in md and "GPU H200" in md
 
 
 def test_a_measured_gpu_section_renders_a_row_per_variant_and_stream_count():
@@ -184,3 +186,22 @@ def test_the_benches_wait_for_a_server_until_it_answers_exits_or_times_out():
     finally:
         srv.kill()
         srv.wait(10)
+
+
+def test_a_run_keeps_the_sections_it_did_not_run_and_the_hand_kept_reading_notes(tmp_path):
+    """`--only multiturn` (or a default run, which leaves multiturn out) replaces only what it measured: the other
+    sections stay as last measured, dated by their own run; the reading notes written by hand stay."""
+    from tests.bench.report import READING_TITLE, carry_over, write
+
+    old = {"machine": {"date_utc": "2026-11-30 12:00:00"}, "sections": {
+        "cpu": {"_machine": {"date_utc": "2026-11-30 12:00:00"}, "rows": []},
+        "http": {"error": "it failed"}}}
+    new = {"machine": {"date_utc": "2026-12-01 03:00:00"}, "sections": {"multiturn": {"configs": []}}}
+    res = carry_over(old, new)
+    assert set(res["sections"]) == {"cpu", "multiturn"} and res["machine"] == new["machine"]  # a failed one is not
+    md_path = tmp_path / "B.md"
+    md_path.write_text(f"# old\n\n{READING_TITLE}\n\n- a note written by hand\n")
+    machine = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks.json").read_text())["machine"]
+    md = write({"machine": machine, "sections": {}}, md_path, None)
+    assert "a note written by hand" not in md  # the rendering itself ...
+    assert md_path.read_text().endswith(f"{READING_TITLE}\n\n- a note written by hand\n")  # ... the file keeps it

@@ -567,7 +567,8 @@ def markdown(res: dict[str, Any]) -> str:
             other = sections[key].get("_machine")
             if other and other.get("date_utc") != res["machine"].get("date_utc"):
                 lines += [
-                    "> Merged from another run (`python -m tests.bench.report --merge`): "
+                    "> From another run (an earlier `make bench` that ran this section, or `python -m "
+                    "tests.bench.report --merge`): "
                     f"{other.get('date_utc')} UTC, commit "
                     f"{(other.get('git_commit') or 'unknown')[:10]}, GPU {other.get('gpu') or 'none'}, CPU "
                     f"{other.get('cpu_model')}, torch {other.get('torch')} / transformers {other.get('transformers')}.",
@@ -575,106 +576,37 @@ def markdown(res: dict[str, Any]) -> str:
                 ]
             lines += fn(sections[key])
         lines.append("")
-    lines += ["## Reading these numbers", ""] + READING
+    lines += [READING_TITLE, ""] + READING
     return "\n".join(lines).rstrip() + "\n"
 
 
-READING = [
-    "- **CPU, fp32 (`cpu-fp32`) stays near plain `generate`, by design of the hardware**: a decode step is "
-    "86% `aten::mm` (torch.profiler), i.e. reading 540 MB of fp32 weights per step at this VM's ~8-9 GB/s. No "
-    "scheduling removes that; the default `cpu` preset reads int8 weights (per-channel scales, bf16 activations, "
-    "`torch._weight_int8pack_mm`, rows independent of their batch mates) and is where most of the speed-up comes "
-    "from. Its replies differ from fp32 ones (greedy, near-ties), which is why batching-equivalence tests run in "
-    "fp32.",
-    "- **One thread for all tensor work** (`worker/engine/own_thread.py`): the pipeline is loaded, built and "
-    "warmed up on the thread that then runs the engine loop. Loaded on the main thread, the process had two "
-    "OpenMP teams (3 threads on 2 CPUs), OpenMP stopped spinning between parallel regions, and the engine "
-    "thread's decode step took ~50 ms instead of 23-33 ms (`cpu`, one stream). Fixing that took the `cpu` preset "
-    "from 1.46x to 2.52-2.96x (1 stream) and from 1.77x to 1.89-2.17x (8 together) over two full runs, "
-    "`cpu-fp32` from 1.01x to 1.14-1.18x (1 stream), same machine, 2026-11-27.",
-    "- **Prefill**: prompts admitted together are prefilled in one forward (rows = prompts, padded to a "
-    "multiple of 16), and under int8 a prompt chunk runs as a bf16 GEMM over the dequantized weight "
-    "(`int8pack_mm` is a per-row kernel: 64 rows cost it more than fp32). Eight 38-token prompts: 1.47 s "
-    "one by one through `int8pack_mm` before, 0.53 s in one call now (same machine, 2026-11-27); `8 together` TTFT "
-    "p50 fell from ~0.9 s to 0.55-0.65 s. The first arrival is prefilled alone (the engine starts at once), the "
-    "others join it in the next iteration.",
-    "- **Noise**: this VM's speed drifts by 20-30% within minutes (the baseline's own batch-of-8 figure "
-    "ranged 62-81 tok/s across runs on one day), which is why every ratio is against a baseline measured "
-    "in the same invocation, and why a ratio near its target can flip between runs. On 2026-11-30 the baseline "
-    "ran 16.3 / 90.5 tok/s (1 stream / batch of 8; 12.0 / 61.1 on 2026-11-27) and `cpu`'s 8-together ratio came "
-    "out at 1.69-1.71× in two runs (1.89-2.17× on 2026-11-27). The engine itself had not slowed: the same "
-    "script run alternately on that day's and the 2026-11-27 code (`cpu`, 8 streams × 128 tokens, twice each) "
-    "gave 138-166 vs 130-142 tok/s; the baseline gains more than the engine when the VM is fast.",
-    "- **Redis load**: the worker writes all of its streams in one script call per flush (`round trips / token: "
-    "worker`), which is what the goal counts: the load each worker adds, so that one Redis serves a hundred "
-    "busy workers. *Executed* also counts each command run inside that script (an XADD and an HMGET per turn "
-    "per flush: the HMGET fences a stale attempt's text and picks up cancellations) and every reader's XREAD, "
-    "so it grows with streams × flushes, not with tokens; a longer `CHAT_STREAM_FLUSH_MS` trades streaming "
-    "granularity for fewer commands. A turn's first text is flushed at once, so time to first token does not "
-    "pay the interval. A turn also has a fixed cost (Celery's publish, ack and monitoring events, the "
-    "conversation's writes: about 25 commands executed), 0.2 per token at 128-token replies, so 0.1 "
-    "*executed* per token is out of reach at this reply length whatever the flush; at a 200 ms flush the whole "
-    "stack measured 0.48 executed / 0.18 round trips per token "
-    "(`python -m tests.bench.run --only queue --private-redis --flush-ms 200 --turns 50`, 2026-11-27, same "
-    "machine).",
-    "- **The machine changed under the same name** (2026-11-30): this VM ran on an AMD EPYC in the morning "
-    "and on an Intel Xeon (AMX, AVX-512) in the afternoon, the CPU line of the table above says which. The "
-    "fp32 baseline kept its speed (24.5 vs 20.9-23.6 tok/s, 1 stream); the `cpu` preset's 1-stream step went "
-    "from 11.8 to 31 ms: `_weight_int8pack_mm` takes 66 µs per call inside a decode step there (211 calls, "
-    "torch.profiler; 116 µs with one thread), against 27-30 µs for the same shapes with the weight hot in "
-    "L2, so it is the kernel on cold weights, not our code (same commit, same wheels). Its `8 together` ratio "
-    "fell to 1.56-1.62× (target 1.7×) there. Which kernel wins is a per-CPU question, left to the CPU decode "
-    "issue (#15: measure bf16 GEMV and other int8 paths per machine).",
-    "- **HTTP path** (section 4, 2026-11-30): on these 2 cores the worker's 2 torch threads take the whole "
-    "machine, so everything the serving path adds competes with decoding. Three changes took 8 streaming "
-    "clients from 54% to 95-111% of the engine-alone tokens/s (same machine, same day, `python -m tests.bench.run "
-    "--only cpu,http --no-baseline`): the requests set `ignore_eos` so both sides generate exactly 128 tokens "
-    "(the first run compared short replies with full ones); the engine thread hands text straight to the "
-    "stream publisher instead of waking a pool thread per token; and the flush interval grows with the "
-    "streams a worker carries (x1 to x4), since each flush wakes every reader: 270 tok/s at a fixed 50 ms, "
-    "327 at 250 ms. TTFT at 8 clients is a race: the API enqueues the 8 turns over ~10 ms and the worker's "
-    "consumer pops them one by one, 3-4 ms apart; an idle engine holds its first prefill (at most 40 ms) for "
-    "deliveries it knows are coming: popped ones (`Engine.expect` / `arriving`) and, since 2026-11-30, those "
-    "still queued behind the first (one LLEN when the engine is idle). When the first delivery is popped "
-    "before the others are enqueued it is prefilled alone and the rest wait for it: per round, either all 8 "
-    "share one or two prefills (TTFT p50 ~175 ms) or the first goes alone (~240 ms). Four full runs that "
-    "day gave HTTP − engine TTFT p50 of +64, +64 (before the LLEN), −30, +77, +68 and +49 ms (after), with "
-    "the engine-alone figure itself moving 160-227 ms; HTTP ÷ engine tok/s at 8 clients ranged 87-113% over "
-    "the same runs (the two sections run a minute apart, and this VM's speed drifts by more than that). "
-    "Since the afternoon of 2026-11-30 each request's TTFT is also split into stages from its own turn record "
-    "(the lines under the table), and 'TTFT less the request's own prefill' measures the path's cost free of "
-    "that drift: at 1 client 21-25 ms p50 in three runs, of which the API (request to turn built) 10-12 ms, "
-    "about twice what it takes with the worker idle for 0.3 s first (6-7 ms): right after a reply the "
-    "worker's OpenMP threads still spin on both cores. At 8 clients the API needs 28-33 ms p50 to build its "
-    "turn (8 requests through one event loop and thread pool, sharing the cores with the worker's prefill), "
-    "and each request waited ~130 ms p50 beyond its own forward for holds and its batch mates' prefills: "
-    "the spread of arrivals, not Redis or Celery (queue and claim: 4-5 ms at 1 client). Since then a "
-    "producer announces each turn while it checks it (shared/arrivals.py) and an idle worker counts those "
-    "too: the burst shares one prefill and the wait beyond the own forward fell to ~27 ms p50 (HTTP − engine "
-    "TTFT p50 −44 and −62 ms in the next two runs). Setting GOMP_SPINCOUNT=20000 (less OpenMP spinning "
-    "after a reply) made the API slower, not faster (19.5 ms), and decoding too: not kept. Taking the API's "
-    "start to one thread-pool hop, rendering a prompt once per fit and compiling the template regex once "
-    "took the API's own `start_turn` from 3.6 to 2.9 ms per request (in-process, same machine).",
-    "- **GPU**: the CUDA-graph decode path (`TorchBackend(cuda_graphs=True, compile_decode=True)`) has not run on "
-    "a GPU yet (no GPU was lent to the sessions so far). What a CPU can check is tested "
-    "(`tests/test_torch_backend.py`): the static step (a bucket of rows, fixed buffers per row bucket × kv "
-    "bucket) equals dynamic decode, eagerly and "
-    "torch.compile'd (inductor on CPU, two compiles for every shape); on the meta device it reads nothing back to "
-    "the host and takes no host tensor, which is what capture needs; a failed compile falls back to the eager step. "
-    "These tests and the section's CPU smoke run also pass under the GPU machine's transformers 5.17 (2026-11-30: "
-    "`pip install --no-deps --target /tmp/tf517 transformers==5.17.0 huggingface_hub==1.33.0`, then "
-    "`PYTHONPATH=/tmp/tf517:.`). The capture itself is not tested; the section starts with a decode check on the "
-    "card (each variant vs eager dynamic decode). Row buckets matter at one stream: a 64-slot step would read "
-    "every slot's KV cache (~12 GB at 256 positions on Pythia-12B, half the weights' bytes). The GPU figures "
-    "stay open until a session with a GPU runs `tests/bench/gpu_device.sh`.",
-]
+READING_TITLE = "## Reading these numbers"
+# The reading notes are prose kept by hand in BENCHMARKS.md (what each figure means, what was tried and measured
+# beside it): `write` keeps them from the file it replaces; this line only seeds a new file.
+READING = ["- (notes kept by hand: `make bench` rewrites the sections above and keeps this one)"]
+
+
+def carry_over(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`new` with every section it did not run taken from `old` (the previous run's JSON), each keeping the
+    machine and date it ran on (its `_machine`), so `--only` or a run without the multi-turn section replaces
+    only what it measured."""
+    kept = {k: v for k, v in old.get("sections", {}).items() if k not in new["sections"] and "error" not in v}
+    return {**new, "sections": {**kept, **new["sections"]}}
+
+
+def keep_reading(md: str, md_path: Path) -> str:
+    """`md` with the reading notes `md_path` holds now (from their title to the end), if it has them."""
+    if not md_path.exists() or READING_TITLE not in (old := md_path.read_text()) or READING_TITLE not in md:
+        return md
+    return md[: md.index(READING_TITLE)] + old[old.index(READING_TITLE):]
 
 
 def write(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> str:
     md = markdown(res)
     if md_path:
         md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(keep_peers(md, md_path))  # the Peers section is `make bench-peers`'s: kept
+        # The Peers section is `make bench-peers`'s and the reading notes are hand-kept: both stay.
+        md_path.write_text(keep_peers(keep_reading(md, md_path), md_path))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res, indent=1, default=str) + "\n")

@@ -25,6 +25,7 @@ machine: everything is wall-clock time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     res["note"] = " ".join(notes) or None
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if a.json and (ROOT / a.json).exists() and not a.quick:  # sections not run now stay as last measured
+        res = report.carry_over(json.loads((ROOT / a.json).read_text()), res)
     md = report.write(res, ROOT / a.out if a.out else None, ROOT / a.json if a.json else None)
     print(md)
     if a.out or a.json:
