@@ -14,10 +14,12 @@ from typing import Annotated
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.errors import InvalidInput
+from shared.grammar import Grammar
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy decoding (vLLM's _SAMPLING_EPS)
 MAX_STOPS = 8  # stop strings per request (OpenAI allows 4, vLLM any number)
 MAX_STOP_CHARS = 200
+MAX_LOGIT_BIAS = 1024  # token ids in one logit_bias (OpenAI documents none; vLLM none either)
 
 Temperature = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0)]
@@ -25,6 +27,9 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # OpenAI's range
+LogitBias = Annotated[dict[Annotated[int, Field(ge=0)], Bias], Field(max_length=MAX_LOGIT_BIAS)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
 
@@ -48,6 +53,18 @@ class SamplingParams(BaseModel):
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "output_length"))
     """New tokens at most, ≥ 1; None = until the end key or the context is full. Payloads queued before
     the rename call it `output_length` and are read too (upgrade workers before producers)."""
+    presence_penalty: Penalty = 0.0
+    """OpenAI's presence penalty, in [-2, 2]: subtracted from the logit of every token the reply already holds
+    (once, however often). Positive = new topics. 0 = off. Reply tokens only, as OpenAI and vLLM count them."""
+    frequency_penalty: Penalty = 0.0
+    """OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per time the reply already
+    holds it. Positive = less verbatim repetition. 0 = off."""
+    logit_bias: LogitBias = Field(default_factory=dict)
+    """Added to the logits of these token ids before anything else, each in [-100, 100] (OpenAI's range: ±100
+    bans or forces a token, ±1 nudges it). Ids beyond the model's vocabulary are refused (`check_vocab`)."""
+    grammar: Grammar | None = None
+    """Constrained decoding: the reply must match this JSON schema or regex (shared/grammar.py); every token
+    that would leave it is masked before sampling. None = free text."""
     seed: Seed | None = None
     """The turn's own random generator seed, in [0, 2^63): the same reply whatever shares its batch.
     None = nondeterministic."""
@@ -65,7 +82,10 @@ class SamplingParams(BaseModel):
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def check_vocab(self, vocab_size: int) -> None:
-        """top_k's upper bound depends on the model, so it is checked where the model is known. Raises
-        InvalidInput (a ValueError) with param top_k."""
+        """top_k's upper bound and logit_bias's ids depend on the model, so they are checked where the model is
+        known. Raises InvalidInput (a ValueError) with param top_k or logit_bias."""
         if self.top_k > vocab_size:
             raise InvalidInput(f"top_k: must be in [0, {vocab_size}] for this model, got {self.top_k}", "top_k")
+        if self.logit_bias and (bad := max(self.logit_bias)) >= vocab_size:
+            raise InvalidInput(f"logit_bias: token id {bad} is not in this model's vocabulary [0, {vocab_size})",
+                               "logit_bias")

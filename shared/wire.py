@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from shared.keys import ID_PATTERN
 from shared.messages import ChatMessage
@@ -54,6 +55,13 @@ class GenerateTask(BaseModel):
     dropped_messages: int = Field(0, ge=0)
     # False: nothing may be dropped or cut to fit the context (the turn fails with context_length_exceeded).
     truncate: bool = True
+
+    @field_serializer("sampling")
+    def _given_sampling(self, sampling: SamplingParams) -> dict[str, Any]:
+        # Only the fields set away from their defaults travel: a worker that predates a sampling field still
+        # reads every payload that does not use it (SamplingParams forbids unknown fields), so producers and
+        # workers can be upgraded in any order as long as nobody asks for the new feature meanwhile.
+        return sampling.model_dump(mode="json", exclude_defaults=True)
 
 
 class Timings(BaseModel):

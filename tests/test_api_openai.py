@@ -189,12 +189,23 @@ CLIENT_ERRORS = [
     # fields that would change the answer and are not supported yet
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", None),
     ({"tool_choice": "required"}, "tool_choice", None),
-    ({"response_format": {"type": "json_object"}}, "response_format", None),
     ({"logprobs": True}, "logprobs", None),
     ({"top_logprobs": 3}, "top_logprobs", None),
-    ({"presence_penalty": 0.5}, "presence_penalty", None),
-    ({"frequency_penalty": -0.5}, "frequency_penalty", None),
-    ({"logit_bias": {"42": 10}}, "logit_bias", None),
+    # structured outputs, penalties and logit_bias out of range or malformed
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", None),
+    ({"response_format": {"type": "json_schema"}}, "response_format", None),
+    ({"response_format": {"type": "xml"}}, "response_format", None),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "response_format",
+     None),
+    ({"extra_body": {"grammar": {"type": "regex", "value": "a("}}}, "grammar", None),
+    ({"extra_body": {"grammar": {"type": "regex", "value": "a"}}, "response_format": {"type": "json_object"}},
+     "grammar", None),
+    ({"presence_penalty": 2.5}, "presence_penalty", None),
+    ({"frequency_penalty": -3}, "frequency_penalty", None),
+    ({"logit_bias": {"42": 101}}, "logit_bias", None),
+    ({"logit_bias": {"token": 1}}, "logit_bias", None),
+    ({"logit_bias": {"99999": 1}}, "logit_bias", None),  # beyond tiny-neox's vocabulary: known before queuing
     # what the worker would refuse for this model, refused before anything is queued
     ({"max_tokens": 256}, "max_tokens", None),
     ({"max_tokens": 252}, "messages", "context_length_exceeded"),  # the prompt's 5 tokens + 252 > 256

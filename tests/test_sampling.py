@@ -1,15 +1,16 @@
-"""worker/engine/sampling.py: per-row filters and the repetition penalty."""
+"""worker/engine/sampling.py: per-row filters, penalties, logit_bias and grammar masks."""
 
 import torch
 
 from shared.sampling import SamplingParams
+from worker.engine.grammar import Allowed
 from worker.engine.sampling import Sampler, filter_top_k_top_p, sample
 
 
 def test_repetition_penalty_steers_greedy_away_from_seen_tokens():
     logits = torch.tensor([[1.0, 3.0, 2.9], [1.0, 3.0, 2.9]])
     params = [SamplingParams(temperature=0, repetition_penalty=2.0), SamplingParams(temperature=0)]
-    assert sample(logits, params, [None, None], [[1], [1]]) == [2, 1]  # only the penalised row moves
+    assert sample(logits, params, [None, None], [([1], []), ([1], [])]) == [2, 1]  # only the penalised row moves
 
 
 def test_top_k_and_top_p_keep_each_rows_own_set():
@@ -55,7 +56,7 @@ def test_one_rows_overflowing_parameters_never_fail_its_batch():
               SamplingParams(temperature=1.0, top_k=0)]
     assert params[0].greedy and not params[1].greedy
     for _ in range(20):
-        out = sample(logits.clone(), params, [None] * 4, [[1], [1, 2], [1], []])
+        out = sample(logits.clone(), params, [None] * 4, [([1], []), ([1], [2]), ([], [1]), ([], [])])
         assert out[0] == 1 and 0 <= out[3] < 4  # the healthy row still draws from its distribution
         assert out[1] in (1, 2) and out[2] == 1  # overflowed rows take their most likely token
 
@@ -113,3 +114,52 @@ def test_a_seeded_row_draws_the_same_whatever_its_batch_mates_top_k():
         return [sampler(logits, [mates[0], seeded, mates[1]], [None, gen, None])[1] for _ in range(15)]
 
     assert draws(2) == draws(400) == draws(0)
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula_on_reply_tokens_only():
+    """logit -= frequency_penalty * count + presence_penalty * (count > 0), over the reply (not the prompt)."""
+    logits = torch.zeros(3, 6)
+    history = [([5, 5, 5], [1, 1, 2])] * 3
+    params = [SamplingParams(temperature=0, frequency_penalty=0.5),
+              SamplingParams(temperature=0, presence_penalty=0.75),
+              SamplingParams(temperature=0, frequency_penalty=-1.0, presence_penalty=0.5)]
+    sample(logits, params, [None] * 3, history)
+    assert logits[0].tolist() == [0.0, -1.0, -0.5, 0.0, 0.0, 0.0]  # counted per occurrence; prompt's 5 untouched
+    assert logits[1].tolist() == [0.0, -0.75, -0.75, 0.0, 0.0, 0.0]  # once per token, however often
+    assert logits[2].tolist() == [0.0, 1.5, 0.5, 0.0, 0.0, 0.0]  # negative: repetition encouraged
+
+
+def test_penalties_move_greedy_decoding_in_the_documented_direction():
+    logits = torch.tensor([[3.0, 2.9, 0.0]] * 3)
+    history = [([], [0])] * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=0.5),
+              SamplingParams(temperature=0, frequency_penalty=0.2)]
+    assert sample(logits, params, [None] * 3, history) == [0, 1, 1]
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row_before_sampling():
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0]] * 3)
+    params = [SamplingParams(temperature=0, logit_bias={0: -100}), SamplingParams(temperature=0, logit_bias={3: 100}),
+              SamplingParams(temperature=0)]
+    assert sample(logits.clone(), params, [None] * 3) == [1, 3, 0]
+    drawn = [SamplingParams(temperature=1.0, top_k=0, logit_bias={2: 100.0})] * 2
+    for _ in range(10):
+        assert sample(logits[:2].clone(), drawn, [None, torch.Generator().manual_seed(1)]) == [2, 2]
+
+
+def test_a_grammar_mask_keeps_each_constrained_row_inside_its_allowed_set():
+    """Masked rows draw only allowed tokens, a row with every token allowed is untouched, and a row allowing
+    nothing is left unmasked (its matcher fails it: the batch's draw must not)."""
+    vocab = 8
+    logits = torch.zeros(3, vocab)
+    logits[:, 0] = 10.0  # everyone's favourite
+    mask = torch.zeros(2, vocab, dtype=torch.bool)  # rows 0 and 2 are constrained, row 1 is free
+    mask[0, [3, 5]] = True  # row 2 allows nothing
+    allowed = Allowed(torch.tensor([0, 2]), mask)
+    params = [SamplingParams(temperature=1.0, top_k=0)] * 3
+    for _ in range(20):
+        out = sample(logits.clone(), params, [None] * 3, None, allowed)
+        assert out[0] in (3, 5)
+        assert 0 <= out[1] < vocab and 0 <= out[2] < vocab
+    greedy = [SamplingParams(temperature=0)] * 3
+    assert sample(logits.clone(), greedy, [None] * 3, None, allowed) == [3, 0, 0]

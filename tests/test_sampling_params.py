@@ -20,7 +20,9 @@ def test_defaults_follow_the_original_pipeline():
     [("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("top_k", -1),
      ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("max_tokens", 0), ("max_tokens", -5),
      ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("seed", -1), ("stop", [""]),
-     ("stop", ["x"] * 9)],
+     ("stop", ["x"] * 9), ("presence_penalty", 2.01), ("frequency_penalty", -2.5), ("frequency_penalty", math.nan),
+     ("logit_bias", {-1: 1.0}), ("logit_bias", {1: 100.5}), ("logit_bias", {i: 1.0 for i in range(1025)}),
+     ("grammar", {"type": "regex", "value": "("}), ("grammar", {"type": "json", "value": {"type": 3}})],
 )
 def test_invalid_values_are_rejected_naming_the_field(field, value):
     with pytest.raises(ValidationError) as e:
@@ -28,10 +30,25 @@ def test_invalid_values_are_rejected_naming_the_field(field, value):
     assert e.value.errors()[0]["loc"][0] == field
 
 
-def test_top_k_bound_is_the_vocabulary():
-    SamplingParams(top_k=100).check_vocab(100)
+def test_top_k_and_logit_bias_ids_are_bound_by_the_vocabulary():
+    SamplingParams(top_k=100, logit_bias={99: 1.0}).check_vocab(100)
     with pytest.raises(ValueError, match="top_k"):
         SamplingParams(top_k=101).check_vocab(100)
+    with pytest.raises(ValueError, match="logit_bias: token id 100"):
+        SamplingParams(logit_bias={3: 1.0, 100: -1.0}).check_vocab(100)
+
+
+def test_a_payload_carries_only_the_sampling_fields_set_so_older_workers_read_it():
+    """GenerateTask dumps its sampling without defaults: a worker that predates a field (SamplingParams forbids
+    unknown ones) still reads every payload that does not use it."""
+    from shared.wire import GenerateTask
+
+    task = GenerateTask(turn_id="t" * 8, conversation_id="c" * 8, model="m", messages=[{"role": "prompter",
+                        "text": "hi"}], sampling=SamplingParams(temperature=0, presence_penalty=0.5))
+    dumped = task.model_dump(mode="json")
+    assert dumped["sampling"] == {"temperature": 0.0, "presence_penalty": 0.5}
+    assert GenerateTask.model_validate(dumped) == task
+    assert GenerateTask.model_validate_json(task.model_dump_json()) == task
 
 
 def test_unknown_fields_are_rejected():
@@ -58,6 +75,11 @@ EDGES = [
     ("max_tokens", "max_tokens", [0, 1, 10**9, -5]),
     ("seed", "seed", [-1, 0, 2**63 - 1, 2**63]),
     ("stop", "stop", [[], [""], ["x" * 200], ["x" * 201], ["a"] * 8, ["a"] * 9]),
+    ("presence_penalty", "presence_penalty", [-2.0, -2.01, 0.0, 2.0, 2.01, math.nan]),
+    ("frequency_penalty", "frequency_penalty", [-2.0, -2.01, 0.0, 2.0, 2.01, math.inf]),
+    ("grammar", "grammar", [{"type": "regex", "value": "a+"}, {"type": "regex", "value": "a("},
+                            {"type": "json", "value": {"type": "object"}}, {"type": "json", "value": {"type": 1}},
+                            {"type": "json", "value": "{}"}, {"type": "xml", "value": "a"}]),
 ]
 
 

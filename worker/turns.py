@@ -101,6 +101,11 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
         except Abandoned:  # cold shutdown between begin and submit: the next attempt starts over
             relay.close()
             return _hand_back(rt.turns, rt.counters, task, lease.attempt)
+        except ValueError as e:  # what only the engine can check (a grammar this tokenizer cannot build)
+            relay.close()
+            rt.turns.fail(task.turn_id, lease.attempt, str(e))
+            rt.counters.turn_finished()
+            return Outcome.failed
     ev, tail = relay.finish()
     if isinstance(ev, Failed):
         if ev.abandoned:  # cold shutdown: queued again, not failed

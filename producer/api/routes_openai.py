@@ -4,9 +4,10 @@ A request is stateless: it becomes an internal conversation (system message, ear
 its last user message is sent as the turn. Like OpenAI, a conversation that does not fit the model's
 context is refused (400 `context_length_exceeded`, with the numbers) unless the request opts in to
 dropping its oldest turns with the extension field `truncate: true` (as TGI's `truncate`); the
-response then says how many messages were left out (`usage.dropped_messages`). `top_k` and
-`repetition_penalty` are accepted as extensions. Fields that would change the answer's shape or
-sampling and that this server does not implement yet are a 400 naming the field, never ignored.
+response then says how many messages were left out (`usage.dropped_messages`). Penalties, logit_bias and
+`response_format` (structured outputs, enforced by constrained decoding) are OpenAI's; `top_k`,
+`repetition_penalty` and `grammar` (TGI's) are accepted as extensions. Fields that would change the answer's shape
+or sampling and that this server does not implement yet are a 400 naming the field, never ignored.
 Finish reasons: end_key and stop -> "stop", length and cancelled (cut short) -> "length".
 
 The client's connection is followed: a client that goes away (streaming or not) has its turn
@@ -111,12 +112,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
@@ -143,13 +140,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tool choice is not supported yet (tools are not)")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v != {"type": "text"}:
-            raise ValueError("structured outputs (json_object, json_schema) are not supported yet")
-        return v
-
     @field_validator("logprobs")
     @classmethod
     def _no_logprobs(cls, v: bool | None) -> bool | None:
@@ -162,20 +152,6 @@ class ChatCompletionRequest(SamplingFields):
     def _no_top_logprobs(cls, v: int | None) -> int | None:
         if v:
             raise ValueError("logprobs are not supported yet")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("presence and frequency penalties are not supported yet (use repetition_penalty)")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v:
-            raise ValueError("logit_bias is not supported yet")
         return v
 
     @field_validator("modalities")

@@ -3,13 +3,18 @@ and a bool is not an int (`"top_k": true` is an error naming top_k, not greedy d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from shared.errors import first_error
+from shared.grammar import Grammar, GrammarType
 from shared.messages import is_blank
 from shared.sampling import (
+    MAX_LOGIT_BIAS,
+    Bias,
     MaxTokens,
+    Penalty,
     RepetitionPenalty,
     SamplingParams,
     Seed,
@@ -21,6 +26,43 @@ from shared.sampling import (
 from shared.wire import TurnResult
 
 STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema` as OpenAI defines it. `strict` is accepted either way: the reply is always
+    held to the schema (constrained decoding), never only asked to follow it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=False)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # absent = any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (free), json_object (any JSON object) or json_schema."""
+
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it exactly when type is json_schema")
+        return self
+
+    def grammar(self) -> Grammar | None:
+        """The constraint it asks for. Raises ValueError naming json_schema.schema for an invalid schema."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return Grammar.json_object()
+        assert self.json_schema is not None
+        try:
+            return Grammar(type=GrammarType.json, value=self.json_schema.schema_ or {})
+        except ValidationError as e:
+            raise ValueError("json_schema.schema: " + first_error(e).msg.removeprefix("value: ")) from None
 
 
 def _not_blank(v: str | None) -> str | None:
@@ -43,6 +85,34 @@ class SamplingFields(BaseModel):
     seed: Seed | None = None
     stop: StopStrings | None = None  # a string or a list of them (a string is read as a list of one)
     ignore_eos: bool | None = None  # extension (vLLM's): generate past the end key, to max_tokens
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = Field(None, max_length=MAX_LOGIT_BIAS)  # token id (as a string) -> bias
+    response_format: ResponseFormat | None = None
+    grammar: Grammar | None = None  # extension (TGI's): {"type": "json" | "regex", "value": schema or pattern}
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:
+                raise ValueError(f"keys must be token ids (non-negative integers, as strings), got {key[:20]!r}")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _valid_schema(cls, v: ResponseFormat | None) -> ResponseFormat | None:
+        if v is not None:
+            v.grammar()  # an invalid schema is this request's 4xx, before anything is queued
+        return v
+
+    @field_validator("grammar")
+    @classmethod
+    def _one_constraint(cls, v: Grammar | None, info: ValidationInfo) -> Grammar | None:
+        fmt = info.data.get("response_format")  # validated before: declared before it
+        if v is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("give either grammar or response_format, not both")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -60,6 +130,10 @@ class SamplingFields(BaseModel):
             "seed": self.seed,
             "stop": self.stop,
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None,
+            "grammar": self.grammar or (self.response_format.grammar() if self.response_format else None),
         }
         return SamplingParams(**{k: v for k, v in given.items() if v is not None})
 

@@ -34,8 +34,9 @@ from shared.codec import Codec
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
+from worker.engine.grammar import GrammarCompiler, Matcher, allowed_tokens
 from worker.engine.prefix_cache import PrefixCache
-from worker.engine.sampling import Sampler, sample
+from worker.engine.sampling import Sampler, needs_history, sample
 from worker.engine.stopping import StoppingCriteria
 from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Copy, Prefill
 
@@ -107,6 +108,7 @@ class _Seq:
     # Called on the engine thread with each new piece of text, instead of a Token event: no other thread is
     # woken per token (with 8 streams that was ~300 GIL hand-offs a second taken from the decode loop).
     on_text: Callable[[str], None] | None = None
+    matcher: Matcher | None = None  # its grammar's state (grammar.py), when the reply is constrained
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
     cached: int = 0  # ... of which reused from an earlier sequence (prefix_cache.py)
@@ -175,6 +177,7 @@ class Engine:
         if getattr(backend, "prefix_reuse", False):
             self.prefix = PrefixCache(backend.slots, getattr(backend, "spare_slots", 0))
         self._copies: list[Copy] = []
+        self.grammars = GrammarCompiler(codec)
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -213,7 +216,8 @@ class Engine:
         """Queue a prompt (token ids) for generation of at most `max_new` tokens. Its events come through the
         returned Handle: Token per piece of text (unless `on_text` takes the text, on the engine thread; it
         must be quick and never block), then Finished or Failed. Raises ValueError for an empty prompt, one
-        that leaves no room, or top_k beyond the vocabulary."""
+        that leaves no room, top_k or a logit_bias id beyond the vocabulary, or a grammar this tokenizer cannot
+        build."""
         if not prompt:
             raise ValueError("prompt: empty")
         if len(prompt) >= self.max_len:
@@ -224,6 +228,7 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
         stopping = StoppingCriteria(
             frozenset() if params.ignore_eos else frozenset(self.codec.end_ids),
             min(max_new, self.max_len - len(prompt)),  # the reply never writes past the KV cache
@@ -238,6 +243,7 @@ class Engine:
             Detokenizer(self.codec.decode, params.stop),
             gen,
             on_text,
+            matcher,
         )
         with self._cv:
             if self._stopping:
@@ -437,7 +443,9 @@ class Engine:
         rows = torch.tensor([row for row, _ in done], device=logits.device)
         seqs = [seq for _, seq in done]
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        tokens = sample(picked, [s.params for s in seqs], [s.generator for s in seqs], [s.prompt for s in seqs])
+        allowed = allowed_tokens([s.matcher for s in seqs], self.codec.vocab_size)
+        tokens = sample(picked, [s.params for s in seqs], [s.generator for s in seqs],
+                        [(s.prompt, ()) for s in seqs], allowed)
         now = time.perf_counter()
         for seq, token in zip(seqs, tokens):
             seq.t_first = now
@@ -455,13 +463,10 @@ class Engine:
         self._emit_pending()
         rows = torch.tensor([s.slot for s in active], device=logits.device)
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        # Token histories only matter to the repetition penalty: don't copy them every step otherwise.
-        history = (
-            [s.prompt + s.generated for s in active]
-            if any(s.params.repetition_penalty != 1.0 for s in active)
-            else None
-        )
-        tokens = self._sampler(picked, [s.params for s in active], [s.generator for s in active], history)
+        # Token histories only matter to penalties: not gathered every step otherwise.
+        history = [(s.prompt, s.generated) for s in active] if any(needs_history(s.params) for s in active) else None
+        allowed = allowed_tokens([s.matcher for s in active], self.codec.vocab_size)
+        tokens = self._sampler(picked, [s.params for s in active], [s.generator for s in active], history, allowed)
         for s, t in zip(active, tokens):
             if self.slots[s.slot] is not s:
                 continue  # its previous token completed a stop string while this step ran: this one is void
@@ -476,9 +481,14 @@ class Engine:
         if reason is FinishReason.end_key:
             self._finish(seq, self._result(seq, reason))
             return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._finish(seq, Failed(f"grammar: no token can continue the reply ({seq.matcher.get_error()[:200]})"))
+            return
         seq.generated.append(token)
         seq.last = token
-        if reason is FinishReason.length:
+        if seq.matcher is not None and seq.matcher.is_stopped() and reason is None:
+            reason = FinishReason.end_key  # the grammar is complete and allows nothing more: as if it ended
+        if reason is FinishReason.length or reason is FinishReason.end_key:
             if not self._emit(seq, token):
                 self._finish(seq, self._result(seq, reason))
         elif defer:

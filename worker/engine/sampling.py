@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from shared.sampling import SamplingParams
+from worker.engine.grammar import Allowed
+
+History = tuple[Sequence[int], Sequence[int]]  # a row's prompt ids and reply ids so far
 
 
 def apply_repetition_penalty(
@@ -35,6 +38,23 @@ def apply_repetition_penalty(
         idx = torch.tensor(sorted(set(seen)), device=logits.device)
         vals = logits[i, idx]
         logits[i, idx] = torch.where(vals > 0, vals / p, vals * p)
+
+
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], history: Sequence[History]) -> None:
+    """Every row's repetition penalty (over its prompt and reply), then OpenAI's frequency and presence
+    penalties (over its reply only: logit -= frequency_penalty * count + presence_penalty * (count > 0), from
+    OpenAI's "Parameter details" and vLLM's apply_penalties), in place on `logits` (rows, vocab) float32."""
+    for i, (p, (prompt, generated)) in enumerate(zip(params, history)):
+        if p.repetition_penalty != 1.0:
+            apply_repetition_penalty(logits[i : i + 1], [[*prompt, *generated]], [p.repetition_penalty])
+        if (p.frequency_penalty or p.presence_penalty) and generated:
+            ids, counts = torch.unique(torch.tensor(generated, device=logits.device), return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.float() + p.presence_penalty
+
+
+def needs_history(p: SamplingParams) -> bool:
+    """The row's penalties read its tokens so far (the engine hands them over only then)."""
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _ranked(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +104,8 @@ class _Rows:
     top_p: torch.Tensor  # (len(drawn),) float32
     k: int  # candidates ranked per row: the largest top-k among them (the vocabulary if one has none)
     cut: bool  # some row filters (a top-k below the vocabulary or a top-p below 1)
+    # logit_bias of every row, flattened: logits[bias_rows[j], bias_ids[j]] += bias_vals[j]; None = no row has one
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 class Sampler:
@@ -102,6 +124,12 @@ class Sampler:
         ks = [_own_k(params[i], vocab) for i in drawn]
         k = max(ks, default=1)
         top_p = [params[i].top_p for i in drawn]
+        bias = None
+        if any(p.logit_bias for p in params):
+            flat = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias.items() if t < vocab]
+            bias = (torch.tensor([f[0] for f in flat], device=device, dtype=torch.long),
+                    torch.tensor([f[1] for f in flat], device=device, dtype=torch.long),
+                    torch.tensor([f[2] for f in flat], device=device, dtype=torch.float32))
         self._rows = rows = _Rows(
             tuple(params),
             drawn,
@@ -111,6 +139,7 @@ class Sampler:
             torch.tensor(top_p, device=device),
             k,
             any(x < vocab for x in ks) or any(p < 1.0 for p in top_p),
+            bias,
         )
         return rows
 
@@ -119,16 +148,28 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
-        history: Sequence[Sequence[int]] | None = None,
+        history: Sequence[History] | None = None,
+        allowed: Allowed | None = None,
     ) -> list[int]:
         """One token id per row. `logits` (rows, vocab), any float dtype, already cut to the tokenizer's
-        real ids; `params` and `generators` (None = unseeded) per row; `history` each row's prompt and
-        reply ids (read only when a row has a repetition penalty)."""
+        real ids (modified in place when float32); `params` and `generators` (None = unseeded) per row;
+        `history` each row's prompt and reply ids (needed when a row has a penalty: `needs_history`);
+        `allowed` the tokens each constrained row's grammar allows (grammar.allowed_tokens; None = no such row).
+        Order, as vLLM applies them: logit_bias, grammar mask, penalties, then greedy argmax or temperature,
+        top-k, top-p and the draw."""
         logits = logits.float()
-        if history is not None and any(p.repetition_penalty != 1.0 for p in params):
-            apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
-        out = logits.argmax(dim=-1)
         rows = self._for(params, logits.shape[-1], logits.device)
+        if rows.bias is not None:
+            logits.index_put_(rows.bias[:2], rows.bias[2], accumulate=True)
+        if allowed is not None:
+            rows_in = logits.index_select(0, allowed.rows.to(logits.device))
+            # A row allowing nothing is left unmasked: its matcher refuses whatever it draws and fails it.
+            drop = ~allowed.mask & allowed.mask.any(dim=-1, keepdim=True)
+            logits.index_copy_(0, allowed.rows.to(logits.device), rows_in.masked_fill(drop.to(logits.device),
+                                                                                       float("-inf")))
+        if history is not None and any(needs_history(p) for p in params):
+            apply_penalties(logits, params, history)
+        out = logits.argmax(dim=-1)
         if not rows.drawn:
             return out.tolist()
         sub = logits.index_select(0, rows.drawn_idx) / rows.temperature
@@ -176,7 +217,8 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-    history: Sequence[Sequence[int]] | None = None,
+    history: Sequence[History] | None = None,
+    allowed: Allowed | None = None,
 ) -> list[int]:
     """`Sampler()(...)` for a one-off batch (a prefill's first tokens, tests): see Sampler.__call__."""
-    return Sampler()(logits, params, generators, history)
+    return Sampler()(logits, params, generators, history, allowed)
