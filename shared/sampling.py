@@ -29,6 +29,7 @@ MaxTokens = Annotated[int, Field(ge=1)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # OpenAI's range
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]  # OpenAI's range
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # OpenAI's top_logprobs range
 LogitBias = Annotated[dict[Annotated[int, Field(ge=0)], Bias], Field(max_length=MAX_LOGIT_BIAS)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOPS)]
@@ -62,6 +63,9 @@ class SamplingParams(BaseModel):
     logit_bias: LogitBias = Field(default_factory=dict)
     """Added to the logits of these token ids before anything else, each in [-100, 100] (OpenAI's range: ±100
     bans or forces a token, ±1 nudges it). Ids beyond the model's vocabulary are refused (`check_vocab`)."""
+    logprobs: TopLogprobs | None = None
+    """Report each reply token's log probability and this many likeliest alternatives, 0 to 20 (OpenAI's
+    top_logprobs; vLLM's logprobs). None = no log probabilities."""
     grammar: Grammar | None = None
     """Constrained decoding: the reply must match this JSON schema or regex (shared/grammar.py); every token
     that would leave it is masked before sampling. None = free text."""

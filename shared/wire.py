@@ -73,6 +73,16 @@ class Timings(BaseModel):
     total_s: float = 0.0  # enqueue -> reply committed
 
 
+class TokenLogprob(BaseModel):
+    """One reply token's log probability (natural log, of the distribution it was drawn from: after logit_bias, the
+    grammar's mask, penalties and temperature, before top-k / top-p) and its likeliest alternatives', as
+    (token text, logprob) pairs, most likely first. Token text is the token decoded alone."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = Field(default_factory=list)
+
+
 class TurnResult(BaseModel):
     """A finished turn's reply, finish_reason, token counts and timings: committed to Redis as JSON (the turn
     hash's `result` and the stream's done event). `attempt` is the attempt that produced it."""
@@ -91,3 +101,4 @@ class TurnResult(BaseModel):
     worker: str = ""
     attempt: int = 1
     timings: Timings = Timings()
+    logprobs: list[TokenLogprob] | None = None  # per reply token, when the turn's sampling asked (`logprobs`)

@@ -57,11 +57,12 @@ def live_api(redis_url: str, **over: Any) -> Iterator[LiveServer]:
 
 
 @contextmanager
-def tiny_worker(redis_url: str) -> Iterator[InProcessWorker]:
-    """Flush the test db, then one in-process worker serving tiny-neox (one per process at a time)."""
+def tiny_worker(redis_url: str, **over: Any) -> Iterator[InProcessWorker]:
+    """Flush the test db, then one in-process worker serving tiny-neox (one per process at a time); `over`
+    overrides its settings (tiny_settings)."""
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
-    worker = InProcessWorker(tiny_settings(redis_url)).start()
+    worker = InProcessWorker(tiny_settings(redis_url, **over)).start()
     try:
         yield worker
     finally:

@@ -4,6 +4,7 @@ OpenAI answers it, replies this product made accepted as history, the client's c
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -164,10 +165,6 @@ CLIENT_ERRORS = [
     ({"messages": USER * 4097}, "messages", None),
     ({"stop": [1]}, "stop[0]", None),
     ({"messages": [{"role": "robot", "content": "beep"}]}, "messages[0].role", None),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}, *USER]}, "messages[0]", None),
-    ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *USER]}, "messages[1]",
-     None),
     ({"messages": [*USER, {"role": "assistant", "content": "hello"}]}, "messages[1].role", None),
     ({"messages": [*USER, {"role": "system", "content": "late"}, *USER]}, "messages[1].role", None),
     ({"messages": [{"role": "user", "content": "bell \x07"}, {"role": "assistant", "content": "?"}, *USER]},
@@ -187,10 +184,20 @@ CLIENT_ERRORS = [
     ({"model": 5}, "model", None),  # `model` is also pydantic's tag for a model member of a union
     ({"model": ""}, "model", None),
     # fields that would change the answer and are not supported yet
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", None),
-    ({"tool_choice": "required"}, "tool_choice", None),
-    ({"logprobs": True}, "logprobs", None),
-    ({"top_logprobs": 3}, "top_logprobs", None),
+    ({"tools": [{"type": "function", "function": {"name": "f b", "parameters": {}}}]}, "tools", None),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}, "tools", None),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools", None),  # the same name twice
+    ({"tool_choice": "required"}, "tool_choice", None),  # no tools to choose from
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", None),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "tool_choice", None),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0]", None),  # no tool_call_id
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[0]", None),
+    ({"functions": [{"name": "f"}]}, "functions", None),
+    ({"top_logprobs": 3}, "top_logprobs", None),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", None),
     # structured outputs, penalties and logit_bias out of range or malformed
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      "response_format", None),
@@ -413,3 +420,22 @@ def test_stream_keepalive_follows_the_setting(redis_url: str, server: LiveServer
                     break
         assert time.monotonic() - t0 < 5
     r.delete(f"chat.{IDLE_MODEL}")
+
+
+def test_logprobs_come_per_token_streaming_and_not(oai: openai.OpenAI) -> None:
+    """One entry per completion token, the greedy token first among its alternatives, alternatives' probabilities
+    summing to at most 1, and a streamed reply's logprobs equal to the non-streamed ones."""
+    kw = {"model": "tiny-neox", "messages": USER, "max_tokens": 6, "temperature": 0, "logprobs": True,
+          "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    done = oai.chat.completions.create(**kw)
+    content = done.choices[0].logprobs.content
+    assert len(content) == done.usage.completion_tokens == 6
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token and bytes(t.bytes).decode("utf-8", "replace") == t.token
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-6
+    streamed = [lp for c in oai.chat.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+                for lp in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    plain = oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2)
+    assert plain.choices[0].logprobs is None

@@ -348,3 +348,21 @@ def test_deliveries_queued_behind_the_first_join_its_prefill_and_stop_counting_o
         assert calls == [1]
     finally:
         eng.stop()
+
+
+def test_log_probabilities_come_per_generated_token_only_for_the_sequences_that_ask(tiny):
+    eng = engine_for(tiny.model, tiny.tokenizer, slots=4)
+    try:
+        p = prompts(eng.codec)[1]
+        asks = SamplingParams(temperature=0, logprobs=2)
+        h = [eng.submit(p, asks, 12), eng.submit(p, GREEDY, 12), eng.submit(p, SamplingParams(temperature=0.8,
+                                                                                             logprobs=0, seed=3), 12)]
+        greedy, plain, hot = (final(x) for x in h)
+        assert plain.logprobs is None
+        assert len(greedy.logprobs) == len(greedy.token_ids) and len(hot.logprobs) == len(hot.token_ids)
+        for token, lp in zip(greedy.token_ids, greedy.logprobs):
+            assert lp.top[0] == (token, lp.logprob) and len(lp.top) == 2  # greedy: its token is the likeliest
+        assert all(lp.top == [] and lp.logprob <= 0 for lp in hot.logprobs)
+        assert greedy.token_ids == plain.token_ids  # asking changes nothing of the reply
+    finally:
+        eng.stop()

@@ -1,5 +1,8 @@
 """worker/engine/sampling.py: per-row filters, penalties, logit_bias and grammar masks."""
 
+import math
+
+import pytest
 import torch
 
 from shared.sampling import SamplingParams
@@ -163,3 +166,21 @@ def test_a_grammar_mask_keeps_each_constrained_row_inside_its_allowed_set():
         assert 0 <= out[1] < vocab and 0 <= out[2] < vocab
     greedy = [SamplingParams(temperature=0)] * 3
     assert sample(logits.clone(), greedy, [None] * 3, None, allowed) == [3, 0, 0]
+
+
+def test_logprobs_are_those_of_the_distribution_drawn_from_and_their_alternatives_sum_below_one():
+    """Greedy rows: log_softmax of the processed logits (bias included); drawn rows: tempered. The sampled token's
+    entry, the top alternatives most likely first, and rows that did not ask get none."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]] * 3)
+    params = [SamplingParams(temperature=0, logprobs=2, logit_bias={3: 4.0}),
+              SamplingParams(temperature=0.5, top_k=0, logprobs=4, seed=1), SamplingParams(temperature=0)]
+    drawn = Sampler().draw(logits.clone(), params, [None, torch.Generator().manual_seed(1), None])
+    greedy, hot, none = drawn.logprobs
+    assert none is None and drawn.tokens[0] == 3  # +4 made token 3 the likeliest
+    want = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 3.0]), -1)
+    assert greedy.logprob == pytest.approx(want[3].item()) and [t for t, _ in greedy.top] == [3, 0]
+    assert [v for _, v in greedy.top] == pytest.approx([want[3].item(), want[0].item()])
+    tempered = torch.log_softmax(logits[0] / 0.5, -1)
+    assert hot.logprob == pytest.approx(tempered[drawn.tokens[1]].item())
+    assert sum(math.exp(v) for _, v in hot.top) == pytest.approx(1.0)  # the whole vocabulary: all four
+    assert Sampler().draw(logits.clone(), [SamplingParams()] * 3, [None] * 3).logprobs is None

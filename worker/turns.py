@@ -25,7 +25,7 @@ from shared.codec import Codec
 from shared.context import ContextError, FittedPrompt, fit_turn
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
-from shared.wire import FinishReason, GenerateTask, Timings, TurnResult
+from shared.wire import FinishReason, GenerateTask, Timings, TokenLogprob, TurnResult
 from worker.celery_workarounds import refuse
 from worker.deliveries import Refused, item_text, turn_id_or_none, validation_message
 from worker.engine.engine import Failed, Finished, Handle
@@ -116,7 +116,7 @@ def _serve(rt: Runtime, payload: Any) -> Outcome:
     if relay.stale:
         log.warning("turn %s: attempt %d was superseded, its reply is dropped", task.turn_id, lease.attempt)
         return Outcome.stale
-    result = _result(task, lease.attempt, prompt, ev, relay.cancelled, rt.hostname, t_pick)
+    result = _result(task, lease.attempt, prompt, ev, relay.cancelled, rt.hostname, t_pick, rt.loaded.codec)
     message = ChatMessage(role=Role.assistant, text=ev.text, turn_id=task.turn_id)
     code = _commit(rt.turns, lambda: rt.abandoning, task, lease.attempt, delivery, tail, message.model_dump_json(),
                    result.model_dump_json())
@@ -181,9 +181,15 @@ class Relay:
 
 
 def _result(task: GenerateTask, attempt: int, prompt: FittedPrompt, ev: Finished, cancelled: bool, worker: str,
-            t_pick: float) -> TurnResult:
-    """The committed result of a finished generation (times in seconds, Unix clock)."""
+            t_pick: float, codec: Codec) -> TurnResult:
+    """The committed result of a finished generation (times in seconds, Unix clock; log probabilities with each
+    token's text, decoded alone)."""
     now = time.time()
+    logprobs = None
+    if ev.logprobs is not None:
+        logprobs = [TokenLogprob(token=codec.decode([t]), logprob=lp.logprob,
+                                 top=[(codec.decode([i]), v) for i, v in lp.top])
+                    for t, lp in zip(ev.token_ids, ev.logprobs)]
     return TurnResult(
         turn_id=task.turn_id,
         conversation_id=task.conversation_id,
@@ -202,6 +208,7 @@ def _result(task: GenerateTask, attempt: int, prompt: FittedPrompt, ev: Finished
             decode_s=ev.decode_s,
             total_s=now - task.enqueued_at if task.enqueued_at else now - t_pick,
         ),
+        logprobs=logprobs,
     )
 
 

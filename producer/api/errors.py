@@ -10,6 +10,7 @@ carries the field at fault; on /v1 it is named as the OpenAI request names it.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import redis
@@ -115,7 +116,12 @@ def validation_error(errors: list[Any]) -> ApiError:
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
+    if param is None and (named := _NAMED.match(msg)):  # a whole-body check names its field first
+        return ApiError(422, msg, param=named.group(1))
     return ApiError(422, f"{param}: {msg}" if param else msg, param=param)
+
+
+_NAMED = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 
 def install_handlers(app: FastAPI) -> None:

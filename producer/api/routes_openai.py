@@ -6,7 +6,8 @@ context is refused (400 `context_length_exceeded`, with the numbers) unless the 
 dropping its oldest turns with the extension field `truncate: true` (as TGI's `truncate`); the
 response then says how many messages were left out (`usage.dropped_messages`). Penalties, logit_bias and
 `response_format` (structured outputs, enforced by constrained decoding) are OpenAI's; `top_k`,
-`repetition_penalty` and `grammar` (TGI's) are accepted as extensions. Fields that would change the answer's shape
+`repetition_penalty` and `grammar` (TGI's) are accepted as extensions; tools and tool_choice are rendered and
+enforced by tools.py. Fields that would change the answer's shape
 or sampling and that this server does not implement yet are a 400 naming the field, never ignored.
 Finish reasons: end_key and stop -> "stop", length and cancelled (cut short) -> "length".
 
@@ -26,16 +27,17 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from producer.api import sse
+from producer.api import sse, tools
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body, from_chat_error
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
+from producer.api.tools import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice
 from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.errors import ChatError, first_error
 from shared.messages import ChatMessage, Role, check_text, is_blank
-from shared.sampling import MaxTokens
+from shared.sampling import MaxTokens, TopLogprobs
 from shared.wire import FinishReason, TurnResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -46,7 +48,8 @@ FINISH = {
     FinishReason.length: "length",
     FinishReason.cancelled: "length",
 }
-ROLES = {"system": Role.system, "developer": Role.system, "user": Role.prompter, "assistant": Role.assistant}
+ROLES = {"system": Role.system, "developer": Role.system, "user": Role.prompter, "assistant": Role.assistant,
+         "tool": Role.prompter}  # a tool's result is shown to the model in a user turn (tools.py)
 STRICT = ConfigDict(strict=True, extra="forbid")
 
 
@@ -55,15 +58,16 @@ MAX_MESSAGES = 4096  # more can never fit a context (every message costs at leas
 
 class Message(BaseModel):
     """One message as OpenAI clients send it. `content` is a string, null, or a list of text parts (joined);
-    it may be null or empty on an assistant message (a reply this product produced can be empty); tool
-    calls and tool results are not supported yet."""
+    it may be null or empty on an assistant message (a reply this product produced can be empty, and a tool call's
+    message has none). Tool loops: an assistant message's `tool_calls`, and `role: tool` messages with the result
+    (tools.py renders both)."""
 
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | None = None
     name: str | None = None  # accepted, not used
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=100)
     refusal: str | None = None
 
     @field_validator("content", mode="before")
@@ -78,15 +82,20 @@ class Message(BaseModel):
         return "".join(p["text"] for p in v)
 
     @model_validator(mode="after")
-    def _supported(self) -> Message:
-        if self.role == "tool" or self.tool_call_id is not None:
-            raise ValueError("tool results are not supported yet (role 'tool')")
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported yet (assistant 'tool_calls')")
+    def _roles(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message makes tool calls")
+        if self.role == "tool" and (self.tool_call_id is None or self.content is None):
+            raise ValueError("a tool message needs tool_call_id and content")
         return self
 
     @property
     def text(self) -> str:
+        """What the model sees of it: the content, with an assistant's tool calls or a tool's result (tools.py)."""
+        if self.tool_calls:
+            return tools.call_text(self.tool_calls, self.content)
+        if self.role == "tool":
+            return tools.response_text(self.content or "")
         return self.content or ""
 
 
@@ -107,13 +116,14 @@ class ChatCompletionRequest(SamplingFields):
     n: int | None = Field(1, ge=1, le=1)
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
     truncate: bool | None = False  # extension: drop the oldest turns to fit the context instead of refusing
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # null = auto with tools, none without (OpenAI's defaults)
+    parallel_tool_calls: bool | None = None  # auto may make several calls; required and a named choice make one
     # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None  # each reply token's log probability (choices[].logprobs.content)
+    top_logprobs: TopLogprobs | None = None  # and this many alternatives per token (needs logprobs: true)
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
 
@@ -126,32 +136,44 @@ class ChatCompletionRequest(SamplingFields):
                              "its newer name), or the same value in both")
         return v
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+    def _no_functions(cls, v: list[Any] | None) -> list[Any] | None:
         if v:
-            raise ValueError("tools are not supported yet")
+            raise ValueError("the deprecated functions are not supported: send them as tools")
         return v
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, v: Any) -> Any:
+    def _no_function_call(cls, v: Any) -> Any:
         if v not in (None, "none", "auto"):
-            raise ValueError("tool choice is not supported yet (tools are not)")
+            raise ValueError("the deprecated function_call is not supported: use tool_choice")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("logprobs are not supported yet")
-        return v
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        tools.check_tools(self.tools or [], self.tool_choice)
+        if self.forced_call and (self.grammar is not None or (self.response_format and
+                                                              self.response_format.type != "text")):
+            raise ValueError("tool_choice: a required or named tool call is itself the reply's format: drop "
+                             "response_format (or grammar), or let the tool choice be auto")
+        return self
+
+    @property
+    def tools_shown(self) -> list[Tool]:
+        """The tools the model is told about: none under tool_choice none."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    @property
+    def forced_call(self) -> bool:
+        """The reply must be one tool call (tool_choice required or named), held to it by constrained decoding."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("logprobs are not supported yet")
+    def _with_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
         return v
 
     @field_validator("modalities")
@@ -183,16 +205,24 @@ def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, 
             raise ApiError(422, f"messages[{i + j}].role: a system message may only come before the others",
                            param=f"messages[{i + j}].role")
     last = len(messages) - 1
-    if not rest or rest[-1].role != "user":
-        raise ApiError(422, f"messages[{last}].role: the last message must be a user message",
+    if not rest or rest[-1].role not in ("user", "tool"):
+        raise ApiError(422, f"messages[{last}].role: the last message must be a user message (or a tool result)",
                        param=f"messages[{last}].role")
+    # The results of one round of tool calls (consecutive tool messages) are one user turn, as the prompt shows them.
+    turns: list[tuple[int, Role, str]] = []
+    for j, m in enumerate(rest):
+        if m.role == "tool" and j and rest[j - 1].role == "tool":
+            k, role, text = turns[-1]
+            turns[-1] = (k, role, text + "\n" + m.text)
+        else:
+            turns.append((i + j, ROLES[m.role], m.text))
     history = []
-    for j, m in enumerate(rest[:-1]):
+    for k, role, text in turns[:-1]:
         try:
-            history.append(ChatMessage(role=ROLES[m.role], text=m.text))
+            history.append(ChatMessage(role=role, text=text))
         except ValidationError as e:
             why = first_error(e).msg.removeprefix("text: ")
-            raise ApiError(422, f"messages[{i + j}].content: {why}", param=f"messages[{i + j}].content") from None
+            raise ApiError(422, f"messages[{k}].content: {why}", param=f"messages[{k}].content") from None
     for k, part in enumerate(sys_parts):
         field = f"messages[{k}].content"
         if is_blank(part):
@@ -201,7 +231,7 @@ def split(messages: list[Message]) -> tuple[str | None, list[ChatMessage], str, 
             check_text(part, field=field)
         except ValueError as e:
             raise ApiError(422, str(e), param=field) from None
-    return ("\n\n".join(sys_parts) or None), history, rest[-1].text, last
+    return ("\n\n".join(sys_parts) or None), history, turns[-1][2], turns[-1][0]
 
 
 def usage(res: TurnResult) -> dict[str, Any]:
@@ -214,6 +244,19 @@ def usage(res: TurnResult) -> dict[str, Any]:
         "dropped_messages": res.dropped_messages,
         "truncated_tokens": res.truncated_tokens,
     }
+
+
+def logprobs(res: TurnResult) -> dict[str, Any] | None:
+    """OpenAI's `choices[].logprobs`: one entry per reply token (`bytes`: the UTF-8 of the token's text, decoded
+    alone), or None when the request did not ask."""
+    if res.logprobs is None:
+        return None
+
+    def entry(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, v) for a, v in t.top]}
+                        for t in res.logprobs], "refusal": None}
 
 
 def model_entry(m: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +283,13 @@ def get_model(model: str, svc: Service, caller: Authed) -> dict[str, Any]:
 async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Service, caller: Authed) -> Response:
     system, history, last, index = split(req.messages)
     sampling = req.sampling(req.max_completion_tokens)
+    if req.logprobs:
+        sampling = sampling.model_copy(update={"logprobs": req.top_logprobs or 0})
+    shown = req.tools_shown
+    if shown:  # the tools' prompt after the client's system prompt; a required or named call is a constraint
+        system = "\n\n".join(p for p in (system, tools.system_prompt(shown)) if p)
+        if req.forced_call:
+            sampling = sampling.model_copy(update={"grammar": tools.grammar_for(shown, req.tool_choice)})
 
     def start() -> StartedTurn:  # one hop to the thread pool for both (each hop is a wake-up under load)
         svc.check_model(req.model)
@@ -257,10 +307,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     base = {"id": f"chatcmpl-{tid}", "created": int(time.time()), "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse.response(stream(svc, request, tid, base, include_usage))
+        shaper = tools.ReplyShaper(shown, req.forced_call)
+        return sse.response(stream(svc, request, tid, base, include_usage, shaper))
     res = await wait_for_reply(svc, request, tid)
     if res is None:  # the client left; its turn was cancelled
         return Response(status_code=499)
+    message: dict[str, Any] = {"role": "assistant", "content": res.text}
+    finish = FINISH[res.finish_reason]
+    if shown:
+        parsed = tools.parse_reply(res.text, shown, req.forced_call)
+        if parsed.calls:
+            message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.calls}
+            finish = "tool_calls" if finish == "stop" else finish
     return JSONResponse(
         {
             **base,
@@ -268,9 +326,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": res.text},
-                    "finish_reason": FINISH[res.finish_reason],
-                    "logprobs": None,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": logprobs(res),
                 }
             ],
             "usage": usage(res),
@@ -330,14 +388,15 @@ async def wait_for_reply(svc: ChatService, request: Request, tid: str) -> TurnRe
 
 
 async def stream(
-    svc: ChatService, request: Request, tid: str, base: dict[str, Any], include_usage: bool
+    svc: ChatService, request: Request, tid: str, base: dict[str, Any], include_usage: bool,
+    shaper: tools.ReplyShaper,
 ) -> AsyncIterator[str]:
     """chat.completion.chunk events, then `data: [DONE]`. If a worker is lost mid-turn, the new attempt
     continues the text seamlessly while it agrees with what was sent; if it diverges, the stream ends
     with an error (text already sent cannot be taken back) and the turn is cancelled."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    def chunk(delta: dict[str, Any], finish: str | None = None, lp: dict[str, Any] | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
         return sse.frame({**base, "object": "chat.completion.chunk", "choices": [choice], **extra})
 
     def error(status: int, message: str, code: str) -> str:
@@ -364,7 +423,8 @@ async def stream(
             for up in asm.feed(ev):
                 ping.sent_now()
                 if isinstance(up, Append):
-                    yield chunk({"content": up.text})
+                    for delta in shaper.feed(up.text):
+                        yield chunk(delta)
                 elif isinstance(up, Restart):
                     diverged = True
                     yield error(500, "the turn was restarted on another worker and its reply diverged from what "
@@ -373,9 +433,13 @@ async def stream(
                 elif isinstance(up, Done):
                     finished = True
                     res = up.result
-                    if up.tail:
-                        yield chunk({"content": up.tail})
-                    yield chunk({}, FINISH[res.finish_reason], system_fingerprint=res.worker or None)
+                    deltas = shaper.feed(up.tail) if up.tail else []
+                    last, finish = shaper.finish(FINISH[res.finish_reason])
+                    for delta in deltas + last:
+                        yield chunk(delta)
+                    if res.logprobs is not None:  # all of them, in one chunk before the finish (see the docs)
+                        yield chunk({}, lp=logprobs(res))
+                    yield chunk({}, finish, system_fingerprint=res.worker or None)
                     if include_usage:
                         yield sse.frame({**base, "object": "chat.completion.chunk", "choices": [],
                                          "usage": usage(res)})

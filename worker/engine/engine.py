@@ -36,7 +36,7 @@ from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
 from worker.engine.grammar import GrammarCompiler, Matcher, allowed_tokens
 from worker.engine.prefix_cache import PrefixCache
-from worker.engine.sampling import Sampler, needs_history, sample
+from worker.engine.sampling import RowLogprob, Sampler, needs_history
 from worker.engine.stopping import StoppingCriteria
 from worker.pipeline.backend import PREFILL_CHUNKS, Backend, Copy, Prefill
 
@@ -76,6 +76,7 @@ class Finished:
     decode_s: float
     token_ids: list[int] = field(default_factory=list)  # the reply's ids (end key excluded)
     cached_tokens: int = 0  # prompt tokens whose KV was reused from an earlier sequence (not prefilled)
+    logprobs: list[RowLogprob] | None = None  # per reply token (token_ids' order), when its sampling asked
 
 
 @dataclass
@@ -116,6 +117,7 @@ class _Seq:
     last: int = 0
     pending: int | None = None  # sampled, text not yet emitted (Engine._emit_pending)
     generated: list[int] = field(default_factory=list)
+    logprobs: list[RowLogprob] | None = None  # per generated token, when params.logprobs is set
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_first: float = 0.0
@@ -244,6 +246,7 @@ class Engine:
             gen,
             on_text,
             matcher,
+            logprobs=[] if params.logprobs is not None else None,
         )
         with self._cv:
             if self._stopping:
@@ -444,12 +447,12 @@ class Engine:
         seqs = [seq for _, seq in done]
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
         allowed = allowed_tokens([s.matcher for s in seqs], self.codec.vocab_size)
-        tokens = sample(picked, [s.params for s in seqs], [s.generator for s in seqs],
-                        [(s.prompt, ()) for s in seqs], allowed)
+        drawn = Sampler().draw(picked, [s.params for s in seqs], [s.generator for s in seqs],
+                               [(s.prompt, ()) for s in seqs], allowed)
         now = time.perf_counter()
-        for seq, token in zip(seqs, tokens):
+        for j, (seq, token) in enumerate(zip(seqs, drawn.tokens)):
             seq.t_first = now
-            self._accept(seq, token)
+            self._accept(seq, token, lp=drawn.logprobs[j] if drawn.logprobs else None)
 
     def _step(self) -> None:
         active = [s for s in self.slots if s is not None and s.prefilled == len(s.prompt)]
@@ -466,16 +469,18 @@ class Engine:
         # Token histories only matter to penalties: not gathered every step otherwise.
         history = [(s.prompt, s.generated) for s in active] if any(needs_history(s.params) for s in active) else None
         allowed = allowed_tokens([s.matcher for s in active], self.codec.vocab_size)
-        tokens = self._sampler(picked, [s.params for s in active], [s.generator for s in active], history, allowed)
-        for s, t in zip(active, tokens):
+        drawn = self._sampler.draw(picked, [s.params for s in active], [s.generator for s in active], history,
+                                   allowed)
+        for j, (s, t) in enumerate(zip(active, drawn.tokens)):
             if self.slots[s.slot] is not s:
                 continue  # its previous token completed a stop string while this step ran: this one is void
             s.pos += 1
-            self._accept(s, t, defer=True)
+            self._accept(s, t, defer=True, lp=drawn.logprobs[j] if drawn.logprobs else None)
 
-    def _accept(self, seq: _Seq, token: int, defer: bool = False) -> None:
-        """Record a sampled token; finish the sequence when it ends. With `defer`, a token that doesn't
-        end it by id or length leaves its text (and a stop string's check) to _emit_pending."""
+    def _accept(self, seq: _Seq, token: int, defer: bool = False, lp: RowLogprob | None = None) -> None:
+        """Record a sampled token (and its log probability `lp` when the sequence asked); finish the sequence when
+        it ends. With `defer`, a token that doesn't end it by id or length leaves its text (and a stop string's
+        check) to _emit_pending."""
         self.tokens_generated += 1
         reason = seq.stopping.on_token(token, len(seq.generated) + 1)
         if reason is FinishReason.end_key:
@@ -485,6 +490,8 @@ class Engine:
             self._finish(seq, Failed(f"grammar: no token can continue the reply ({seq.matcher.get_error()[:200]})"))
             return
         seq.generated.append(token)
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(lp)
         seq.last = token
         if seq.matcher is not None and seq.matcher.is_stopped() and reason is None:
             reason = FinishReason.end_key  # the grammar is complete and allows nothing more: as if it ended
@@ -541,6 +548,7 @@ class Engine:
             now - (seq.t_first or now),
             list(seq.generated),
             seq.cached,
+            list(seq.logprobs) if seq.logprobs is not None else None,
         )
 
     def _finish(self, seq: _Seq, event: Event) -> None:

@@ -93,6 +93,23 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 @dataclass
+class RowLogprob:
+    """One row's sampled token's log probability (natural log) and its top alternatives as (token id, logprob),
+    most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Draw:
+    """A step's sampling: one token id per row, and per row its RowLogprob when it asked (None = no row asked)."""
+
+    tokens: list[int]
+    logprobs: list[RowLogprob | None] | None
+
+
+@dataclass
 class _Rows:
     """The drawing rows of one batch composition, as tensors built once (kept while it lasts)."""
 
@@ -151,7 +168,51 @@ class Sampler:
         history: Sequence[History] | None = None,
         allowed: Allowed | None = None,
     ) -> list[int]:
-        """One token id per row. `logits` (rows, vocab), any float dtype, already cut to the tokenizer's
+        """One token id per row: `draw(...).tokens`."""
+        return self.draw(logits, params, generators, history, allowed).tokens
+
+    def draw(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        history: Sequence[History] | None = None,
+        allowed: Allowed | None = None,
+    ) -> Draw:
+        """The rows' tokens, and the log probabilities of the rows that ask for them (`params.logprobs`)."""
+        out = self._pick_tokens(logits, params, generators, history, allowed)
+        return Draw(out.tolist(), self._logprobs(logits, params, out))
+
+    def _logprobs(self, logits: torch.Tensor, params: Sequence[SamplingParams], tokens: torch.Tensor
+                  ) -> list[RowLogprob | None] | None:
+        """For each row asking: its token's log probability and its top alternatives, from `logits` as processed
+        (bias, mask, penalties: float32, modified in place by _pick_tokens), tempered unless greedy."""
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not want:
+            return None
+        idx = torch.tensor(want, device=logits.device)
+        temps = torch.tensor([1.0 if params[i].greedy else params[i].temperature for i in want],
+                             device=logits.device).unsqueeze(1)
+        lp = torch.log_softmax(torch.nan_to_num(logits.index_select(0, idx) / temps, nan=float("-inf"),
+                                                posinf=1e30), dim=-1)
+        chosen = lp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).view(-1).tolist()
+        k = max(params[i].logprobs or 0 for i in want)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        rows: list[RowLogprob | None] = [None] * len(params)
+        for j, i in enumerate(want):
+            n = params[i].logprobs or 0
+            rows[i] = RowLogprob(chosen[j], list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())))
+        return rows
+
+    def _pick_tokens(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        history: Sequence[History] | None = None,
+        allowed: Allowed | None = None,
+    ) -> torch.Tensor:
+        """One token id per row, (rows,) int64. `logits` (rows, vocab), any float dtype, already cut to the tokenizer's
         real ids (modified in place when float32); `params` and `generators` (None = unseeded) per row;
         `history` each row's prompt and reply ids (needed when a row has a penalty: `needs_history`);
         `allowed` the tokens each constrained row's grammar allows (grammar.allowed_tokens; None = no such row).
@@ -171,13 +232,13 @@ class Sampler:
             apply_penalties(logits, params, history)
         out = logits.argmax(dim=-1)
         if not rows.drawn:
-            return out.tolist()
+            return out
         sub = logits.index_select(0, rows.drawn_idx) / rows.temperature
         sub = torch.nan_to_num(sub, nan=float("-inf"), posinf=1e30)  # overflowed: huge, not inf (inf - inf = nan)
         free = [j for j, i in enumerate(rows.drawn) if generators[i] is None]
         if len(free) == len(rows.drawn):  # the usual batch: every drawing row in one kernel
             out[rows.drawn_idx] = _pick(sub, rows.k, rows.cut, rows.top_k, rows.top_p)
-            return out.tolist()
+            return out
         if free:  # unseeded rows draw together: one kernel, not one per row
             f = torch.tensor(free, device=logits.device)
             out[rows.drawn_idx[f]] = _pick(sub[f], rows.k, rows.cut, rows.top_k[f], rows.top_p[f])
@@ -189,7 +250,7 @@ class Sampler:
             k = _own_k(params[i], vocab)
             out[i] = _pick(sub[j : j + 1], k, k < vocab or params[i].top_p < 1.0, rows.top_k[j : j + 1],
                            rows.top_p[j : j + 1], generators[i])[0]
-        return out.tolist()
+        return out
 
 
 def _pick(logits: torch.Tensor, k: int, cut: bool, top_k: torch.Tensor, top_p: torch.Tensor,

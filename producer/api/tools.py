@@ -1,0 +1,303 @@
+"""Tool calling on /v1: OpenAI's `tools` / `tool_choice` turned into a prompt and a constraint, and the reply turned
+back into `tool_calls`.
+
+Neither model this project ships has a chat template that renders tools (SmolLM2's and OASST's render role and
+content only), so tools are rendered by one documented prompt for every model, in the Hermes format that
+tool-trained chat models (Qwen, Hermes, SmolLM3) use: the tools' JSON schemas inside `<tools>` in the system prompt,
+calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, results as `<tool_response>` in a user turn.
+History messages from a tool loop (an assistant message with `tool_calls` and null content, `role: tool` messages)
+become those texts, so a full round trip renders the same whatever the template.
+
+`tool_choice`: `none` = the tools are not shown and the reply is text; `auto` (the default with tools) = the model
+decides: its reply is free text, and `<tool_call>` blocks in it that parse and name a tool become `tool_calls`;
+`required` and a named function are enforced by constrained decoding: the reply is exactly one call,
+`{"name": <a tool's name>, "arguments": <that tool's parameters schema>}` (compact JSON, name first; objects that do
+not say otherwise take no properties beyond those listed, as in OpenAI's strict mode), so it always parses and
+validates (unless `max_tokens` cuts it: finish_reason `length`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import first_error
+from shared.grammar import Grammar, GrammarType
+
+STRICT = ConfigDict(strict=True, extra="forbid")
+MAX_TOOLS = 128  # OpenAI's limit
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+PROMPT = (
+    "You can call functions. Their names, descriptions and the JSON schemas of their arguments:\n<tools>\n{tools}\n"
+    "</tools>\nTo call one, answer with only:\n<tool_call>\n"
+    '{{"name": <function name>, "arguments": <its arguments as a JSON object>}}\n</tool_call>'
+)
+
+
+class FunctionDef(BaseModel):
+    """One function a tool offers (OpenAI's `tools[].function`)."""
+
+    model_config = STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent = no arguments
+    strict: bool | None = None  # accepted either way: required and named calls are always held to the schema
+
+    def schema_(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else EMPTY_PARAMETERS
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(BaseModel):
+    """A call in an assistant message of the history (`tool_calls[].function`): arguments as a JSON string."""
+
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: str = Field(min_length=1, max_length=100)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+def check_tools(tools: list[Tool], choice: ToolChoice | None) -> None:
+    """Raises ValueError naming what is wrong: a duplicate name, a parameters schema that is not a valid JSON
+    schema, a named choice that names no tool."""
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ValueError("tools: two tools have the same name")
+    for i, t in enumerate(tools):
+        try:
+            Grammar(type=GrammarType.json, value=t.function.schema_())
+        except ValidationError as e:
+            raise ValueError(f"tools[{i}].function.parameters: {first_error(e).msg.removeprefix('value: ')}") from None
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise ValueError(f"tool_choice: no tool is named {choice.function.name!r}")
+    if choice is not None and choice != "none" and not tools:
+        raise ValueError("tool_choice: there are no tools to choose from")
+
+
+def system_prompt(tools: list[Tool]) -> str:
+    """The fallback prompt that shows the tools to a model (the module docstring)."""
+    lines = [json.dumps({"name": t.function.name, "description": t.function.description or "",
+                         "parameters": t.function.schema_()}, ensure_ascii=False) for t in tools]
+    return PROMPT.format(tools="\n".join(lines))
+
+
+def call_text(calls: list[ToolCall], content: str | None) -> str:
+    """An assistant message of the history with its calls, as the model would have written them."""
+    parts = [content] if content else []
+    for c in calls:
+        try:
+            arguments = json.loads(c.function.arguments)
+        except json.JSONDecodeError:
+            arguments = c.function.arguments  # kept as the client sent it
+        parts.append("<tool_call>\n" + json.dumps({"name": c.function.name, "arguments": arguments},
+                                                  ensure_ascii=False) + "\n</tool_call>")
+    return "\n".join(parts)
+
+
+def response_text(content: str) -> str:
+    """A `role: tool` message, as the user turn that carries it."""
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists its properties and says nothing of others closed to them
+    (`additionalProperties: false`), as OpenAI's strict mode requires them to be written. Clients that build tools
+    from function signatures (LangChain's bind_tools) leave it out, and a constrained small model then keeps adding
+    arguments until max_tokens ({"a":1,"b":2,"c":3,...} measured with SmolLM2-135M)."""
+    if isinstance(schema, list):
+        return [closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def grammar_for(tools: list[Tool], choice: ToolChoice | None) -> Grammar | None:
+    """The constraint of `required` or a named choice: exactly one call, name first. None otherwise."""
+    if choice == "required":
+        chosen = tools
+    elif isinstance(choice, NamedToolChoice):
+        chosen = [t for t in tools if t.function.name == choice.function.name]
+    else:
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                               "arguments": closed(t.function.schema_())},
+              "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    return Grammar(type=GrammarType.json, value=calls[0] if len(calls) == 1 else {"anyOf": calls})
+
+
+@dataclass
+class ParsedReply:
+    """A reply read for tool calls: `calls` as OpenAI's `tool_calls` (empty = a text reply) and the text left."""
+
+    content: str | None
+    calls: list[dict[str, Any]]
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+    if not (isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict)):
+        return None
+    return {"id": new_call_id(), "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}}
+
+
+def parse_reply(text: str, tools: list[Tool], constrained: bool) -> ParsedReply:
+    """`text` as tool calls: the whole reply when it was constrained to one call, else each `<tool_call>` block that
+    parses and names a tool (auto); the rest of the text is the content (None when nothing else is left)."""
+    names = {t.function.name for t in tools}
+    if constrained:
+        try:
+            call = _call(json.loads(text), names)
+        except json.JSONDecodeError:
+            call = None  # cut by max_tokens: returned as text, finish_reason length
+        head = CallStreamer.HEAD.match(text)
+        if call is None or head is None:
+            return ParsedReply(text, [])
+        # The arguments exactly as generated (and as streamed: CallStreamer), not re-serialized.
+        call["function"]["arguments"] = text[head.end():].rstrip().removesuffix("}")
+        return ParsedReply(None, [call])
+    calls = []
+    for m in CALL.finditer(text):
+        try:
+            call = _call(json.loads(m.group(1)), names)
+        except json.JSONDecodeError:
+            call = None
+        if call:
+            calls.append(call)
+    if not calls:
+        return ParsedReply(text, [])
+    rest = CALL.sub("", text).strip()
+    return ParsedReply(rest or None, calls)
+
+
+class CallStreamer:
+    """Streams a constrained call's text as OpenAI streams tool calls: one delta with the call's id and name once
+    the name is complete, then the arguments' text as it comes (the call's closing brace held back)."""
+
+    HEAD = re.compile(r'^\{"name":\s?"((?:[^"\\]|\\.)*)",\s?"arguments":\s?')
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0  # characters of the arguments already sent
+        self.id: str | None = None
+        self._start = -1
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The tool_calls deltas `piece` completes (OpenAI's `delta.tool_calls` items)."""
+        self.text += piece
+        out: list[dict[str, Any]] = []
+        if self.id is None:
+            m = self.HEAD.match(self.text)
+            if m is None:
+                return out
+            self.id, self._start = new_call_id(), m.end()
+            out.append({"index": 0, "id": self.id, "type": "function",
+                        "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": ""}})
+        args = self.text[self._start:-1]  # the last character may be the call's closing brace
+        if len(args) > self.sent:
+            out.append({"index": 0, "function": {"arguments": args[self.sent:]}})
+            self.sent = len(args)
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The deltas left at the end: the arguments' last characters, without the call's closing brace."""
+        if self.id is None:
+            return []
+        args = self.text[self._start:].rstrip()
+        args = args[:-1] if args.endswith("}") else args
+        if len(args) > self.sent:
+            tail, self.sent = args[self.sent:], len(args)
+            return [{"index": 0, "function": {"arguments": tail}}]
+        return []
+
+
+class ReplyShaper:
+    """Turns a streamed reply into chat.completion.chunk deltas: plain `content` without tools, else tool calls as
+    `delta.tool_calls` (a constrained call streamed as it comes; under `auto`, text is streamed until a
+    `<tool_call>` tag may be starting, and the calls are sent whole at the end)."""
+
+    TAG = "<tool_call>"
+
+    def __init__(self, tools: list[Tool] | None, constrained: bool):
+        self.tools = tools or []
+        self.constrained = constrained
+        self.call = CallStreamer() if constrained else None
+        self.full = ""
+        self.sent = 0  # characters of `full` already sent as content (auto)
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The deltas for `piece` of the reply's text."""
+        if self.call is not None:
+            return [{"tool_calls": [d]} for d in self.call.feed(piece)]
+        self.full += piece
+        safe = len(self.full)
+        if self.tools:
+            cut = self.full.find(self.TAG, self.sent)
+            if cut >= 0:
+                safe = cut
+            else:  # hold back a trailing prefix of the tag
+                for k in range(min(len(self.TAG) - 1, len(self.full)), 0, -1):
+                    if self.full.endswith(self.TAG[:k]):
+                        safe = len(self.full) - k
+                        break
+        if safe <= self.sent:
+            return []
+        out, self.sent = self.full[self.sent:safe], safe
+        return [{"content": out}]
+
+    def finish(self, finish: str) -> tuple[list[dict[str, Any]], str]:
+        """The last deltas, once the whole reply has been fed, and the finish_reason to send (tool_calls when calls
+        were made and the reply ended normally)."""
+        if self.call is not None:
+            if self.call.id is None:  # cut before the name was complete: nothing was sent
+                return ([{"content": self.call.text}] if self.call.text else []), finish
+            return [{"tool_calls": [d]} for d in self.call.finish()], "tool_calls" if finish == "stop" else finish
+        if not self.tools:
+            return [], finish
+        parsed = parse_reply(self.full, self.tools, False)
+        if not parsed.calls:
+            rest = self.full[self.sent:]
+            return ([{"content": rest}] if rest else []), finish
+        deltas: list[dict[str, Any]] = []
+        unsent = CALL.sub("", self.full[self.sent:]).strip()
+        if unsent:
+            deltas.append({"content": unsent})
+        deltas += [{"tool_calls": [{"index": i, **c}]} for i, c in enumerate(parsed.calls)]
+        return deltas, "tool_calls" if finish == "stop" else finish

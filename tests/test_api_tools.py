@@ -1,0 +1,174 @@
+"""producer/api/tools.py through /v1 with a live server and a real worker: tool_choice required and named return a
+call whose arguments validate (streaming deltas reassemble to the same call), auto turns `<tool_call>` blocks into
+calls, a whole round trip (call -> tool message -> answer) renders and answers, none shows no tools; LangChain's
+bind_tools on SmolLM2. The reply shaping itself (streamed calls, held-back tags) is tested without a server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import jsonschema
+import openai
+import pytest
+
+from producer.api import tools
+from producer.api.routes_openai import ChatCompletionRequest, split
+from tests.api_live import KEY_A, LiveServer, live_api, tiny_worker
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                    "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(redis_url: str) -> Iterator[LiveServer]:
+    # The tools' prompt takes ~700 of tiny-neox's byte tokens: a longer sequence than its preset's 256.
+    with tiny_worker(redis_url, sequence_length=1536), live_api(redis_url) as s:
+        yield s
+
+
+@pytest.fixture
+def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
+    yield c
+    c.close()
+
+
+def _schema(name: str) -> dict:
+    return next(t["function"]["parameters"] for t in (WEATHER, TIME) if t["function"]["name"] == name)
+
+
+def test_required_and_named_choices_return_a_call_whose_arguments_validate(oai: openai.OpenAI) -> None:
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        for seed in range(2):
+            done = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[WEATHER, TIME],
+                                               tool_choice=choice, max_tokens=80, temperature=1.0, seed=seed,
+                                               extra_body={"top_k": 0})
+            choice0 = done.choices[0]
+            assert choice0.finish_reason == "tool_calls", choice0
+            (call,) = choice0.message.tool_calls
+            assert choice0.message.content is None and call.id.startswith("call_") and call.type == "function"
+            if isinstance(choice, dict):
+                assert call.function.name == "get_time"
+            jsonschema.validate(json.loads(call.function.arguments), _schema(call.function.name))
+
+
+def test_streamed_tool_call_deltas_reassemble_to_the_same_call(oai: openai.OpenAI) -> None:
+    kw = {"model": "tiny-neox", "messages": USER, "tools": [WEATHER, TIME], "tool_choice": "required",
+          "max_tokens": 80, "temperature": 0}
+    whole = oai.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    chunks = list(oai.chat.completions.create(**kw, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == whole.function.name and deltas[0].type == "function"
+    assert len(deltas) > 2  # the arguments came in pieces, as OpenAI streams them
+    assert "".join(d.function.arguments or "" for d in deltas) == whole.function.arguments
+    assert {d.index for d in deltas} == {0}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_a_tool_round_trip_renders_and_gets_an_answer(oai: openai.OpenAI) -> None:
+    """call -> the client runs it -> an assistant message with tool_calls and null content, a tool message -> the
+    model answers (auto) as text."""
+    first = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[WEATHER], tool_choice="required",
+                                        max_tokens=80, temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp": 21, "sky": "clear"})}]
+    answer = oai.chat.completions.create(model="tiny-neox", messages=messages, tools=[WEATHER], max_tokens=8,
+                                         temperature=0)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > first.usage.prompt_tokens  # the call and its result are in the prompt
+    none = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[WEATHER], tool_choice="none",
+                                       max_tokens=4, temperature=0)
+    plain = oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=4, temperature=0)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens  # none: the tools are not shown
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_a_round_trips_messages_render_as_the_documented_prompt() -> None:
+    req = ChatCompletionRequest.model_validate({"model": "m", "tools": [WEATHER], "messages": [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21C"},
+        {"role": "tool", "tool_call_id": "c2", "content": "25C"}]})
+    system, history, last, index = split(req.messages)
+    assert system is None and index == 2  # the two results are one user turn, named by the first
+    assert history[1].text == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+                               '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+    assert last == "<tool_response>\n21C\n</tool_response>\n<tool_response>\n25C\n</tool_response>"
+    assert '"name": "get_weather"' in tools.system_prompt(req.tools_shown) and "<tools>" in tools.system_prompt(
+        req.tools_shown)
+
+
+def test_auto_reads_tool_call_blocks_and_streams_text_until_a_tag_may_start() -> None:
+    parsed_tools = [tools.Tool.model_validate(WEATHER)]
+    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n' \
+           '</tool_call>'
+    got = tools.parse_reply(text, parsed_tools, constrained=False)
+    assert got.content == "Let me check." and len(got.calls) == 1
+    assert json.loads(got.calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "C"}
+    unknown = tools.parse_reply(text.replace("get_weather", "launch"), parsed_tools, constrained=False)
+    assert unknown.calls == [] and unknown.content == text.replace("get_weather", "launch")  # not a tool: text
+    shaper = tools.ReplyShaper(parsed_tools, constrained=False)
+    sent = [d for piece in ("Let me check.\n<tool", "_call>\n{", text[len("Let me check.\n<tool_call>\n{"):])
+            for d in shaper.feed(piece)]
+    assert sent == [{"content": "Let me check.\n"}]  # "<tool" was held back: it became a call
+    last, finish = shaper.finish("stop")
+    assert finish == "tool_calls" and last[0]["tool_calls"][0]["function"]["name"] == "get_weather"
+    plain = tools.ReplyShaper(parsed_tools, constrained=False)
+    out = plain.feed("a <b") + plain.feed("> c <to") + plain.finish("stop")[0]
+    assert "".join(d["content"] for d in out) == "a <b> c <to"  # held back, then sent when it was not a tag
+
+
+def test_a_constrained_call_cut_by_max_tokens_is_text_with_finish_length(oai: openai.OpenAI) -> None:
+    done = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=5, temperature=0)
+    assert done.choices[0].finish_reason == "length"
+    assert done.choices[0].message.tool_calls is None and done.choices[0].message.content == '{"nam'  # 5 bytes
+
+
+@pytest.fixture(scope="module")
+def smol_server(redis_url: str) -> Iterator[LiveServer]:
+    from producer.embedded import InProcessWorker
+    from tests.conftest import tiny_settings
+
+    worker = InProcessWorker(tiny_settings(redis_url, model="smollm2-135m", device="cpu", slots=2)).start()
+    try:
+        with live_api(redis_url) as s:
+            yield s
+    finally:
+        worker.stop()
+
+
+@pytest.mark.smollm2
+def test_langchains_bind_tools_with_a_required_choice_returns_a_valid_call(smol_server: LiveServer) -> None:
+    from langchain_core.messages import ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        return a * b
+
+    llm = ChatOpenAI(model="smollm2-135m", base_url=smol_server.url + "/v1", api_key=KEY_A, temperature=0,
+                     max_tokens=60, max_retries=0, timeout=120)
+    question = "What is 6 times 7?"
+    msg = llm.bind_tools([multiply], tool_choice="required").invoke(question)
+    assert len(msg.tool_calls) == 1 and msg.tool_calls[0]["name"] == "multiply", msg
+    args = msg.tool_calls[0]["args"]
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    result = multiply.invoke(args)
+    answer = llm.bind_tools([multiply]).invoke([("user", question), msg,
+                                                ToolMessage(str(result), tool_call_id=msg.tool_calls[0]["id"])])
+    assert answer.content or answer.tool_calls  # the round trip came back with an answer
