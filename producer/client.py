@@ -28,7 +28,7 @@ from producer.reader import TERMINAL, EventKind, StreamEvent, follow
 from producer.routing import opening, rendezvous
 from producer.store import ConversationStore, Started, new_id
 from shared.arrivals import Arrivals
-from shared.context import ContextLengthExceeded, fit_turn
+from shared.context import ContextLengthExceeded, fit_raw, fit_turn
 from shared.errors import Busy, InvalidInput, NotFound, TurnFailed, Unavailable
 from shared.keys import Keys, check_id
 from shared.messages import ChatMessage, Role
@@ -67,6 +67,7 @@ class TurnRequest:
     max_queue_depth: int | None = None  # refuse while the model's queue holds more than this (None = no limit)
     deadline: float | None = None  # unix time after which generation stops (finish_reason cancelled)
     text_field: str = "message"  # how errors about `text` name it
+    raw: bool = False  # `text` is a whole raw prompt (/v1/completions: no template, no system, no history)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ class ChatClient:
                     task = GenerateTask(turn_id=tid, conversation_id=cid, model=model,
                                         messages=head + kept + [user], sampling=req.sampling,
                                         enqueued_at=time.time(), deadline=req.deadline, dropped_messages=dropped,
-                                        truncate=req.truncate)
+                                        truncate=req.truncate, raw=req.raw)
                     message = generate_message(tid, queue, task.model_dump(mode="json"))
                     if len(message) <= MAX_ITEM_BYTES:
                         break
@@ -264,6 +265,9 @@ class ChatClient:
             kept.reverse()
             return kept, len(earlier) - len(kept), 0, None
         req.sampling.check_vocab(info.card.vocab_size)
+        if req.raw:
+            fitted = fit_raw(codec, user.text, info.sequence_length, req.sampling.max_tokens)
+            return [], 0, 0, len(fitted.ids)
         fitted = fit_turn(codec, head + earlier + [user], info.sequence_length, req.sampling.max_tokens,
                           truncate=req.truncate)
         drop = fitted.dropped_messages

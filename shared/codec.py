@@ -48,6 +48,12 @@ class Codec:
         """Token ids of `text` as plain text: no BOS/EOS added, special-token text split into ordinary tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
+    def encode_raw(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt, as the tokenizer reads it on its own (OpenAI's and vLLM's
+        /v1/completions): special-token text parsed, BOS added where the tokenizer adds it. Never used for chat
+        messages, whose text never becomes special tokens (encode_segment)."""
+        return self.tokenizer(text)["input_ids"]
+
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, special tokens skipped, spacing as decoded (no clean-up)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

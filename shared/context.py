@@ -159,3 +159,19 @@ def fit_turn(
             "(truncate: true)"
         )
     return fit(codec, messages, seq_len, max_tokens, reserve=max_tokens or 1)
+
+
+def fit_raw(codec: Codec, text: str, seq_len: int, max_tokens: int | None) -> FittedPrompt:
+    """A raw completion prompt (Codec.encode_raw) with room for `max_tokens` (or one token), as it is: nothing is
+    dropped or cut (OpenAI's rule). Raises ContextError naming max_tokens, ContextLengthExceeded naming prompt."""
+    if max_tokens is not None and max_tokens >= seq_len:
+        raise ContextError(f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens")
+    ids = codec.encode_raw(text)
+    if not ids:
+        raise ContextError("prompt: it is empty once tokenized", "prompt")
+    if len(ids) + (max_tokens or 1) > seq_len:
+        asked = f" and {max_tokens} for the output" if max_tokens else " and at least 1 for the output"
+        raise ContextLengthExceeded(
+            f"prompt: this model's maximum context length is {seq_len} tokens, but the prompt takes {len(ids)} "
+            f"tokens{asked}; shorten the prompt or max_tokens", "prompt")
+    return FittedPrompt(ids, min(max_tokens or seq_len, seq_len - len(ids)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_serializer
 
 from shared.keys import ID_PATTERN
 from shared.messages import ChatMessage
@@ -55,6 +55,16 @@ class GenerateTask(BaseModel):
     dropped_messages: int = Field(0, ge=0)
     # False: nothing may be dropped or cut to fit the context (the turn fails with context_length_exceeded).
     truncate: bool = True
+    # True: a raw completion (/v1/completions): `messages` is one prompter message whose text is the whole prompt,
+    # tokenized as is (Codec.encode_raw), no template. Left out of payloads when False (older workers forbid it).
+    raw: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_defaults_new_workers_add(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if not self.raw:
+            out.pop("raw", None)
+        return out
 
     @field_serializer("sampling")
     def _given_sampling(self, sampling: SamplingParams) -> dict[str, Any]:

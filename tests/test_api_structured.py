@@ -116,34 +116,3 @@ def test_the_conversation_routes_take_a_grammar_and_a_response_format(server: Li
     bad = httpx.post(url, headers=headers, json={"content": "x", "grammar": {"type": "regex", "value": "(("}})
     assert bad.status_code == 422 and "grammar" in bad.text and "invalid regex" in bad.text, bad.text
     assert httpx.get(url, headers=headers).json() == before
-
-
-@pytest.fixture(scope="module")
-def smol_server(redis_url: str) -> Iterator[LiveServer]:
-    from producer.embedded import InProcessWorker
-    from tests.conftest import tiny_settings
-
-    worker = InProcessWorker(tiny_settings(redis_url, model="smollm2-135m", device="cpu", slots=2)).start()
-    try:
-        with live_api(redis_url) as s:
-            yield s
-    finally:
-        worker.stop()
-
-
-@pytest.mark.smollm2
-def test_langchains_with_structured_output_returns_a_valid_object_on_smollm2(smol_server: LiveServer) -> None:
-    from langchain_openai import ChatOpenAI
-
-    class Person(BaseModel):
-        """Someone from the question."""
-
-        name: str = Field(description="the person's name")
-        age: int = Field(description="age in years")
-        city: Literal["Paris", "London", "Rome"]
-
-    llm = ChatOpenAI(model="smollm2-135m", base_url=smol_server.url + "/v1", api_key=KEY_A, temperature=0,
-                     max_tokens=80, max_retries=0, timeout=120)
-    got = llm.with_structured_output(Person).invoke("Alice is 31 and lives in Paris. Extract her details.")
-    assert isinstance(got, Person), got
-    assert got.city in ("Paris", "London", "Rome")

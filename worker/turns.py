@@ -22,7 +22,7 @@ from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from shared.codec import Codec
-from shared.context import ContextError, FittedPrompt, fit_turn
+from shared.context import ContextError, FittedPrompt, fit_raw, fit_turn
 from shared.messages import ChatMessage, Role
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason, GenerateTask, Timings, TokenLogprob, TurnResult
@@ -131,6 +131,8 @@ def _fit(task: GenerateTask, codec: Codec, max_len: int) -> FittedPrompt:
     length (shared/context.py). Raises ContextError or ValueError (top_k beyond the vocabulary) naming
     the field: the turn is failed with it."""
     task.sampling.check_vocab(codec.vocab_size)
+    if task.raw:
+        return fit_raw(codec, task.messages[-1].text, max_len, task.sampling.max_tokens)
     return fit_turn(codec, task.messages, max_len, task.sampling.max_tokens, truncate=task.truncate)
 
 

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.api import routes_conversations, routes_openai
+from producer.api import routes_completions, routes_conversations, routes_openai, routes_responses
 from producer.api.auth import Authenticator, KeyRing, RateLimiter
 from producer.api.config import ApiSettings, load_api_settings
 from producer.api.errors import error_body, install_handlers
@@ -61,6 +61,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                            expose_headers=["Retry-After"], max_age=600)
     app.include_router(routes_conversations.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_completions.router)
+    app.include_router(routes_responses.router)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

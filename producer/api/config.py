@@ -20,6 +20,9 @@ class ApiSettings(Settings):
     retry_after_s: int = Field(5, ge=1)
     # A stateless /v1/chat/completions request lives on as a conversation this long (then expires).
     openai_conversation_ttl_s: int = Field(3600, ge=10)
+    # A stored /v1/responses chain is kept this long after its latest turn. A response can be continued
+    # (previous_response_id) while its turn's record lives too: CHAT_RESULT_TTL_S, a day by default.
+    responses_ttl_s: int = Field(86_400, ge=10)
     completion_timeout_s: float = Field(600.0, gt=0)  # a non-streaming completion waits this long at most
     sse_ping_s: float = Field(15.0, gt=0)  # SSE comment line sent this often while nothing else is
     # Browser apps on these origins may call the API (comma separated, "*" = any); empty = CORS off.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -259,9 +260,16 @@ def logprobs(res: TurnResult) -> dict[str, Any] | None:
                         for t in res.logprobs], "refusal": None}
 
 
+# What every served model supports: the engine does it all on the host, whatever the backend (CPU, CUDA, IPU).
+CAPABILITIES = {"chat_completions": True, "completions": True, "structured_outputs": True, "tools": True,
+                "tool_choice": ["none", "auto", "required", "named"], "logprobs": True, "max_top_logprobs": 20}
+
+
 def model_entry(m: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/models entry: OpenAI's fields, the context length (positions for prompt and reply together), the
+    live workers serving it and what it supports."""
     return {"id": m["id"], "object": "model", "created": 0, "owned_by": "chat-worker-pool",
-            "context_length": m["context_length"], "workers": m["workers"]}
+            "context_length": m["context_length"], "workers": m["workers"], "capabilities": CAPABILITIES}
 
 
 @router.get("/models")
@@ -308,7 +316,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         shaper = tools.ReplyShaper(shown, req.forced_call)
-        return sse.response(stream(svc, request, tid, base, include_usage, shaper))
+        return sse.response(stream(svc, tid, base, include_usage, shaper))
     res = await wait_for_reply(svc, request, tid)
     if res is None:  # the client left; its turn was cancelled
         return Response(status_code=499)
@@ -387,17 +395,26 @@ async def wait_for_reply(svc: ChatService, request: Request, tid: str) -> TurnRe
             t.cancel()
 
 
-async def stream(
-    svc: ChatService, request: Request, tid: str, base: dict[str, Any], include_usage: bool,
-    shaper: tools.ReplyShaper,
-) -> AsyncIterator[str]:
-    """chat.completion.chunk events, then `data: [DONE]`. If a worker is lost mid-turn, the new attempt
-    continues the text seamlessly while it agrees with what was sent; if it diverges, the stream ends
-    with an error (text already sent cannot be taken back) and the turn is cancelled."""
+@dataclass
+class Piece:
+    """A part of a streamed reply, shaped (tools.ReplyShaper): a `delta` as chat.completion.chunk carries it."""
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lp: dict[str, Any] | None = None, **extra: Any) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
-        return sse.frame({**base, "object": "chat.completion.chunk", "choices": [choice], **extra})
+    delta: dict[str, Any]
+
+
+@dataclass
+class End:
+    """The reply's end: the finish_reason to send and the turn's result."""
+
+    finish: str
+    result: TurnResult
+
+
+async def reply_events(svc: ChatService, tid: str, shaper: tools.ReplyShaper) -> AsyncIterator[Piece | End | str]:
+    """A turn's reply as it streams: Pieces, then its End; a `str` is an SSE frame to send as it is (a ping, an
+    error, the final `data: [DONE]`). If a worker is lost mid-turn, the new attempt continues the text seamlessly
+    while it agrees with what was sent; if it diverges, the stream ends with an error (text already sent cannot be
+    taken back). A turn that did not end (the client left, it diverged, the server is stopping) is cancelled."""
 
     def error(status: int, message: str, code: str) -> str:
         return sse.frame(error_body(status, message, code=code))
@@ -406,7 +423,6 @@ async def stream(
     asm = ReplyAssembler()
     finished = False  # the turn ended (done or error) and the client was told
     drain_end: float | None = None
-    yield chunk({"role": "assistant", "content": ""})
     try:
         async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
             if svc.draining.is_set():
@@ -424,7 +440,7 @@ async def stream(
                 ping.sent_now()
                 if isinstance(up, Append):
                     for delta in shaper.feed(up.text):
-                        yield chunk(delta)
+                        yield Piece(delta)
                 elif isinstance(up, Restart):
                     diverged = True
                     yield error(500, "the turn was restarted on another worker and its reply diverged from what "
@@ -432,17 +448,11 @@ async def stream(
                     break
                 elif isinstance(up, Done):
                     finished = True
-                    res = up.result
                     deltas = shaper.feed(up.tail) if up.tail else []
-                    last, finish = shaper.finish(FINISH[res.finish_reason])
+                    last, finish = shaper.finish(FINISH[up.result.finish_reason])
                     for delta in deltas + last:
-                        yield chunk(delta)
-                    if res.logprobs is not None:  # all of them, in one chunk before the finish (see the docs)
-                        yield chunk({}, lp=logprobs(res))
-                    yield chunk({}, finish, system_fingerprint=res.worker or None)
-                    if include_usage:
-                        yield sse.frame({**base, "object": "chat.completion.chunk", "choices": [],
-                                         "usage": usage(res)})
+                        yield Piece(delta)
+                    yield End(finish, up.result)
                 elif isinstance(up, Error):
                     finished = True
                     yield error(500, up.message, "turn_failed")
@@ -450,8 +460,32 @@ async def stream(
                 break
         yield sse.frame("[DONE]")
     finally:
-        if not finished:  # the client went away, the reply diverged, or the server is stopping: stop the turn
+        if not finished:
             spawn(cancel(svc, tid))
+
+
+async def stream(
+    svc: ChatService, tid: str, base: dict[str, Any], include_usage: bool, shaper: tools.ReplyShaper
+) -> AsyncIterator[str]:
+    """chat.completion.chunk events (reply_events), then `data: [DONE]`."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, lp: dict[str, Any] | None = None, **extra: Any) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
+        return sse.frame({**base, "object": "chat.completion.chunk", "choices": [choice], **extra})
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for item in reply_events(svc, tid, shaper):
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, Piece):
+            yield chunk(item.delta)
+        else:
+            res = item.result
+            if res.logprobs is not None:  # all of them, in one chunk before the finish (see the docs)
+                yield chunk({}, lp=logprobs(res))
+            yield chunk({}, item.finish, system_fingerprint=res.worker or None)
+            if include_usage:
+                yield sse.frame({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(res)})
 
 
 _background: set[asyncio.Task[None]] = set()
