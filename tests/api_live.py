@@ -69,3 +69,10 @@ def tiny_worker(redis_url: str, **over: Any) -> Iterator[InProcessWorker]:
         worker.stop()
         r.flushdb()
         r.close()
+
+
+def openai_client(url: str, key: str = KEY_A) -> Any:
+    """The official openai client on a live server's /v1 (`url`: LiveServer.url), no retries, 60 s timeout."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)

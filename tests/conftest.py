@@ -76,3 +76,13 @@ def smol_tokenizer():
 
     preset = load_presets().model("smollm2-135m")
     return AutoTokenizer.from_pretrained(resolve_source(preset), gguf_file=preset.gguf_file)
+
+
+@pytest.fixture
+def oai(server):  # noqa: ANN001, ANN201 - `server`: the requesting module's own live server fixture
+    """An openai client on the requesting module's `server` fixture (tests/api_live.py's LiveServer)."""
+    from tests.api_live import openai_client
+
+    c = openai_client(server.url)
+    yield c
+    c.close()

@@ -11,7 +11,7 @@ import openai
 import pytest
 import redis
 
-from tests.api_live import KEY_A, LiveServer, live_api, tiny_worker
+from tests.api_live import LiveServer, live_api, tiny_worker
 
 PROMPT = "The quick brown fox"
 
@@ -20,13 +20,6 @@ PROMPT = "The quick brown fox"
 def server(redis_url: str) -> Iterator[LiveServer]:
     with tiny_worker(redis_url), live_api(redis_url) as s:
         yield s
-
-
-@pytest.fixture
-def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
-    yield c
-    c.close()
 
 
 def test_a_raw_prompt_is_completed_without_a_template(oai: openai.OpenAI) -> None:

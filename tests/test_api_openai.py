@@ -14,7 +14,7 @@ import openai
 import pytest
 import redis
 
-from tests.api_live import KEY_A, LiveServer, live_api, tiny_worker
+from tests.api_live import KEY_A, LiveServer, live_api, openai_client, tiny_worker
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -30,17 +30,6 @@ IDLE_MODEL = "smollm2-135m"  # a preset no worker serves here
 def server(redis_url: str) -> Iterator[LiveServer]:
     with tiny_worker(redis_url), live_api(redis_url) as s:
         yield s
-
-
-def client(url: str, key: str = KEY_A) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
-    c = client(server.url)
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -138,7 +127,7 @@ def test_unknown_model_unserved_model_and_bad_key(oai: openai.OpenAI, server: Li
         oai.chat.completions.create(model=IDLE_MODEL, messages=USER)
     assert time.monotonic() - t0 < 2 and e5.value.status_code == 503 and e5.value.code == "model_not_served"
     with pytest.raises(openai.AuthenticationError) as e2:
-        client(server.url, "sk-wrong").chat.completions.create(model="tiny-neox", messages=USER)
+        openai_client(server.url, "sk-wrong").chat.completions.create(model="tiny-neox", messages=USER)
     assert e2.value.status_code == 401 and e2.value.type == "authentication_error"
     no_key = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny-neox", "messages": USER})
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "missing_api_key"
@@ -346,7 +335,7 @@ def test_nan_bad_json_and_lone_surrogates_are_400(server: LiveServer, r: redis.R
 
 def test_rate_limit_raises_rate_limit_error(redis_url: str, server: LiveServer) -> None:
     with live_api(redis_url, rate_limit_per_min=1, rate_limit_burst=2) as s:
-        c = client(s.url)
+        c = openai_client(s.url)
         c.models.list()
         c.models.list()
         with pytest.raises(openai.RateLimitError) as e:
@@ -359,10 +348,10 @@ def test_deep_queue_is_503(redis_url: str, server: LiveServer, r: redis.Redis) -
         r.lpush(f"chat.{IDLE_MODEL}", "{}")  # a queue with something in it, and no worker on it
         try:
             with pytest.raises(openai.InternalServerError) as e:
-                client(s.url).chat.completions.create(model=IDLE_MODEL, messages=USER)
+                openai_client(s.url).chat.completions.create(model=IDLE_MODEL, messages=USER)
             assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "3"
             assert e.value.code == "queue_full"
-            assert client(s.url).chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2).choices
+            assert openai_client(s.url).chat.completions.create(model="tiny-neox", messages=USER, max_tokens=2).choices
         finally:
             r.delete(f"chat.{IDLE_MODEL}")
 

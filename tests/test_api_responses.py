@@ -12,24 +12,13 @@ import openai
 import pytest
 import redis
 
-from tests.api_live import KEY_A, KEY_B, LiveServer, live_api, tiny_worker
+from tests.api_live import KEY_B, LiveServer, live_api, openai_client, tiny_worker
 
 
 @pytest.fixture(scope="module")
 def server(redis_url: str) -> Iterator[LiveServer]:
     with tiny_worker(redis_url, sequence_length=1024), live_api(redis_url) as s:
         yield s
-
-
-def client(server: LiveServer, key: str = KEY_A) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-@pytest.fixture
-def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
-    c = client(server)
-    yield c
-    c.close()
 
 
 def conversation_of(r: redis.Redis, response_id: str) -> str:
@@ -66,7 +55,7 @@ def test_a_chain_of_responses_is_one_conversation_whose_history_is_reused(oai: o
 def test_another_callers_response_is_not_found_and_cannot_be_continued(server: LiveServer,
                                                                          oai: openai.OpenAI) -> None:
     mine = oai.responses.create(model="tiny-neox", input="Mine", max_output_tokens=2, temperature=0)
-    with client(server, KEY_B) as theirs:
+    with openai_client(server.url, KEY_B) as theirs:
         with pytest.raises(openai.NotFoundError):
             theirs.responses.retrieve(mine.id)
         with pytest.raises(openai.NotFoundError):

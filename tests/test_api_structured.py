@@ -35,13 +35,6 @@ def server(redis_url: str) -> Iterator[LiveServer]:
         yield s
 
 
-@pytest.fixture
-def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
-    yield c
-    c.close()
-
-
 def test_the_openai_clients_parse_returns_a_valid_object(oai: openai.OpenAI) -> None:
     """`client.chat.completions.parse(response_format=PydanticModel)` sends a strict json_schema and parses the
     reply into the model: it must always validate (sampled, several seeds)."""

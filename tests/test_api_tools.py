@@ -14,7 +14,7 @@ import pytest
 
 from producer.api import tools
 from producer.api.routes_openai import ChatCompletionRequest, split
-from tests.api_live import KEY_A, LiveServer, live_api, tiny_worker
+from tests.api_live import LiveServer, live_api, tiny_worker
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -32,13 +32,6 @@ def server(redis_url: str) -> Iterator[LiveServer]:
     # The tools' prompt takes ~700 of tiny-neox's byte tokens: a longer sequence than its preset's 256.
     with tiny_worker(redis_url, sequence_length=1536), live_api(redis_url) as s:
         yield s
-
-
-@pytest.fixture
-def oai(server: LiveServer) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
-    yield c
-    c.close()
 
 
 def _schema(name: str) -> dict:

@@ -75,17 +75,17 @@ def test_sampler_rebuilds_its_row_tensors_when_the_batch_changes():
     sampler = Sampler()
     seen: list[set[int]] = [set(), set()]
     for _ in range(60):
-        a, b = sampler(logits, [wide, narrow], [None, None])
+        a, b = sampler.draw(logits, [wide, narrow], [None, None]).tokens
         seen[0].add(a)
         seen[1].add(b)
     assert seen[1] <= {0, 1} and len(seen[0] - {0, 1}) > 0
     swapped = [set(), set()]
     for _ in range(60):  # the same objects, the other way round
-        a, b = sampler(logits, [narrow, wide], [None, None])
+        a, b = sampler.draw(logits, [narrow, wide], [None, None]).tokens
         swapped[0].add(a)
         swapped[1].add(b)
     assert swapped[0] <= {0, 1} and len(swapped[1] - {0, 1}) > 0
-    assert all(t in (0, 1) for t in sampler(logits[:1], [narrow], [None]) for _ in range(20))
+    assert all(t in (0, 1) for t in sampler.draw(logits[:1], [narrow], [None]).tokens for _ in range(20))
 
 
 def test_a_row_without_top_k_but_with_top_p_keeps_its_nucleus_beside_top_k_rows():
@@ -114,7 +114,7 @@ def test_a_seeded_row_draws_the_same_whatever_its_batch_mates_top_k():
         gen = torch.Generator().manual_seed(3)
         mates = [SamplingParams(temperature=1.0, top_k=mate_k), SamplingParams(temperature=0.7, top_p=0.5, top_k=0)]
         sampler = Sampler()
-        return [sampler(logits, [mates[0], seeded, mates[1]], [None, gen, None])[1] for _ in range(15)]
+        return [sampler.draw(logits, [mates[0], seeded, mates[1]], [None, gen, None]).tokens[1] for _ in range(15)]
 
     assert draws(2) == draws(400) == draws(0)
 

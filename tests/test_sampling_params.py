@@ -49,6 +49,9 @@ def test_a_payload_carries_only_the_sampling_fields_set_so_older_workers_read_it
     assert dumped["sampling"] == {"temperature": 0.0, "presence_penalty": 0.5}
     assert GenerateTask.model_validate(dumped) == task
     assert GenerateTask.model_validate_json(task.model_dump_json()) == task
+    assert "raw" not in dumped  # a chat turn: the field older workers do not know is left out ...
+    raw = task.model_copy(update={"raw": True})
+    assert raw.model_dump(mode="json")["raw"] is True and GenerateTask.model_validate_json(raw.model_dump_json()) == raw
 
 
 def test_unknown_fields_are_rejected():

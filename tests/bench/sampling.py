@@ -75,7 +75,7 @@ def main() -> None:
             params = [p] * rows
             sampler = Sampler()
             before = time_ms(lambda: sort_sample(logits, params))  # noqa: B023 - called at once
-            after = time_ms(lambda: sampler(logits, params, [None] * rows))  # noqa: B023
+            after = time_ms(lambda: sampler.draw(logits, params, [None] * rows))  # noqa: B023
             print(f"| {name} | {rows} | {before:.2f} | {after:.2f} | {before / after:.1f}× |")
 
 

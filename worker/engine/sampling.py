@@ -160,17 +160,6 @@ class Sampler:
         )
         return rows
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator | None],
-        history: Sequence[History] | None = None,
-        allowed: Allowed | None = None,
-    ) -> list[int]:
-        """One token id per row: `draw(...).tokens`."""
-        return self.draw(logits, params, generators, history, allowed).tokens
-
     def draw(
         self,
         logits: torch.Tensor,
@@ -281,5 +270,5 @@ def sample(
     history: Sequence[History] | None = None,
     allowed: Allowed | None = None,
 ) -> list[int]:
-    """`Sampler()(...)` for a one-off batch (a prefill's first tokens, tests): see Sampler.__call__."""
-    return Sampler()(logits, params, generators, history, allowed)
+    """The tokens of `Sampler().draw(...)` for a one-off batch (tests, benches): see Sampler.draw."""
+    return Sampler().draw(logits, params, generators, history, allowed).tokens
