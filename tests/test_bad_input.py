@@ -174,6 +174,7 @@ def test_invalid_sampling_value_is_refused_naming_the_field(field, value):
     (SamplingParams(max_tokens=SEQ + 44), None, f"max_tokens: {SEQ + 44} is beyond this model's sequence "
      f"length {SEQ}", "max_tokens"),
     (SamplingParams(max_tokens=SEQ), None, "max_tokens", "max_tokens"),
+    (SamplingParams(logit_bias={100_000: 1.0}), None, "logit_bias: token id 100000", "logit_bias"),
 ])
 def test_what_the_worker_would_refuse_is_refused_before_anything_is_queued(client, sampling, system, match, param):
     cid = client.create_conversation("tiny-neox", system=system)
@@ -284,7 +285,10 @@ def test_redis_unreachable_at_enqueue(client):
     "field,value,reason",
     [("temperature", -1.0, "sampling.temperature"), ("temperature", math.nan, "sampling.temperature"),
      ("top_k", -2, "sampling.top_k"), ("top_p", 0.0, "sampling.top_p"), ("top_p", 2.0, "sampling.top_p"),
-     ("max_tokens", 0, "sampling.max_tokens"), ("unknown_knob", 1, "sampling.unknown_knob")],
+     ("max_tokens", 0, "sampling.max_tokens"), ("unknown_knob", 1, "sampling.unknown_knob"),
+     ("presence_penalty", 3.0, "sampling.presence_penalty"), ("logit_bias", {"-4": 1.0}, "sampling.logit_bias"),
+     ("logprobs", 21, "sampling.logprobs"), ("grammar", {"type": "regex", "value": "(("}, "sampling.grammar"),
+     ("grammar", {"type": "json", "value": {"type": "nope"}}, "sampling.grammar")],
 )
 def test_queue_invalid_sampling_is_dead_lettered_and_the_turn_failed(client, field, value, reason):
     cid, payload = stored_turn(client)
@@ -298,11 +302,16 @@ def test_queue_invalid_sampling_is_dead_lettered_and_the_turn_failed(client, fie
     untouched(client, cid)
 
 
-@pytest.mark.parametrize("sampling,error", [({"top_k": 10**6}, "top_k: must be in"),
-                                            ({"max_tokens": 5000}, "max_tokens: 5000 is beyond")])
-def test_queue_sampling_out_of_the_models_range_fails_the_turn(client, sampling, error):
+@pytest.mark.parametrize("sampling,error,raw", [({"top_k": 10**6}, "top_k: must be in", False),
+                                                ({"max_tokens": 5000}, "max_tokens: 5000 is beyond", False),
+                                                ({"logit_bias": {"100000": 5}}, "logit_bias: token id 100000", False),
+                                                ({}, "prompt: this model's maximum context length", True)])
+def test_queue_sampling_out_of_the_models_range_fails_the_turn(client, sampling, error, raw):
     cid, payload = stored_turn(client)
     payload["sampling"].update(sampling)
+    if raw:  # a raw completion prompt (/v1/completions) longer than the context: never cut, the turn fails
+        payload["raw"] = True
+        payload["messages"] = [{"role": "prompter", "text": "x" * (SEQ + 10)}]
     enqueue(client, payload)
     assert wait_status(client, payload["turn_id"]) is TurnStatus.failed
     assert error in client.store.turn(payload["turn_id"]).error
