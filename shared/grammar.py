@@ -1,5 +1,5 @@
-"""What a constrained reply must match: a JSON schema or a regular expression (TGI's `grammar` shape), compiled
-to an llguidance grammar.
+"""What a constrained reply must match: a JSON schema, a regular expression (TGI's `grammar` shape) or a Lark
+grammar (llguidance's syntax, as vLLM's `grammar`), compiled to an llguidance grammar.
 
 Producers validate a grammar when the request arrives (`Grammar.compiled` fails on a bad schema or regex, so
 the client gets a 4xx before anything is queued); workers compile it again against their tokenizer
@@ -32,6 +32,7 @@ class GrammarType(str, Enum):
 
     json = "json"  # a JSON schema (a dict): the reply is one JSON value that validates against it
     regex = "regex"  # a regular expression (Rust regex syntax) the whole reply matches
+    lark = "lark"  # a context-free grammar in llguidance's Lark syntax (may embed JSON schemas: `%json {...}`)
 
 
 class Grammar(BaseModel):
@@ -43,7 +44,7 @@ class Grammar(BaseModel):
     type: GrammarType
     """json: `value` is a JSON schema; regex: `value` is a regular expression."""
     value: dict[str, Any] | str
-    """The schema (json) or the pattern (regex)."""
+    """The schema (json), the pattern (regex) or the grammar (lark)."""
 
     @model_validator(mode="after")
     def _check(self) -> Grammar:
@@ -53,10 +54,11 @@ class Grammar(BaseModel):
             if len(json.dumps(self.value)) > MAX_SCHEMA_CHARS:
                 raise ValueError(f"value: the JSON schema is longer than {MAX_SCHEMA_CHARS} characters")
         else:
+            limit = MAX_REGEX_CHARS if self.type is GrammarType.regex else MAX_SCHEMA_CHARS
             if not isinstance(self.value, str) or not self.value:
-                raise ValueError("value: a regex must be a non-empty string")
-            if len(self.value) > MAX_REGEX_CHARS:
-                raise ValueError(f"value: the regex is longer than {MAX_REGEX_CHARS} characters")
+                raise ValueError(f"value: a {self.type.value} grammar must be a non-empty string")
+            if len(self.value) > limit:
+                raise ValueError(f"value: the {self.type.value} grammar is longer than {limit} characters")
         try:
             error = llguidance.LLMatcher.validate_grammar(self.compiled())
         except ValueError as e:  # grammar_from_json_schema: not a JSON object after all
@@ -65,7 +67,8 @@ class Grammar(BaseModel):
             # llguidance's message is a first line, then the source with a caret and an `error: ...` line
             lines = error.strip().splitlines()
             why = " ".join([lines[0], *[x.strip() for x in lines[1:] if x.strip().startswith("error:")]])
-            kind = "JSON schema" if self.type is GrammarType.json else "regex"
+            kind = {GrammarType.json: "JSON schema", GrammarType.regex: "regex", GrammarType.lark: "lark grammar"}[
+                self.type]
             raise ValueError(f"value: invalid {kind}: {why[:300]}")
         return self
 
@@ -76,6 +79,8 @@ class Grammar(BaseModel):
             assert isinstance(self.value, dict)
             return llguidance.LLMatcher.grammar_from_json_schema(self.value, overrides=JSON_OPTIONS)
         assert isinstance(self.value, str)
+        if self.type is GrammarType.lark:
+            return llguidance.LLMatcher.grammar_from_lark(self.value)
         return llguidance.LLMatcher.grammar_from_regex(self.value)
 
     @classmethod

@@ -62,13 +62,19 @@ def test_a_json_schema_constrained_reply_parses_and_validates(engine):
         jsonschema.validate(json.loads(done.text), PERSON)
 
 
-def test_json_object_gives_an_object_and_a_regex_is_matched_whole(engine):
+def test_json_object_gives_an_object_and_a_lark_grammar_or_a_regex_is_matched_whole(engine):
     done = final(engine.submit(prompt(engine), SamplingParams(temperature=0, grammar=Grammar.json_object(),
                                                               max_tokens=60), 60))
     if done.reason is not FinishReason.length:  # an object with unbounded strings may be cut by max_tokens
         assert isinstance(json.loads(done.text), dict)
     else:
         assert done.text.startswith("{")
+    lark = Grammar(type=GrammarType.lark,
+                   value='start: "<" item ("," item)* ">"\nitem: "a" | "bb" | %json {"enum": [1, 2]}')
+    for seed in range(3):
+        done = final(engine.submit(prompt(engine), SamplingParams(temperature=2.0, top_k=0, seed=seed, grammar=lark),
+                                   60))
+        assert re.fullmatch(r"<(a|bb|1|2)(,(a|bb|1|2))*>", done.text), done.text
     pattern = r"(yes|no), [0-9]{2,4}!"
     for seed in range(3):
         params = SamplingParams(temperature=2.0, top_k=0, seed=seed,
@@ -170,9 +176,12 @@ def _stop_shared_engine():
     ("a(b", "invalid regex"),
     ("", "non-empty"),
     ("a" * (MAX_REGEX_CHARS + 1), "longer than"),
+    (("lark", 'start: "a" undefined_rule'), "invalid lark grammar"),
 ])
 def test_an_invalid_grammar_is_refused_naming_it(value, why):
     kind = GrammarType.json if isinstance(value, dict) else GrammarType.regex
+    if isinstance(value, tuple):
+        kind, value = GrammarType(value[0]), value[1]
     with pytest.raises(ValidationError) as e:
         SamplingParams(grammar={"type": kind.value, "value": value})
     assert why in str(e.value) and "grammar" in str(e.value)

@@ -11,9 +11,10 @@ become those texts, so a full round trip renders the same whatever the template.
 `tool_choice`: `none` = the tools are not shown and the reply is text; `auto` (the default with tools) = the model
 decides: its reply is free text, and `<tool_call>` blocks in it that parse and name a tool become `tool_calls`;
 `required` and a named function are enforced by constrained decoding: the reply is exactly one call,
-`{"name": <a tool's name>, "arguments": <that tool's parameters schema>}` (compact JSON, name first; objects that do
-not say otherwise take no properties beyond those listed, as in OpenAI's strict mode), so it always parses and
-validates (unless `max_tokens` cuts it: finish_reason `length`).
+`<tool_call>\n{"name": <a tool's name>, "arguments": <that tool's parameters schema>}\n</tool_call>` (compact JSON,
+name first; objects that do not say otherwise take no properties beyond those listed, as in OpenAI's strict mode):
+the prompt's own format, so the reply reads as an auto call would, and it always parses and validates (unless
+`max_tokens` cuts it: finish_reason `length`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import first_error
-from shared.grammar import Grammar, GrammarType
+from shared.grammar import JSON_OPTIONS, Grammar, GrammarType
 
 STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_TOOLS = 128  # OpenAI's limit
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+TAIL = "}\n" + CLOSE  # what follows a constrained call's arguments
 PROMPT = (
     "You can call functions. Their names, descriptions and the JSON schemas of their arguments:\n<tools>\n{tools}\n"
     "</tools>\nTo call one, answer with only:\n<tool_call>\n"
@@ -156,7 +159,10 @@ def grammar_for(tools: list[Tool], choice: ToolChoice | None) -> Grammar | None:
     calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                "arguments": closed(t.function.schema_())},
               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
-    return Grammar(type=GrammarType.json, value=calls[0] if len(calls) == 1 else {"anyOf": calls})
+    schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": JSON_OPTIONS}
+    # In its tags, as the prompt asks for calls: the reply reads (and is stored) as an auto call would.
+    lark = f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}'
+    return Grammar(type=GrammarType.lark, value=lark)
 
 
 @dataclass
@@ -183,15 +189,18 @@ def parse_reply(text: str, tools: list[Tool], constrained: bool) -> ParsedReply:
     parses and names a tool (auto); the rest of the text is the content (None when nothing else is left)."""
     names = {t.function.name for t in tools}
     if constrained:
-        try:
-            call = _call(json.loads(text), names)
-        except json.JSONDecodeError:
-            call = None  # cut by max_tokens: returned as text, finish_reason length
         head = CallStreamer.HEAD.match(text)
-        if call is None or head is None:
+        if head is None or not text.endswith(TAIL):  # cut by max_tokens: returned as text, finish_reason length
+            return ParsedReply(text, [])
+        body = text[len(OPEN) + 1: -len(CLOSE) - 1]
+        try:
+            call = _call(json.loads(body), names)
+        except json.JSONDecodeError:
+            call = None
+        if call is None:
             return ParsedReply(text, [])
         # The arguments exactly as generated (and as streamed: CallStreamer), not re-serialized.
-        call["function"]["arguments"] = text[head.end():].rstrip().removesuffix("}")
+        call["function"]["arguments"] = text[head.end(): -len(TAIL)]
         return ParsedReply(None, [call])
     calls = []
     for m in CALL.finditer(text):
@@ -209,9 +218,10 @@ def parse_reply(text: str, tools: list[Tool], constrained: bool) -> ParsedReply:
 
 class CallStreamer:
     """Streams a constrained call's text as OpenAI streams tool calls: one delta with the call's id and name once
-    the name is complete, then the arguments' text as it comes (the call's closing brace held back)."""
+    the name is complete, then the arguments' text as it comes (the last characters held back: they may be the
+    call's closing brace and tag)."""
 
-    HEAD = re.compile(r'^\{"name":\s?"((?:[^"\\]|\\.)*)",\s?"arguments":\s?')
+    HEAD = re.compile(r'^<tool_call>\n\{"name":\s?"((?:[^"\\]|\\.)*)",\s?"arguments":\s?')
 
     def __init__(self) -> None:
         self.text = ""
@@ -230,7 +240,7 @@ class CallStreamer:
             self.id, self._start = new_call_id(), m.end()
             out.append({"index": 0, "id": self.id, "type": "function",
                         "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": ""}})
-        args = self.text[self._start:-1]  # the last character may be the call's closing brace
+        args = self.text[self._start:-len(TAIL)]  # the end may be the call's closing brace and tag
         if len(args) > self.sent:
             out.append({"index": 0, "function": {"arguments": args[self.sent:]}})
             self.sent = len(args)
@@ -240,8 +250,7 @@ class CallStreamer:
         """The deltas left at the end: the arguments' last characters, without the call's closing brace."""
         if self.id is None:
             return []
-        args = self.text[self._start:].rstrip()
-        args = args[:-1] if args.endswith("}") else args
+        args = self.text[self._start:].removesuffix(TAIL)
         if len(args) > self.sent:
             tail, self.sent = args[self.sent:], len(args)
             return [{"index": 0, "function": {"arguments": tail}}]
