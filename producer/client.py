@@ -68,6 +68,7 @@ class TurnRequest:
     deadline: float | None = None  # unix time after which generation stops (finish_reason cancelled)
     text_field: str = "message"  # how errors about `text` name it
     raw: bool = False  # `text` is a whole raw prompt (/v1/completions: no template, no system, no history)
+    tools_prompt: str | None = None  # shown after the system prompt for this turn only (api/tools.py)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ class ChatClient:
                 if expected not in announced:  # while it is checked, so an idle worker there waits for it
                     self.arrivals.announce(expected, tid)
                     announced.append(expected)
-                head = [ChatMessage(role=Role.system, text=system)] if system else []
+                shown = "\n\n".join(p for p in (system, req.tools_prompt) if p)  # this turn's system prompt
+                head = [ChatMessage(role=Role.system, text=shown)] if shown else []
                 kept, dropped, truncated, prompt_tokens = self._fit(info, head, list(earlier), user, req)
                 if dropped == 0 and len(earlier) < total and req.conversation_id is not None and n < max(
                         FIRST_READ, info.sequence_length):

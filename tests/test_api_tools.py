@@ -6,15 +6,17 @@ bind_tools on SmolLM2. The reply shaping itself (streamed calls, held-back tags)
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from producer.api import tools
 from producer.api.routes_openai import ChatCompletionRequest, split
-from tests.api_live import LiveServer, live_api, tiny_worker
+from tests.api_live import KEY_A, LiveServer, live_api, tiny_worker
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
@@ -107,18 +109,18 @@ def test_auto_reads_tool_call_blocks_and_streams_text_until_a_tag_may_start() ->
     parsed_tools = [tools.Tool.model_validate(WEATHER)]
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n' \
            '</tool_call>'
-    got = tools.parse_reply(text, parsed_tools, constrained=False)
-    assert got.content == "Let me check." and len(got.calls) == 1
+    got = tools.parse_reply(text, "t1", parsed_tools)
+    assert got.content == "Let me check." and len(got.calls) == 1 and got.calls[0]["id"] == "call_t1_0"
     assert json.loads(got.calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "C"}
-    unknown = tools.parse_reply(text.replace("get_weather", "launch"), parsed_tools, constrained=False)
+    unknown = tools.parse_reply(text.replace("get_weather", "launch"), "t1", parsed_tools)
     assert unknown.calls == [] and unknown.content == text.replace("get_weather", "launch")  # not a tool: text
-    shaper = tools.ReplyShaper(parsed_tools, constrained=False)
+    shaper = tools.ReplyShaper("t1", parsed_tools)
     sent = [d for piece in ("Let me check.\n<tool", "_call>\n{", text[len("Let me check.\n<tool_call>\n{"):])
             for d in shaper.feed(piece)]
     assert sent == [{"content": "Let me check.\n"}]  # "<tool" was held back: it became a call
     last, finish = shaper.finish("stop")
     assert finish == "tool_calls" and last[0]["tool_calls"][0]["function"]["name"] == "get_weather"
-    plain = tools.ReplyShaper(parsed_tools, constrained=False)
+    plain = tools.ReplyShaper("t2", parsed_tools)
     out = plain.feed("a <b") + plain.feed("> c <to") + plain.finish("stop")[0]
     assert "".join(d["content"] for d in out) == "a <b> c <to"  # held back, then sent when it was not a tag
 
@@ -128,3 +130,38 @@ def test_a_constrained_call_cut_by_max_tokens_is_text_with_finish_length(oai: op
                                        max_tokens=5, temperature=0)
     assert done.choices[0].finish_reason == "length"
     assert done.choices[0].message.tool_calls is None and done.choices[0].message.content == "<tool"  # 5 bytes
+
+
+def test_the_conversation_routes_take_tools_and_tool_results(server: LiveServer) -> None:
+    """/api: a message with tools and a required choice -> the turn's tool_calls (from its stored reply, the same
+    ids every read); the result posted back with tool_call_id -> stored as a tool response, answered."""
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    cid = httpx.post(f"{server.url}/api/conversations", headers=headers, json={"model": "tiny-neox"}).json()["id"]
+    url = f"{server.url}/api/conversations/{cid}/messages"
+    created = httpx.post(url, headers=headers, json={"content": "Weather in Paris?", "tools": [WEATHER],
+                                                     "tool_choice": "required", "temperature": 0, "max_tokens": 200})
+    assert created.status_code == 202, created.text
+    turn = _finished(server, cid, created.json()["turn_id"])
+    (call,) = turn["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and call["id"] == _finished(server, cid, turn["id"])[
+        "tool_calls"][0]["id"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), _schema("get_weather"))
+    answer = httpx.post(url, headers=headers, json={"content": '{"temp": 21}', "tool_call_id": call["id"],
+                                                    "tools": [WEATHER], "temperature": 0, "max_tokens": 5})
+    assert _finished(server, cid, answer.json()["turn_id"])["status"] == "done"
+    stored = [m["content"] for m in httpx.get(url, headers=headers).json()["messages"]]
+    assert stored[1].startswith("<tool_call>\n") and stored[2] == '<tool_response>\n{"temp": 21}\n</tool_response>'
+    bad = httpx.post(url, headers=headers, json={"content": "x", "tools": [WEATHER],
+                                                 "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "tool_choice", bad.text
+
+
+def _finished(server: LiveServer, cid: str, tid: str) -> dict:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        turn = httpx.get(f"{server.url}/api/conversations/{cid}/turns/{tid}",
+                         headers={"Authorization": f"Bearer {KEY_A}"}).json()
+        if turn["status"] in ("done", "failed"):
+            return turn
+        time.sleep(0.05)
+    raise AssertionError("the turn did not finish")

@@ -142,7 +142,7 @@ async def stream(svc: Any, tid: str, base: dict[str, Any], include_usage: bool, 
 
     if echo:
         yield chunk(echo)
-    async for item in reply_events(svc, tid, tools.ReplyShaper(None, False)):
+    async for item in reply_events(svc, tid, tools.ReplyShaper(tid)):
         if isinstance(item, str):
             yield item
         elif isinstance(item, Piece):

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
-from producer.api import sse
+from producer.api import sse, tools
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body
 from producer.api.schemas import (
@@ -71,8 +71,8 @@ def post_message(cid: str, body: PostMessage, svc: Service, caller: Authed) -> T
     """Store the user message and queue the turn; answers at once with the turn id and queue position.
     Everything the model's worker would refuse for this request (top_k past the vocabulary, max_tokens
     past the context, a system prompt that leaves no room) is refused here first, with nothing stored."""
-    turn = svc.start(TurnRequest(body.content, body.sampling(), conversation_id=cid, owner=caller.id,
-                                 text_field="content"))
+    turn = svc.start(TurnRequest(body.text, body.constrain(body.sampling()), conversation_id=cid, owner=caller.id,
+                                 text_field="content", tools_prompt=body.tools_prompt()))
     base = f"/api/conversations/{cid}/turns/{turn.turn_id}"
     return TurnCreated(
         turn_id=turn.turn_id,
@@ -104,6 +104,7 @@ def turn_out(svc: ChatService, view: TurnView) -> TurnOut:
         out.reply = svc.partial_reply(st.id)
     elif st.result is not None:
         out.reply = st.result.text
+        out.tool_calls = tools.parse_reply(st.result.text, st.id).calls or None
         out.finish_reason = st.result.finish_reason.value
         out.usage = usage(st.result)
         out.dropped_messages = st.result.dropped_messages
@@ -194,6 +195,7 @@ async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterat
                 data = {
                     "turn_id": tid,
                     "reply": res.text,
+                    "tool_calls": tools.parse_reply(res.text, tid).calls or None,
                     "finish_reason": res.finish_reason.value,
                     "usage": usage(res).model_dump(),
                     "dropped_messages": res.dropped_messages,

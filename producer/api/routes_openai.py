@@ -33,7 +33,7 @@ from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body, from_chat_error
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
-from producer.api.tools import MAX_TOOLS, NamedToolChoice, Tool, ToolCall, ToolChoice
+from producer.api.tools import MAX_TOOLS, ToolCall
 from producer.client import StartedTurn, TurnRequest
 from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
 from shared.errors import ChatError, first_error
@@ -105,7 +105,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False  # null = false, as OpenAI reads it
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, tools.ToolFields):
     # Fields OpenAI clients send that do not change the answer (user, metadata, store, service_tier, ...)
     # are ignored; those that would change it are declared below and refused unless left at their default.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -117,9 +117,6 @@ class ChatCompletionRequest(SamplingFields):
     n: int | None = Field(1, ge=1, le=1)
     max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name for max_tokens
     truncate: bool | None = False  # extension: drop the oldest turns to fit the context instead of refusing
-    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: ToolChoice | None = None  # null = auto with tools, none without (OpenAI's defaults)
-    parallel_tool_calls: bool | None = None  # auto may make several calls; required and a named choice make one
     # Not supported yet (the OpenAI-surface issue implements them): a non-default value is a 400 naming it.
     functions: list[Any] | None = None
     function_call: Any = None
@@ -151,24 +148,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("the deprecated function_call is not supported: use tool_choice")
         return v
 
-    @model_validator(mode="after")
-    def _tools(self) -> ChatCompletionRequest:
-        tools.check_tools(self.tools or [], self.tool_choice)
-        if self.forced_call and (self.grammar is not None or (self.response_format and
-                                                              self.response_format.type != "text")):
-            raise ValueError("tool_choice: a required or named tool call is itself the reply's format: drop "
-                             "response_format (or grammar), or let the tool choice be auto")
-        return self
-
-    @property
-    def tools_shown(self) -> list[Tool]:
-        """The tools the model is told about: none under tool_choice none."""
-        return [] if self.tool_choice == "none" else list(self.tools or [])
-
-    @property
-    def forced_call(self) -> bool:
-        """The reply must be one tool call (tool_choice required or named), held to it by constrained decoding."""
-        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     @field_validator("top_logprobs")
     @classmethod
@@ -293,18 +272,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     sampling = req.sampling(req.max_completion_tokens)
     if req.logprobs:
         sampling = sampling.model_copy(update={"logprobs": req.top_logprobs or 0})
+    sampling = req.constrain(sampling)  # a required or named call is a grammar
     shown = req.tools_shown
-    if shown:  # the tools' prompt after the client's system prompt; a required or named call is a constraint
-        system = "\n\n".join(p for p in (system, tools.system_prompt(shown)) if p)
-        if req.forced_call:
-            sampling = sampling.model_copy(update={"grammar": tools.grammar_for(shown, req.tool_choice)})
 
     def start() -> StartedTurn:  # one hop to the thread pool for both (each hop is a wake-up under load)
         svc.check_model(req.model)
         return svc.start(TurnRequest(
             last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
             ttl_s=svc.settings.openai_conversation_ttl_s, truncate=bool(req.truncate),
-            text_field=f"messages[{index}].content"))
+            text_field=f"messages[{index}].content", tools_prompt=req.tools_prompt()))
 
     try:
         turn = await run_in_threadpool(start)
@@ -315,7 +291,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     base = {"id": f"chatcmpl-{tid}", "created": int(time.time()), "model": req.model}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        shaper = tools.ReplyShaper(shown, req.forced_call)
+        shaper = tools.ReplyShaper(tid, shown, req.forced_call)
         return sse.response(stream(svc, tid, base, include_usage, shaper))
     res = await wait_for_reply(svc, request, tid)
     if res is None:  # the client left; its turn was cancelled
@@ -323,7 +299,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
     message: dict[str, Any] = {"role": "assistant", "content": res.text}
     finish = FINISH[res.finish_reason]
     if shown:
-        parsed = tools.parse_reply(res.text, shown, req.forced_call)
+        parsed = tools.parse_reply(res.text, tid, shown, req.forced_call)
         if parsed.calls:
             message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.calls}
             finish = "tool_calls" if finish == "stop" else finish

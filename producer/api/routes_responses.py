@@ -274,7 +274,7 @@ async def stream(svc: ChatService, tid: str, req: ResponseRequest, created: floa
     yield event("response.output_item.added", output_index=0, item=item)
     part = {"type": "output_text", "text": "", "annotations": []}
     yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
-    async for ev in reply_events(svc, tid, tools.ReplyShaper(None, False)):
+    async for ev in reply_events(svc, tid, tools.ReplyShaper(tid)):
         if isinstance(ev, str):
             if ev.startswith("data: [DONE]"):
                 continue  # the Responses stream ends with its completed event

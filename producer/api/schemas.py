@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from producer.api.tools import ToolFields
+from producer.api.tools import response_text as tool_response_text
 from shared.errors import first_error
 from shared.grammar import Grammar, GrammarType
 from shared.messages import is_blank
@@ -153,11 +155,20 @@ class ConversationOut(BaseModel):
     busy_turn: str | None = None
 
 
-class PostMessage(SamplingFields):
+class PostMessage(SamplingFields, ToolFields):
+    """A user message (or, with `tool_call_id`, the result of a tool call the last reply made) and how to answer
+    it: sampling, and tools as on /v1 (producer/api/tools.py)."""
+
     model_config = STRICT
     content: str
+    tool_call_id: str | None = Field(None, min_length=1, max_length=100)  # `content` is that call's result
 
     _content = field_validator("content")(_not_blank)
+
+    @property
+    def text(self) -> str:
+        """What the model sees: the content, or the tool result in its tags."""
+        return tool_response_text(self.content) if self.tool_call_id else self.content
 
 
 class TurnCreated(BaseModel):
@@ -186,6 +197,7 @@ class TurnOut(BaseModel):
     queue_position: int | None = None  # while queued
     worker: str | None = None
     reply: str | None = None  # the full reply when done; what has streamed so far while running
+    tool_calls: list[dict[str, Any]] | None = None  # the reply's <tool_call> blocks, as OpenAI's tool_calls (when done)
     finish_reason: str | None = None
     usage: Usage | None = None
     dropped_messages: int | None = None  # oldest messages left out to fit the context (when done)

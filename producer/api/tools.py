@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import first_error
 from shared.grammar import JSON_OPTIONS, Grammar, GrammarType
+from shared.sampling import SamplingParams
 
 STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_TOOLS = 128  # OpenAI's limit
@@ -89,6 +89,45 @@ class ToolCall(BaseModel):
     id: str = Field(min_length=1, max_length=100)
     type: Literal["function"] = "function"
     function: FunctionCall
+
+
+class ToolFields(BaseModel):
+    """`tools`, `tool_choice` and `parallel_tool_calls` as a request carries them (/v1/chat/completions and a
+    conversation's message): validated together, and what they ask of the turn."""
+
+    model_config = STRICT
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # null = auto with tools, none without (OpenAI's defaults)
+    parallel_tool_calls: bool | None = None  # auto may make several calls; required and a named choice make one
+
+    @model_validator(mode="after")
+    def _tools_agree(self) -> ToolFields:
+        check_tools(self.tools or [], self.tool_choice)
+        format_ = getattr(self, "response_format", None)
+        if self.forced_call and (getattr(self, "grammar", None) is not None or (format_ and format_.type != "text")):
+            raise ValueError("tool_choice: a required or named tool call is itself the reply's format: drop "
+                             "response_format (or grammar), or let the tool choice be auto")
+        return self
+
+    @property
+    def tools_shown(self) -> list[Tool]:
+        """The tools the model is told about: none under tool_choice none."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    @property
+    def forced_call(self) -> bool:
+        """The reply must be one tool call (tool_choice required or named), held to it by constrained decoding."""
+        return bool(self.tools) and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
+
+    def tools_prompt(self) -> str | None:
+        """The prompt that shows the tools (after the system prompt), or None when none are shown."""
+        return system_prompt(self.tools_shown) if self.tools_shown else None
+
+    def constrain(self, sampling: SamplingParams) -> SamplingParams:
+        """`sampling` with the grammar of a required or named call, when the choice is one."""
+        if not self.forced_call:
+            return sampling
+        return sampling.model_copy(update={"grammar": grammar_for(self.tools_shown, self.tool_choice)})
 
 
 def check_tools(tools: list[Tool], choice: ToolChoice | None) -> None:
@@ -173,28 +212,32 @@ class ParsedReply:
     calls: list[dict[str, Any]]
 
 
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
+def call_id(turn_id: str, index: int) -> str:
+    """A call's id: from its turn and its place in the reply, so every read of the turn (streamed, waited for,
+    fetched again) names it alike."""
+    return f"call_{turn_id[:24]}_{index}"
 
 
-def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
-    if not (isinstance(obj, dict) and obj.get("name") in names and isinstance(obj.get("arguments", {}), dict)):
+def _call(obj: Any, names: set[str] | None, turn_id: str, index: int) -> dict[str, Any] | None:
+    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments", {}), dict)):
         return None
-    return {"id": new_call_id(), "type": "function",
+    if names is not None and obj["name"] not in names:
+        return None
+    return {"id": call_id(turn_id, index), "type": "function",
             "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}), ensure_ascii=False)}}
 
 
-def parse_reply(text: str, tools: list[Tool], constrained: bool) -> ParsedReply:
+def parse_reply(text: str, turn_id: str, tools: list[Tool] | None = None, constrained: bool = False) -> ParsedReply:
     """`text` as tool calls: the whole reply when it was constrained to one call, else each `<tool_call>` block that
-    parses and names a tool (auto); the rest of the text is the content (None when nothing else is left)."""
-    names = {t.function.name for t in tools}
+    parses (and names one of `tools`, when given); the rest of the text is the content (None when nothing else is
+    left). Ids come from `turn_id` (call_id)."""
+    names = {t.function.name for t in tools} if tools is not None else None
     if constrained:
         head = CallStreamer.HEAD.match(text)
         if head is None or not text.endswith(TAIL):  # cut by max_tokens: returned as text, finish_reason length
             return ParsedReply(text, [])
-        body = text[len(OPEN) + 1: -len(CLOSE) - 1]
         try:
-            call = _call(json.loads(body), names)
+            call = _call(json.loads(text[len(OPEN) + 1: -len(CLOSE) - 1]), names, turn_id, 0)
         except json.JSONDecodeError:
             call = None
         if call is None:
@@ -205,7 +248,7 @@ def parse_reply(text: str, tools: list[Tool], constrained: bool) -> ParsedReply:
     calls = []
     for m in CALL.finditer(text):
         try:
-            call = _call(json.loads(m.group(1)), names)
+            call = _call(json.loads(m.group(1)), names, turn_id, len(calls))
         except json.JSONDecodeError:
             call = None
         if call:
@@ -223,7 +266,8 @@ class CallStreamer:
 
     HEAD = re.compile(r'^<tool_call>\n\{"name":\s?"((?:[^"\\]|\\.)*)",\s?"arguments":\s?')
 
-    def __init__(self) -> None:
+    def __init__(self, turn_id: str) -> None:
+        self.turn_id = turn_id
         self.text = ""
         self.sent = 0  # characters of the arguments already sent
         self.id: str | None = None
@@ -237,7 +281,7 @@ class CallStreamer:
             m = self.HEAD.match(self.text)
             if m is None:
                 return out
-            self.id, self._start = new_call_id(), m.end()
+            self.id, self._start = call_id(self.turn_id, 0), m.end()
             out.append({"index": 0, "id": self.id, "type": "function",
                         "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": ""}})
         args = self.text[self._start:-len(TAIL)]  # the end may be the call's closing brace and tag
@@ -264,10 +308,11 @@ class ReplyShaper:
 
     TAG = "<tool_call>"
 
-    def __init__(self, tools: list[Tool] | None, constrained: bool):
+    def __init__(self, turn_id: str, tools: list[Tool] | None = None, constrained: bool = False):
+        self.turn_id = turn_id
         self.tools = tools or []
         self.constrained = constrained
-        self.call = CallStreamer() if constrained else None
+        self.call = CallStreamer(turn_id) if constrained else None
         self.full = ""
         self.sent = 0  # characters of `full` already sent as content (auto)
 
@@ -300,7 +345,7 @@ class ReplyShaper:
             return [{"tool_calls": [d]} for d in self.call.finish()], "tool_calls" if finish == "stop" else finish
         if not self.tools:
             return [], finish
-        parsed = parse_reply(self.full, self.tools, False)
+        parsed = parse_reply(self.full, self.turn_id, self.tools)
         if not parsed.calls:
             rest = self.full[self.sent:]
             return ([{"content": rest}] if rest else []), finish
