@@ -69,6 +69,7 @@ class TurnRequest:
     text_field: str = "message"  # how errors about `text` name it
     raw: bool = False  # `text` is a whole raw prompt (/v1/completions: no template, no system, no history)
     tools_prompt: str | None = None  # shown after the system prompt for this turn only (api/tools.py)
+    grammar_field: str = "grammar"  # how errors about sampling.grammar name it (response_format, tool_choice, ...)
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,11 @@ class ChatClient:
             kept.reverse()
             return kept, len(earlier) - len(kept), 0, None
         req.sampling.check_vocab(info.card.vocab_size)
+        if req.sampling.grammar is not None:  # its first step on the model's tokenizer, as the worker will take it
+            try:
+                codec.grammars.check(req.sampling.grammar, req.grammar_field)
+            except ValueError as e:
+                raise InvalidInput(str(e), req.grammar_field) from None
         if req.raw:
             fitted = fit_raw(codec, user.text, info.sequence_length, req.sampling.max_tokens)
             return [], 0, 0, len(fitted.ids)

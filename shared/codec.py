@@ -3,10 +3,14 @@ how to tokenize rendered prompt segments so user text never becomes a special to
 
 from __future__ import annotations
 
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from shared.messages import ChatMessage
 from shared.prompts import PromptFormat, Segment, render_segments
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarCompiler
 
 
 class Codec:
@@ -34,6 +38,13 @@ class Codec:
         self.special_ids = set(tokenizer.all_special_ids) | {
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         }
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Constrained-decoding matchers for this tokenizer (shared/grammar.py), built on first use."""
+        from shared.grammar import GrammarCompiler
+
+        return GrammarCompiler(self)
 
     def segments(self, messages: list[ChatMessage]) -> list[Segment]:
         """`messages` as prompt segments in this model's prompt format (prompts.render_segments)."""

@@ -73,6 +73,8 @@ def test_a_completion_can_be_held_to_a_regex(oai: openai.OpenAI) -> None:
     ({"temperature": -1}, "temperature"),
     ({"logit_bias": {"9999": 1}}, "logit_bias"),
     ({"extra_body": {"truncate": True}}, "truncate"),
+    ({"extra_body": {"messages": [{"role": "user", "content": "hi"}]}}, "messages"),
+    ({"extra_body": {"tools": [{"type": "function", "function": {"name": "f"}}]}}, "tools"),
 ])
 def test_every_client_error_is_400_naming_the_field_and_creates_no_turn(oai: openai.OpenAI, redis_url: str,
                                                                          kw: dict, param: str) -> None:

@@ -203,6 +203,7 @@ CLIENT_ERRORS = [
     ({"frequency_penalty": -3}, "frequency_penalty", None),
     ({"logit_bias": {"42": 101}}, "logit_bias", None),
     ({"logit_bias": {"token": 1}}, "logit_bias", None),
+    ({"logit_bias": {"007": 100, "7": -100}}, "logit_bias", None),  # one token twice: which bias would win?
     ({"logit_bias": {"99999": 1}}, "logit_bias", None),  # beyond tiny-neox's vocabulary: known before queuing
     # what the worker would refuse for this model, refused before anything is queued
     ({"max_tokens": 256}, "max_tokens", None),

@@ -97,6 +97,15 @@ def test_text_format_json_schema_gives_a_valid_object(oai: openai.OpenAI) -> Non
     ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"temperature": -1}, "temperature"),
+    # found by the bad-input review: accepted and silently ignored before
+    ({"text": {"format": {"type": "json_object"}}, "extra_body": {"grammar": {"type": "regex", "value": "a"}}}, "text"),
+    ({"text": {"format": {"type": "json_object", "schema": {"type": "object"}}}}, "text.format"),
+    ({"extra_body": {"n": 2}}, "n"),
+    ({"extra_body": {"background": True}}, "background"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"max_output_tokens": 5, "extra_body": {"max_tokens": 6}}, "max_output_tokens"),
+    ({"input": [{"role": "user", "content": "a"}, {"role": "system", "content": "late"},
+                {"role": "user", "content": "b"}]}, "input"),
 ])
 def test_every_client_error_is_400_naming_the_field_and_creates_no_turn(oai: openai.OpenAI, redis_url: str,
                                                                          kw: dict, param: str) -> None:

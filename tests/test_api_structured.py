@@ -109,3 +109,23 @@ def test_the_conversation_routes_take_a_grammar_and_a_response_format(server: Li
     bad = httpx.post(url, headers=headers, json={"content": "x", "grammar": {"type": "regex", "value": "(("}})
     assert bad.status_code == 422 and "grammar" in bad.text and "invalid regex" in bad.text, bad.text
     assert httpx.get(url, headers=headers).json() == before
+
+
+def test_a_strict_schema_that_leaves_objects_open_is_closed(oai: openai.OpenAI) -> None:
+    """`strict: true` with a schema written without `additionalProperties: false` (a plain pydantic schema): held
+    to its listed properties, as OpenAI's strict mode means (found by a fresh user: extra and repeated keys)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for seed in range(3):
+        done = oai.chat.completions.create(
+            model="tiny-neox", messages=USER, max_tokens=40, temperature=1.0, seed=seed, extra_body={"top_k": 0},
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+        assert list(json.loads(done.choices[0].message.content)) == ["ok"]
+
+
+def test_logprobs_under_a_grammar_list_only_tokens_that_could_be_drawn(oai: openai.OpenAI) -> None:
+    done = oai.chat.completions.create(model="tiny-neox", messages=USER, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=20, extra_body={"grammar": {"type": "regex", "value": "(ab|ac)d"}})
+    content = done.choices[0].logprobs.content
+    assert done.choices[0].message.content in ("abd", "acd") and len(content) == 3
+    assert [len(t.top_logprobs) for t in content] == [1, 2, 1]  # the mask left 1, then 2, then 1 candidates
+    assert all(a.logprob > -1e30 for t in content for a in t.top_logprobs)

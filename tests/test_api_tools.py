@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Literal
 
 import httpx
 import jsonschema
@@ -165,3 +166,34 @@ def _finished(server: LiveServer, cid: str, tid: str) -> dict:
             return turn
         time.sleep(0.05)
     raise AssertionError("the turn did not finish")
+
+
+def test_nested_models_parameters_and_non_object_parameters(oai: openai.OpenAI) -> None:
+    """Parameters with `$defs` (pydantic's nested models) keep their references under a required call (they were
+    refused, the refs no longer resolving); parameters that are not an object schema are refused naming them, and
+    `{}` means no arguments (found by the bad-input review: `{}` gave `"arguments": true`)."""
+    from pydantic import BaseModel
+
+    class Item(BaseModel):
+        n: int
+        unit: Literal["kg", "g"]
+
+    class Order(BaseModel):
+        item: Item
+        extra: list[Item] = []
+
+    nested = {"type": "function", "function": {"name": "order", "parameters": Order.model_json_schema()}}
+    done = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[nested], tool_choice="required",
+                                       max_tokens=300, temperature=0)
+    (call,) = done.choices[0].message.tool_calls
+    Order.model_validate_json(call.function.arguments)
+    jsonschema.validate(json.loads(call.function.arguments), Order.model_json_schema())
+    empty = {"type": "function", "function": {"name": "ping", "parameters": {}}}
+    done = oai.chat.completions.create(model="tiny-neox", messages=USER, tools=[empty], tool_choice="required",
+                                       max_tokens=60, temperature=0)
+    assert json.loads(done.choices[0].message.tool_calls[0].function.arguments) == {}
+    for params in ({"type": "string"}, {"type": "array", "items": {}}, {"properties": {"a": {}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(model="tiny-neox", messages=USER, tool_choice="required", max_tokens=4,
+                                        tools=[{"type": "function", "function": {"name": "f", "parameters": params}}])
+        assert e.value.body["param"] == "tools[0].function.parameters", e.value.body

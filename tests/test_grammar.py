@@ -15,7 +15,7 @@ from shared.grammar import MAX_REGEX_CHARS, Grammar, GrammarType
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from tests.models import engine_for, tiny_llama
-from worker.engine.engine import Finished
+from worker.engine.engine import Failed, Finished
 from worker.engine.grammar import allowed_tokens
 
 PERSON = {
@@ -111,9 +111,9 @@ def test_a_grammar_whose_language_is_empty_ends_the_reply_at_once_and_its_batch_
 
 def test_masks_are_built_for_the_constrained_rows_only(tiny):
     eng = _shared_engine(tiny)
-    assert allowed_tokens([None, None], eng.codec.vocab_size) is None  # a free batch builds nothing
+    assert allowed_tokens([None, None], eng.grammars) is None  # a free batch builds nothing
     m = eng.grammars.matcher(Grammar(type=GrammarType.regex, value="ab"))
-    got = allowed_tokens([None, m, None], eng.codec.vocab_size)
+    got = allowed_tokens([None, m, None], eng.grammars)
     assert got is not None and got.rows.tolist() == [1]
     assert got.mask.shape == (1, eng.codec.vocab_size)
     assert got.mask[0].nonzero().view(-1).tolist() == eng.codec.encode_plain("a")  # one byte token: "a"
@@ -187,3 +187,39 @@ def test_an_invalid_grammar_is_refused_naming_it(value, why):
     assert why in str(e.value) and "grammar" in str(e.value)
     with pytest.raises(ValidationError, match="a JSON schema must be an object"):
         Grammar(type=GrammarType.json, value="{}")
+
+
+@pytest.mark.parametrize("grammar,why", [
+    (("regex", "a{1000000}"), "too many expressions"),  # llguidance's lexer limit, met at the first step
+    (("regex", r"[^\s\S]"), "matches no reply"),
+    (("regex", "a[^\\s\\S]"), "matches no reply"),
+    (("json", {"$ref": "#"}), "matches no reply"),
+    (("json", {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}),
+     "matches no reply"),
+])
+def test_a_grammar_the_tokenizer_cannot_take_is_refused_before_it_runs(tiny, grammar, why):
+    """What validation alone lets through (found by the bad-input review): the first step on the model's tokenizer
+    refuses it, naming the field; the engine refuses it at submit, so no sequence starts."""
+    eng = _shared_engine(tiny)
+    g = Grammar(type=GrammarType(grammar[0]), value=grammar[1])
+    with pytest.raises(ValueError, match=f"response_format: .*{why}"):
+        eng.codec.grammars.check(g, "response_format")
+    with pytest.raises(ValueError, match="grammar: "):
+        eng.submit(prompt(eng), SamplingParams(temperature=0, grammar=g), 10)
+
+
+def test_special_tokens_never_stand_for_their_text_in_a_constrained_reply(tiny):
+    """llguidance offers only the special token for the text `<|endoftext|>` or `<|padding|>`; taking it used to end
+    the reply early (the end key) or fail it (a special token). Asked for at the start, the grammar is refused before
+    it runs, naming the token; met later, the sequence fails naming its grammar, alone (its batch mate finishes)."""
+    eng = _shared_engine(tiny)
+    for pattern in (r"<\|endoftext\|>", r"<\|padding\|>x"):
+        with pytest.raises(ValueError, match=r"grammar: the grammar asks for the text of a special token \(<\|"):
+            eng.codec.grammars.check(Grammar(type=GrammarType.regex, value=pattern))
+    schema = {"type": "object", "properties": {"a": {"const": "<|endoftext|>"}}, "required": ["a"],
+              "additionalProperties": False}
+    bad = eng.submit(prompt(eng), constrained(schema), 60)
+    free = eng.submit(prompt(eng), SamplingParams(temperature=0, ignore_eos=True), 20)
+    last = list(bad)[-1]
+    assert isinstance(last, Failed) and last.error.startswith("grammar: the reply cannot go on"), last
+    assert final(free).completion_tokens == 20

@@ -162,3 +162,12 @@ def install_handlers(app: FastAPI) -> None:
     async def _other(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return error_response(ApiError(500, f"internal error: {type(e).__name__}"))
+
+
+def turn_failure(message: str) -> tuple[int, str, str]:
+    """(status, message, code) for a failed turn: 400 `grammar_failed` when its grammar could not go on (the
+    request's own constraint: retrying it would fail again; GrammarCompiler.check refuses what it can foresee before
+    anything is queued), else 500 `turn_failed`."""
+    if message.startswith("grammar:"):
+        return 400, message, "grammar_failed"
+    return 500, message, "turn_failed"

@@ -45,6 +45,16 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, le=1)
     suffix: str | None = None
     truncate: bool | None = None  # the chat route's extension: refused here (a raw prompt is never cut)
+    messages: Any = None  # the chat route's: refused here, naming where they go
+    tools: Any = None
+    tool_choice: Any = None
+
+    @field_validator("messages", "tools", "tool_choice")
+    @classmethod
+    def _chat_fields(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError("belongs to /v1/chat/completions, not to a raw completion")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -113,7 +123,8 @@ async def completions(req: CompletionRequest, request: Request, svc: Service, ca
     def start() -> StartedTurn:
         svc.check_model(req.model)
         return svc.start(TurnRequest(req.text, sampling, model=req.model, owner=caller.id, raw=True, truncate=False,
-                                     ttl_s=svc.settings.openai_conversation_ttl_s, text_field="prompt"))
+                                     ttl_s=svc.settings.openai_conversation_ttl_s, text_field="prompt",
+                                     grammar_field=req.grammar_param))
 
     try:
         turn = await run_in_threadpool(start)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse, tools
 from producer.api.deps import Authed, Service
-from producer.api.errors import ApiError, error_body
+from producer.api.errors import ApiError, error_body, turn_failure
 from producer.api.schemas import (
     ConversationOut,
     CreateConversation,
@@ -72,7 +72,8 @@ def post_message(cid: str, body: PostMessage, svc: Service, caller: Authed) -> T
     Everything the model's worker would refuse for this request (top_k past the vocabulary, max_tokens
     past the context, a system prompt that leaves no room) is refused here first, with nothing stored."""
     turn = svc.start(TurnRequest(body.text, body.constrain(body.sampling()), conversation_id=cid, owner=caller.id,
-                                 text_field="content", tools_prompt=body.tools_prompt()))
+                                 text_field="content", tools_prompt=body.tools_prompt(),
+                                 grammar_field=body.grammar_field(body.grammar_param)))
     base = f"/api/conversations/{cid}/turns/{turn.turn_id}"
     return TurnCreated(
         turn_id=turn.turn_id,
@@ -208,5 +209,6 @@ async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterat
                     yield out({"text": up.tail, "attempt": asm.attempt}, "token", ev.id)
                 yield out(data, "done", ev.id or None)
             elif isinstance(up, Error):
-                yield out(error_body(500, up.message, code="turn_failed"), "error", ev.id or None)
+                status, message, code = turn_failure(up.message)
+                yield out(error_body(status, message, code=code), "error", ev.id or None)
 

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse, tools
 from producer.api.deps import Authed, Service
-from producer.api.errors import ApiError, error_body, from_chat_error
+from producer.api.errors import ApiError, error_body, from_chat_error, turn_failure
 from producer.api.schemas import SamplingFields
 from producer.api.service import ChatService
 from producer.api.tools import MAX_TOOLS, ToolCall
@@ -280,7 +280,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
         return svc.start(TurnRequest(
             last, sampling, model=req.model, system=system, history=tuple(history), owner=caller.id,
             ttl_s=svc.settings.openai_conversation_ttl_s, truncate=bool(req.truncate),
-            text_field=f"messages[{index}].content", tools_prompt=req.tools_prompt()))
+            text_field=f"messages[{index}].content", tools_prompt=req.tools_prompt(),
+            grammar_field=req.grammar_field(req.grammar_param)))
 
     try:
         turn = await run_in_threadpool(start)
@@ -328,7 +329,7 @@ async def _outcome(svc: ChatService, tid: str) -> TurnResult:
         if ev.kind == "done" and ev.result is not None:
             return ev.result
         if ev.kind == "error":
-            raise ApiError(500, ev.error or "the turn failed", code="turn_failed")
+            raise ApiError(*turn_failure(ev.error or "the turn failed"))
     raise ApiError(500, "the turn's stream ended without a result", code="turn_failed")
 
 
@@ -431,7 +432,8 @@ async def reply_events(svc: ChatService, tid: str, shaper: tools.ReplyShaper) ->
                     yield End(finish, up.result)
                 elif isinstance(up, Error):
                     finished = True
-                    yield error(500, up.message, "turn_failed")
+                    status, message, code = turn_failure(up.message)
+                    yield error(status, message, code)
             if finished or diverged:
                 break
         yield sse.frame("[DONE]")

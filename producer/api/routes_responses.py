@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from producer.api import sse, tools
@@ -66,6 +66,12 @@ class TextFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
+    @model_validator(mode="after")
+    def _schema_only_for_json_schema(self) -> TextFormat:
+        if self.type != "json_schema" and (self.schema_ is not None or self.name is not None):
+            raise ValueError(f"name and schema belong to type json_schema, not {self.type}")
+        return self
+
     def response_format(self) -> ResponseFormat:
         if self.type != "json_schema":
             return ResponseFormat(type=self.type)
@@ -95,6 +101,44 @@ class ResponseRequest(SamplingFields):
     tool_choice: Any = None
     reasoning: dict[str, Any] | None = None
     include: list[Any] | None = None
+    background: bool | None = None
+    top_logprobs: int | None = None
+    n: int | None = Field(None, ge=1, le=1)
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, v: bool | None) -> bool | None:
+        if v:
+            raise ValueError("background responses are not supported: stream, or wait for the answer")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise ValueError("not supported on /v1/responses yet (logprobs: use /v1/chat/completions)")
+        return v
+
+    @field_validator("max_output_tokens")
+    @classmethod
+    def _one_length(cls, v: int | None, info: ValidationInfo) -> int | None:
+        given = info.data.get("max_tokens")  # SamplingFields', validated before
+        if v is not None and given is not None and v != given:
+            raise ValueError(f"differs from max_tokens ({given}): give max_output_tokens only")
+        return v
+
+    @model_validator(mode="after")
+    def _one_format(self) -> ResponseRequest:
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type != "text" and (
+                self.grammar is not None or (self.response_format is not None and self.response_format.type != "text")):
+            raise ValueError("text: give the reply's format in text.format only (not also response_format or "
+                             "grammar)")
+        msgs = self.messages()
+        for i, m in enumerate(msgs):
+            if m.role in ("system", "developer") and any(x.role not in ("system", "developer") for x in msgs[:i]):
+                raise ValueError(f"input: [{i}] a system or developer message may only come before the others")
+        return self
 
     @field_validator("input")
     @classmethod
@@ -181,12 +225,15 @@ def _history_until(svc: ChatService, cid: str, tid: str) -> list[ChatMessage]:
 
 def _turn_request(svc: ChatService, req: ResponseRequest, owner: str) -> TurnRequest:
     """The turn this request starts: in the previous response's conversation (or a fork of it), or a new one."""
-    sampling = req.sampling(req.max_output_tokens)
+    sampling = req.sampling(req.max_output_tokens or req.max_tokens)
     if req.text is not None and req.text.format is not None and (g := req.text.format.response_format().grammar()):
         sampling = sampling.model_copy(update={"grammar": g})
     msgs = req.messages()
     ttl = svc.settings.responses_ttl_s if req.store else svc.settings.openai_conversation_ttl_s
-    common = {"owner": owner, "ttl_s": ttl, "truncate": req.truncation == "auto", "text_field": "input"}
+    field = "text" if req.text is not None and req.text.format is not None and req.text.format.type != "text" \
+        else req.grammar_param
+    common = {"owner": owner, "ttl_s": ttl, "truncate": req.truncation == "auto", "text_field": "input",
+              "grammar_field": field}
     if req.previous_response_id is None:
         system = "\n\n".join(p for p in [req.instructions or "", *(m.text for m in msgs if m.role in (
             "system", "developer"))] if p) or None

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from producer.api.tools import ToolFields
 from producer.api.tools import response_text as tool_response_text
 from shared.errors import first_error
-from shared.grammar import Grammar, GrammarType
+from shared.grammar import Grammar, GrammarType, closed
 from shared.messages import is_blank
 from shared.sampling import (
     MAX_LOGIT_BIAS,
@@ -61,8 +61,11 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return Grammar.json_object()
         assert self.json_schema is not None
+        schema = self.json_schema.schema_ or {}
+        if self.json_schema.strict:  # OpenAI's strict mode wants objects closed; a schema that left it out is closed
+            schema = closed(schema)
         try:
-            return Grammar(type=GrammarType.json, value=self.json_schema.schema_ or {})
+            return Grammar(type=GrammarType.json, value=schema)
         except ValidationError as e:
             raise ValueError("json_schema.schema: " + first_error(e).msg.removeprefix("value: ")) from None
 
@@ -96,9 +99,13 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        seen: set[int] = set()
         for key in v or {}:
             if not (key.isascii() and key.isdigit()) or len(key) > 9:
                 raise ValueError(f"keys must be token ids (non-negative integers, as strings), got {key[:20]!r}")
+            if int(key) in seen:
+                raise ValueError(f"token id {int(key)} is given twice (as {key!r} and another spelling)")
+            seen.add(int(key))
         return v
 
     @field_validator("response_format")
@@ -121,6 +128,12 @@ class SamplingFields(BaseModel):
     def _one_stop(cls, v: object) -> object:
         # Before validation, so a bad single string is named for what is wrong with it, not for not being a list.
         return [v] if isinstance(v, str) else v
+
+    @property
+    def grammar_param(self) -> str:
+        """The field a grammar error names: response_format when the constraint came from it, else grammar."""
+        fmt = self.response_format
+        return "response_format" if fmt is not None and fmt.type != "text" else "grammar"
 
     def sampling(self, max_tokens: int | None = None) -> SamplingParams:
         given: dict[str, Any] = {

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import first_error
-from shared.grammar import JSON_OPTIONS, Grammar, GrammarType
+from shared.grammar import JSON_OPTIONS, Grammar, GrammarType, closed
 from shared.sampling import SamplingParams
 
 STRICT = ConfigDict(strict=True, extra="forbid")
@@ -53,7 +53,8 @@ class FunctionDef(BaseModel):
     strict: bool | None = None  # accepted either way: required and named calls are always held to the schema
 
     def schema_(self) -> dict[str, Any]:
-        return self.parameters if self.parameters is not None else EMPTY_PARAMETERS
+        """The arguments' JSON schema: `parameters`, or no arguments when it is absent or `{}`."""
+        return self.parameters if self.parameters else EMPTY_PARAMETERS
 
 
 class Tool(BaseModel):
@@ -103,6 +104,11 @@ class ToolFields(BaseModel):
     @model_validator(mode="after")
     def _tools_agree(self) -> ToolFields:
         check_tools(self.tools or [], self.tool_choice)
+        if self.forced_call:
+            try:
+                grammar_for(self.tools_shown, self.tool_choice)
+            except ValidationError as e:
+                raise ValueError(f"tool_choice: {first_error(e).msg.removeprefix('value: ')}") from None
         format_ = getattr(self, "response_format", None)
         if self.forced_call and (getattr(self, "grammar", None) is not None or (format_ and format_.type != "text")):
             raise ValueError("tool_choice: a required or named tool call is itself the reply's format: drop "
@@ -123,6 +129,10 @@ class ToolFields(BaseModel):
         """The prompt that shows the tools (after the system prompt), or None when none are shown."""
         return system_prompt(self.tools_shown) if self.tools_shown else None
 
+    def grammar_field(self, otherwise: str) -> str:
+        """The field a grammar error names: tool_choice for a required or named call, else `otherwise`."""
+        return "tool_choice" if self.forced_call else otherwise
+
     def constrain(self, sampling: SamplingParams) -> SamplingParams:
         """`sampling` with the grammar of a required or named call, when the choice is one."""
         if not self.forced_call:
@@ -137,6 +147,9 @@ def check_tools(tools: list[Tool], choice: ToolChoice | None) -> None:
     if len(set(names)) != len(names):
         raise ValueError("tools: two tools have the same name")
     for i, t in enumerate(tools):
+        if t.function.schema_().get("type") != "object":
+            raise ValueError(f"tools[{i}].function.parameters: must be a JSON schema of type object (the arguments "
+                             "are an object); leave it out for a function without arguments")
         try:
             Grammar(type=GrammarType.json, value=t.function.schema_())
         except ValidationError as e:
@@ -172,19 +185,39 @@ def response_text(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def closed(schema: Any) -> Any:
-    """`schema` with every object that lists its properties and says nothing of others closed to them
-    (`additionalProperties: false`), as OpenAI's strict mode requires them to be written. Clients that build tools
-    from function signatures (LangChain's bind_tools) leave it out, and a constrained small model then keeps adding
-    arguments until max_tokens ({"a":1,"b":2,"c":3,...} measured with SmolLM2-135M)."""
-    if isinstance(schema, list):
-        return [closed(x) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
+def _pointer(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")  # RFC 6901
+
+
+def _hoisted(tool: str, params: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """`params` (a tool's arguments schema) made to live under the call's schema: its `$defs` / `definitions` move
+    to the root's `defs` under names of its own, itself too (as `<tool>`), and every local `$ref` ("#...", written
+    relative to `params`' root, as pydantic writes nested models) is rewritten to match. Returns a `$ref` to it."""
+    params = dict(params)
+    own = {**params.pop("definitions", {}), **params.pop("$defs", {})}
+    root = f"{tool}"
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, list):
+            return [fix(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: fix(v) for k, v in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            for prefix in ("#/$defs/", "#/definitions/"):
+                if ref.startswith(prefix):
+                    name, _, rest = ref[len(prefix):].partition("/")
+                    out["$ref"] = f"#/$defs/{_pointer(tool + '.' + name)}" + (f"/{rest}" if rest else "")
+                    break
+            else:
+                out["$ref"] = f"#/$defs/{_pointer(root)}{ref[1:]}"
+        return out
+
+    for name, sub in own.items():
+        defs[f"{tool}.{name}"] = fix(sub)
+    defs[root] = fix(params)
+    return {"$ref": f"#/$defs/{_pointer(root)}"}
 
 
 def grammar_for(tools: list[Tool], choice: ToolChoice | None) -> Grammar | None:
@@ -195,10 +228,14 @@ def grammar_for(tools: list[Tool], choice: ToolChoice | None) -> Grammar | None:
         chosen = [t for t in tools if t.function.name == choice.function.name]
     else:
         return None
+    defs: dict[str, Any] = {}
     calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                               "arguments": closed(t.function.schema_())},
+                                               "arguments": _hoisted(t.function.name, closed(t.function.schema_()),
+                                                                     defs)},
               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": JSON_OPTIONS}
+    if defs:
+        schema["$defs"] = defs
     # In its tags, as the prompt asks for calls: the reply reads (and is stored) as an auto call would.
     lark = f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {json.dumps(schema)}'
     return Grammar(type=GrammarType.lark, value=lark)

@@ -79,7 +79,7 @@ def masks_llguidance(tok: Any) -> dict[str, Any]:
     state: dict[str, torch.Tensor] = {}
 
     def fill() -> None:
-        state["a"] = allowed_tokens(matchers, codec.vocab_size).mask  # as the engine calls it: bits to bool rows
+        state["a"] = allowed_tokens(matchers, comp).mask  # as the engine calls it: bits to bool rows
 
     times = _walk(fill, lambda r: state["a"][r].nonzero().view(-1).tolist(),
                   lambda r, t: matchers[r].consume_token(t), 0)

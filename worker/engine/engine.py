@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.codec import Codec
+from shared.grammar import first_line
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
-from worker.engine.grammar import GrammarCompiler, Matcher, allowed_tokens
+from worker.engine.grammar import Matcher, allowed_tokens
 from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampling import RowLogprob, Sampler, needs_history
 from worker.engine.stopping import StoppingCriteria
@@ -179,7 +180,7 @@ class Engine:
         if getattr(backend, "prefix_reuse", False):
             self.prefix = PrefixCache(backend.slots, getattr(backend, "spare_slots", 0))
         self._copies: list[Copy] = []
-        self.grammars = GrammarCompiler(codec)
+        self.grammars = codec.grammars
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -230,7 +231,10 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+        matcher = None
+        if params.grammar is not None:
+            self.grammars.check(params.grammar)  # what the producer checked, if it knew this tokenizer
+            matcher = self.grammars.matcher(params.grammar)
         stopping = StoppingCriteria(
             frozenset() if params.ignore_eos else frozenset(self.codec.end_ids),
             min(max_new, self.max_len - len(prompt)),  # the reply never writes past the KV cache
@@ -446,7 +450,7 @@ class Engine:
         rows = torch.tensor([row for row, _ in done], device=logits.device)
         seqs = [seq for _, seq in done]
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        allowed = allowed_tokens([s.matcher for s in seqs], self.codec.vocab_size)
+        allowed = allowed_tokens([s.matcher for s in seqs], self.grammars)
         drawn = Sampler().draw(picked, [s.params for s in seqs], [s.generator for s in seqs],
                                [(s.prompt, ()) for s in seqs], allowed)
         now = time.perf_counter()
@@ -468,7 +472,7 @@ class Engine:
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
         # Token histories only matter to penalties: not gathered every step otherwise.
         history = [(s.prompt, s.generated) for s in active] if any(needs_history(s.params) for s in active) else None
-        allowed = allowed_tokens([s.matcher for s in active], self.codec.vocab_size)
+        allowed = allowed_tokens([s.matcher for s in active], self.grammars)
         drawn = self._sampler.draw(picked, [s.params for s in active], [s.generator for s in active], history,
                                    allowed)
         for j, (s, t) in enumerate(zip(active, drawn.tokens)):
@@ -487,7 +491,10 @@ class Engine:
             self._finish(seq, self._result(seq, reason))
             return
         if seq.matcher is not None and not seq.matcher.consume_token(token):
-            self._finish(seq, Failed(f"grammar: no token can continue the reply ({seq.matcher.get_error()[:200]})"))
+            # Nothing was allowed (the sampler left the row unmasked): the grammar asks for a special token's text,
+            # or met one of llguidance's limits (GrammarCompiler.check dry-runs only its first steps).
+            self._finish(seq, Failed(f"grammar: the reply cannot go on within its grammar "
+                                     f"({first_line(seq.matcher.get_error())})"))
             return
         seq.generated.append(token)
         if seq.logprobs is not None and lp is not None:

@@ -8,44 +8,17 @@ The grammar's end (the matcher stopped: nothing more may follow) finishes the se
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.hf
 import torch
 
-from shared.codec import Codec
-from shared.grammar import Grammar
+from shared.grammar import GrammarCompiler
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 Matcher = llguidance.LLMatcher
-
-
-class GrammarCompiler:
-    """Matchers for one codec's tokenizer (shared/codec.py). The llguidance tokenizer is built on first use (about
-    a second for a 49,152-token vocabulary), not at worker start: most workers never see a grammar. Thread-safe."""
-
-    def __init__(self, codec: Codec):
-        self._codec = codec
-        self._tok: llguidance.LLTokenizer | None = None
-        self._lock = threading.Lock()
-
-    def _tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
-            if self._tok is None:
-                c = self._codec  # its real ids are the engine's logits' width; its end ids end a grammar's reply
-                self._tok = llguidance.hf.from_tokenizer(c.tokenizer, n_vocab=c.vocab_size, eos_token=sorted(c.end_ids))
-            return self._tok
-
-    def matcher(self, grammar: Grammar) -> Matcher:
-        """A fresh matcher at the grammar's start. Raises ValueError (param grammar) when the grammar cannot be
-        built for this tokenizer (the producer validated it without one)."""
-        m = llguidance.LLMatcher(self._tokenizer(), grammar.compiled(), log_level=0)
-        if m.is_error():
-            raise ValueError(f"grammar: {m.get_error()[:300]}")
-        return m
+__all__ = ["Allowed", "GrammarCompiler", "Matcher", "allowed_tokens"]
 
 
 @dataclass(frozen=True)
@@ -57,18 +30,26 @@ class Allowed:
     mask: torch.Tensor
 
 
-def allowed_tokens(matchers: Sequence[Matcher | None], vocab_size: int) -> Allowed | None:
+def allowed_tokens(matchers: Sequence[Matcher | None], compiler: GrammarCompiler) -> Allowed | None:
     """What each row's matcher allows next, for the rows that have one; None when no row has one (nothing is
-    built: free batches pay nothing). A matcher in an error state allows nothing (the sampler then leaves that row
+    built: free batches pay nothing). Special ids are never allowed, end ids only once the row's grammar accepts
+    (shared/grammar.py says why). A matcher in an error state allows nothing (the sampler then leaves that row
     unmasked and its matcher refuses the token, failing its sequence alone)."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
-    bits = torch.empty((len(rows), (vocab_size + 31) // 32), dtype=torch.int32)
+    vocab = compiler.codec.vocab_size
+    bits = torch.empty((len(rows), (vocab + 31) // 32), dtype=torch.int32)
     for j, i in enumerate(rows):
         m, row = matchers[i], bits[j]
         assert m is not None
         m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
     # Bit b of word w is token 32w + b (llguidance's layout).
-    mask = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).bool().view(len(rows), -1)[:, :vocab_size]
+    mask = ((bits.unsqueeze(-1) >> _SHIFTS) & 1).bool().view(len(rows), -1)[:, :vocab]
+    if compiler.banned:
+        mask[:, compiler.banned] = False
+    for j, i in enumerate(rows):
+        m = matchers[i]
+        if m is not None and not m.is_accepting():
+            mask[j, compiler.end_ids] = False
     return Allowed(torch.tensor(rows, dtype=torch.long), mask)

@@ -183,14 +183,16 @@ class Sampler:
         temps = torch.tensor([1.0 if params[i].greedy else params[i].temperature for i in want],
                              device=logits.device).unsqueeze(1)
         lp = torch.log_softmax(torch.nan_to_num(logits.index_select(0, idx) / temps, nan=float("-inf"),
-                                                posinf=1e30), dim=-1)
+                                                posinf=1e30, neginf=float("-inf")), dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).view(-1).tolist()
         k = max(params[i].logprobs or 0 for i in want)
         top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
         rows: list[RowLogprob | None] = [None] * len(params)
         for j, i in enumerate(want):
             n = params[i].logprobs or 0
-            rows[i] = RowLogprob(chosen[j], list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())))
+            # Tokens a mask or a -100 bias ruled out (-inf) are no alternatives: at most the ones that could be drawn.
+            top = [(t, v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()) if v != float("-inf")]
+            rows[i] = RowLogprob(chosen[j], top)
         return rows
 
     def _pick_tokens(
