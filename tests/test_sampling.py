@@ -184,3 +184,16 @@ def test_logprobs_are_those_of_the_distribution_drawn_from_and_their_alternative
     assert hot.logprob == pytest.approx(tempered[drawn.tokens[1]].item())
     assert sum(math.exp(v) for _, v in hot.top) == pytest.approx(1.0)  # the whole vocabulary: all four
     assert Sampler().draw(logits.clone(), [SamplingParams()] * 3, [None] * 3).logprobs is None
+
+
+def test_logprobs_of_bf16_logits_see_the_bias_and_the_mask():
+    """The `cpu` preset's logits are bf16: the float32 copy that bias, mask and penalties act on is the one the log
+    probabilities are read from (they were read from the untouched bf16 logits)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]], dtype=torch.bfloat16)
+    mask = torch.tensor([[False, True, True, True]])
+    drawn = Sampler().draw(logits, [SamplingParams(temperature=0, logprobs=4, logit_bias={3: 10.0})], [None], None,
+                           Allowed(torch.tensor([0]), mask))
+    (lp,) = drawn.logprobs
+    want = torch.log_softmax(torch.tensor([1.0, 0.5, 9.0]), -1)
+    assert drawn.tokens == [3] and lp.logprob == pytest.approx(want[2].item(), abs=1e-3)
+    assert [t for t, _ in lp.top] == [3, 1, 2]  # token 0, masked, is no alternative

@@ -168,7 +168,13 @@ class Sampler:
         history: Sequence[History] | None = None,
         allowed: Allowed | None = None,
     ) -> Draw:
-        """The rows' tokens, and the log probabilities of the rows that ask for them (`params.logprobs`)."""
+        """The rows' tokens, and the log probabilities of the rows that ask for them (`params.logprobs`).
+        `logits` (rows, vocab), any float dtype, already cut to the tokenizer's real ids (modified in place when
+        float32); `params` and `generators` (None = unseeded) per row; `history` each row's prompt and reply ids
+        (needed when a row has a penalty: `needs_history`); `allowed` the tokens each constrained row's grammar
+        allows (grammar.allowed_tokens; None = no such row). Order, as vLLM applies them: logit_bias, grammar mask,
+        penalties, then greedy argmax or temperature, top-k, top-p and the draw."""
+        logits = logits.float()  # processed in place from here on; log probabilities are read from it too
         out = self._pick_tokens(logits, params, generators, history, allowed)
         return Draw(out.tolist(), self._logprobs(logits, params, out))
 
@@ -190,26 +196,15 @@ class Sampler:
         rows: list[RowLogprob | None] = [None] * len(params)
         for j, i in enumerate(want):
             n = params[i].logprobs or 0
-            # Tokens a mask or a -100 bias ruled out (-inf) are no alternatives: at most the ones that could be drawn.
+            # Tokens a grammar ruled out (-inf) are no alternatives: at most the ones that could be drawn are listed.
             top = [(t, v) for t, v in zip(top_i[j, :n].tolist(), top_v[j, :n].tolist()) if v != float("-inf")]
             rows[i] = RowLogprob(chosen[j], top)
         return rows
 
-    def _pick_tokens(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        generators: Sequence[torch.Generator | None],
-        history: Sequence[History] | None = None,
-        allowed: Allowed | None = None,
-    ) -> torch.Tensor:
-        """One token id per row, (rows,) int64. `logits` (rows, vocab), any float dtype, already cut to the tokenizer's
-        real ids (modified in place when float32); `params` and `generators` (None = unseeded) per row;
-        `history` each row's prompt and reply ids (needed when a row has a penalty: `needs_history`);
-        `allowed` the tokens each constrained row's grammar allows (grammar.allowed_tokens; None = no such row).
-        Order, as vLLM applies them: logit_bias, grammar mask, penalties, then greedy argmax or temperature,
-        top-k, top-p and the draw."""
-        logits = logits.float()
+    def _pick_tokens(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                     generators: Sequence[torch.Generator | None], history: Sequence[History] | None,
+                     allowed: Allowed | None) -> torch.Tensor:
+        """draw's tokens, (rows,) int64, from float32 `logits` it processes in place (see draw)."""
         rows = self._for(params, logits.shape[-1], logits.device)
         if rows.bias is not None:
             logits.index_put_(rows.bias[:2], rows.bias[2], accumulate=True)
