@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.codec import Codec
-from shared.grammar import first_line
+from shared.grammar import GrammarCompiler, first_line
 from shared.sampling import SamplingParams
 from shared.wire import FinishReason
 from worker.engine.detok import Detokenizer
-from worker.engine.grammar import Matcher, allowed_tokens
+from worker.engine.grammar import Allowed, Matcher, allowed_tokens
 from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampling import RowLogprob, Sampler, needs_history
 from worker.engine.stopping import StoppingCriteria
@@ -180,9 +180,13 @@ class Engine:
         if getattr(backend, "prefix_reuse", False):
             self.prefix = PrefixCache(backend.slots, getattr(backend, "spare_slots", 0))
         self._copies: list[Copy] = []
-        self.grammars = codec.grammars
 
     # -- public ------------------------------------------------------------------------------------
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Constrained-decoding matchers for this engine's tokenizer (the codec's, built when first used)."""
+        return self.codec.grammars
+
     @property
     def max_len(self) -> int:
         """Positions per slot (the backend's sequence length): prompt and reply tokens together."""
@@ -450,7 +454,7 @@ class Engine:
         rows = torch.tensor([row for row, _ in done], device=logits.device)
         seqs = [seq for _, seq in done]
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
-        allowed = allowed_tokens([s.matcher for s in seqs], self.grammars)
+        allowed = self._allowed(seqs)
         drawn = Sampler().draw(picked, [s.params for s in seqs], [s.generator for s in seqs],
                                [(s.prompt, ()) for s in seqs], allowed)
         now = time.perf_counter()
@@ -472,7 +476,7 @@ class Engine:
         picked = logits.index_select(0, rows)[:, : self.codec.vocab_size]
         # Token histories only matter to penalties: not gathered every step otherwise.
         history = [(s.prompt, s.generated) for s in active] if any(needs_history(s.params) for s in active) else None
-        allowed = allowed_tokens([s.matcher for s in active], self.grammars)
+        allowed = self._allowed(active)
         drawn = self._sampler.draw(picked, [s.params for s in active], [s.generator for s in active], history,
                                    allowed)
         for j, (s, t) in enumerate(zip(active, drawn.tokens)):
@@ -480,6 +484,12 @@ class Engine:
                 continue  # its previous token completed a stop string while this step ran: this one is void
             s.pos += 1
             self._accept(s, t, defer=True, lp=drawn.logprobs[j] if drawn.logprobs else None)
+
+    def _allowed(self, seqs: list[_Seq]) -> Allowed | None:
+        """The constrained rows' masks (grammar.py), or None when no row is constrained (nothing is built)."""
+        if all(s.matcher is None for s in seqs):
+            return None
+        return allowed_tokens([s.matcher for s in seqs], self.grammars)
 
     def _accept(self, seq: _Seq, token: int, defer: bool = False, lp: RowLogprob | None = None) -> None:
         """Record a sampled token (and its log probability `lp` when the sequence asked); finish the sequence when
