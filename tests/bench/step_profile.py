@@ -1,0 +1,77 @@
+"""Where a CPU decode step goes: `python -m tests.bench.step_profile [--preset cpu] [--rows 1,8] [--steps 40]`.
+
+The backend's decode step alone (TorchBackend.decode on the preset's model, no engine, no sampling), as the
+CPU-decode issue asks it measured before and after a change: per row count, the median ms per step over `--steps`
+steps after a warm-up (KV positions advancing from a 40-token prompt in every row), and from one profiled step
+(torch.profiler, CPU) the number of ATen operations, the time in the weight matmuls and the top operators by
+self CPU time. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from statistics import median
+from typing import Any
+
+import torch
+
+
+def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> dict[str, Any]:
+    from worker.pipeline.backend import Prefill
+
+    backend.prefill([Prefill(r, list(range(100, 100 + prompt_len)), 0) for r in range(rows)])
+    ids = torch.full((rows,), 200)
+    active = torch.ones(rows, dtype=torch.bool)
+    pos = prompt_len
+
+    def step() -> None:
+        nonlocal pos
+        backend.decode(ids, torch.full((rows,), pos), active)
+        pos += 1
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    by_self = Counter()
+    for e in events:
+        by_self[e.name] += e.self_cpu_time_total
+    mm = sum(t for name, t in by_self.items() if "mm" in name or "linear" in name or "int8pack" in name)
+    return {"rows": rows, "step_ms_p50": round(median(times) * 1e3, 2), "aten_ops": len(events),
+            "matmul_self_ms": round(mm / 1e3, 2), "self_ms_total": round(sum(by_self.values()) / 1e3, 2),
+            "top_self_ms": {k: round(v / 1e3, 2) for k, v in by_self.most_common(8)}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.step_profile", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--rows", default="1,8")
+    ap.add_argument("--steps", type=int, default=40)
+    a = ap.parse_args(argv)
+    from config.presets import load_presets
+    from worker.pipeline.factory import backend_dtype, build_backend
+    from worker.pipeline.loader import load_model
+
+    presets = load_presets()
+    mp, dev = presets.model("smollm2-135m"), presets.device(a.preset)
+
+    # Loaded, built and measured on this one thread, as the worker's engine thread does (own_thread.py says why).
+    loaded = load_model(mp, backend_dtype(dev))
+    backend = build_backend(dev, loaded, mp.sequence_length)
+    backend.warm_up()
+    rows = [profile_rows(backend, int(r), a.steps) for r in a.rows.split(",")]
+    print(json.dumps({"preset": a.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
