@@ -46,6 +46,9 @@ class DevicePreset(BaseModel):
     quantize: Literal["none", "int8"] = "none"
     cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
     compile_decode: bool = False  # torch.compile that step first (fuses small ops; a minute or two at start)
+    # worker/pipeline/lean_llama.py's forward for Llama-shaped models (SmolLM2) instead of transformers' modules:
+    # the same arithmetic with far fewer operations per step; other architectures keep transformers' modules.
+    lean_model: bool = False
     # Prefix reuse (worker/engine/prefix_cache.py): finished sequences' KV stays for prompts that extend it.
     prefix_cache: bool = True
     # KV rows beyond `slots` that only hold cached prefixes, each as large as a slot; None = as many as slots.

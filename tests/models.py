@@ -27,9 +27,9 @@ def tiny_llama():
     return tok, model
 
 
-def engine_for(model, tokenizer, *, slots: int = 8, max_len: int = 256) -> Engine:
+def engine_for(model, tokenizer, *, slots: int = 8, max_len: int = 256, lean: bool = False) -> Engine:
     codec = Codec(tokenizer, PromptFormat.oasst, ["<|endoftext|>"])  # a fresh codec: tests may edit it
-    return Engine(TorchBackend(model, slots=slots, max_len=max_len), codec).start()
+    return Engine(TorchBackend(model, slots=slots, max_len=max_len, lean=lean), codec).start()
 
 
 def lockstep_decode(backends: list[TorchBackend], prompts: dict[int, list[int]], widths: list[int]):

@@ -48,4 +48,5 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
         compile_decode=device.compile_decode,
         prefix_reuse=device.prefix_cache,
         spare_slots=device.spare_slots,
+        lean=device.lean_model,
     )

@@ -24,6 +24,8 @@ from worker.pipeline.backend import (
     prefill_rounds,
 )
 from worker.pipeline.kv_cache import SlotKVCache
+from worker.pipeline.lean_llama import LeanLlama
+from worker.pipeline.lean_llama import supports as lean_supports
 from worker.pipeline.quantize import quantize_int8
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ class TorchBackend:
     kv bucket); compile_decode: torch.compile that step (needs cuda_graphs); kv_block: the kv-length bucket
     (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences' KV and copy it between rows
     (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes (each costs as much
-    memory as a slot).
+    memory as a slot); lean: lean_llama.py's forward instead of transformers' modules where the model is
+    Llama-shaped (ignored otherwise).
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -57,6 +60,7 @@ class TorchBackend:
         kv_block: int = 32,
         prefix_reuse: bool = True,
         spare_slots: int = 0,
+        lean: bool = False,
     ):
         if spare_slots < 0 or (spare_slots and not prefix_reuse):
             raise ValueError("spare_slots: at least 0, and only with prefix_reuse")
@@ -76,6 +80,8 @@ class TorchBackend:
         self.head = model.get_output_embeddings()
         self.dtype = model.get_input_embeddings().weight.dtype
         self._cache_kw = cache_keyword(self.base.forward)
+        # lean_llama.py's forward instead of transformers' modules, where the model is Llama-shaped.
+        self._lean = LeanLlama(self.base, max_len).to(self.device) if lean and lean_supports(model) else None
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
         try:
@@ -114,6 +120,8 @@ class TorchBackend:
         kv = torch.arange(kv_len, device=self.device)
         # (rows, 1, tokens, kv_len): a token sees cached positions up to its own.
         mask = kv.view(1, 1, 1, -1) <= rot_pos.unsqueeze(1).unsqueeze(-1)
+        if self._lean is not None:
+            return self._lean(ids, rot_pos, mask, self.cache)
         out = self.base(
             input_ids=ids, position_ids=rot_pos, attention_mask=mask, use_cache=True, **{self._cache_kw: self.cache}
         )

@@ -1,0 +1,54 @@
+"""worker/pipeline/lean_llama.py: the lean forward gives transformers' logits (fp32, the Llama-shaped twin with
+grouped-query attention), prefill and decode, dynamic and static decode; the engine's replies are the same with it,
+batched or alone; a model it does not implement keeps transformers' modules."""
+
+import copy
+
+import pytest
+import torch
+
+from shared.sampling import SamplingParams
+from tests.models import engine_for, lockstep_decode, tiny_llama
+from worker.pipeline import lean_llama
+from worker.pipeline.torch_backend import TorchBackend
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = {0: list(range(30, 70)), 1: [5, 9, 11], 3: list(range(100, 117))}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_lean_logits_equal_transformers_on_prefill_and_every_decode_width(llama, static):
+    _, model = llama
+    backends = [TorchBackend(copy.deepcopy(model), slots=4, max_len=128, lean=lean, cuda_graphs=static)
+                for lean in (False, True)]
+    assert backends[0]._lean is None and backends[1]._lean is not None
+    for active, (hf, lean) in lockstep_decode(backends, PROMPTS, [4, 4, 2, 4, 1]):
+        assert torch.allclose(hf[active], lean[active], atol=1e-4), (hf[active] - lean[active]).abs().max()
+
+
+def test_the_engines_greedy_replies_are_the_same_batched_or_alone(llama):
+    tok, model = llama
+    prompts = [list(range(40 + i, 60 + 2 * i)) for i in range(6)]
+    replies = {}
+    for lean in (False, True):
+        eng = engine_for(copy.deepcopy(model), tok, slots=4, lean=lean)
+        try:
+            alone = [list(eng.submit(p, GREEDY, 24))[-1].token_ids for p in prompts]
+            handles = [eng.submit(p, GREEDY, 24) for p in prompts]
+            together = [list(h)[-1].token_ids for h in handles]
+        finally:
+            eng.stop()
+        assert together == alone
+        replies[lean] = alone
+    assert replies[True] == replies[False] and all(replies[True])
+
+
+def test_a_model_it_does_not_implement_keeps_transformers_modules(tiny):
+    assert not lean_llama.supports(tiny.model)  # GPT-NeoX
+    backend = TorchBackend(tiny.model, slots=2, max_len=64, lean=True)
+    assert backend._lean is None
