@@ -110,7 +110,8 @@ def test_models_lists_what_is_served(oai: openai.OpenAI) -> None:
     assert list(models) == ["tiny-neox"]  # smollm2-135m is a preset, but no worker serves it here
     assert models["tiny-neox"].model_extra["context_length"] == 256
     caps = models["tiny-neox"].model_extra["capabilities"]
-    assert caps["structured_outputs"] and caps["tools"] and caps["completions"] and caps["max_top_logprobs"] == 20
+    assert caps["structured_outputs"] and caps["tools"] and caps["completions"] and caps["responses"]
+    assert caps["max_top_logprobs"] == 20
     assert oai.models.retrieve("tiny-neox").id == "tiny-neox"
     for model in ("gpt-9", IDLE_MODEL):
         with pytest.raises(openai.NotFoundError):

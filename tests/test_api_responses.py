@@ -50,6 +50,9 @@ def test_a_chain_of_responses_is_one_conversation_whose_history_is_reused(oai: o
     assert r.hget(f"chat:conv:{fork_cid}", "system") == b"Be brief."
     got = oai.responses.retrieve(second.id)
     assert got.output_text == second.output_text and got.status == second.status
+    assert got.previous_response_id == first.id  # the chain, as create said it (found by a fresh user: None)
+    assert oai.responses.retrieve(first.id).previous_response_id is None
+    assert oai.responses.retrieve(fork.id).previous_response_id == first.id
 
 
 def test_another_callers_response_is_not_found_and_cannot_be_continued(server: LiveServer,

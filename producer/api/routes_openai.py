@@ -240,8 +240,9 @@ def logprobs(res: TurnResult) -> dict[str, Any] | None:
 
 
 # What every served model supports: the engine does it all on the host, whatever the backend (CPU, CUDA, IPU).
-CAPABILITIES = {"chat_completions": True, "completions": True, "structured_outputs": True, "tools": True,
-                "tool_choice": ["none", "auto", "required", "named"], "logprobs": True, "max_top_logprobs": 20}
+CAPABILITIES = {"chat_completions": True, "completions": True, "responses": True, "structured_outputs": True,
+                "tools": True, "tool_choice": ["none", "auto", "required", "named"], "logprobs": True,
+                "max_top_logprobs": 20}
 
 
 def model_entry(m: dict[str, Any]) -> dict[str, Any]:

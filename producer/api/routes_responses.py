@@ -296,10 +296,21 @@ def get_response(response_id: str, svc: Service, caller: Authed) -> dict[str, An
         raise ApiError(404, f"no response {response_id[:100]!r}", param="response_id") from None
     status = {TurnStatus.queued: "queued", TurnStatus.running: "in_progress", TurnStatus.done: "completed",
               TurnStatus.failed: "failed"}[state.status]
-    out = body(state.result, tid, conv.model, state.enqueued_at, status, None, conv.system)
+    out = body(state.result, tid, conv.model, state.enqueued_at, status, _previous(svc, conv.id, tid), conv.system)
     if state.status is TurnStatus.failed:
         out["error"] = {"code": "server_error", "message": state.error or "the turn failed"}
     return out
+
+
+def _previous(svc: ChatService, cid: str, tid: str) -> str | None:
+    """The response a stored one continued: the conversation's reply before turn `tid`'s (a fork keeps the replies
+    it was forked with, ids included); None for the first of a chain, or while `tid` has no reply yet."""
+    msgs = svc.store.messages(cid)
+    mine = next((i for i, m in enumerate(msgs) if m.role is Role.assistant and m.turn_id == tid), None)
+    if mine is None:
+        return None
+    before = [m for m in msgs[:mine] if m.role is Role.assistant and m.turn_id]
+    return f"resp_{before[-1].turn_id}" if before else None
 
 
 async def stream(svc: ChatService, tid: str, req: ResponseRequest, created: float) -> AsyncIterator[str]:
