@@ -146,32 +146,36 @@ def fit_turn(
     `max_tokens` (or one token) must fit as they are, else ContextLengthExceeded with the numbers."""
     if truncate:
         return fit(codec, messages, seq_len, max_tokens)
-    if max_tokens is not None and max_tokens >= seq_len:
-        raise ContextError(
-            f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens"
-        )
+    _check_max_tokens(max_tokens, seq_len)
     total = sum(map(len, encode_messages(codec, messages)))
+    _check_room("messages", "the messages take", total, max_tokens, seq_len,
+                ", or allow dropping the oldest turns (truncate: true)")
+    return fit(codec, messages, seq_len, max_tokens, reserve=max_tokens or 1)
+
+
+def _check_max_tokens(max_tokens: int | None, seq_len: int) -> None:
+    """Raises ContextError naming max_tokens when it alone fills the sequence length."""
+    if max_tokens is not None and max_tokens >= seq_len:
+        raise ContextError(f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens")
+
+
+def _check_room(field: str, subject: str, total: int, max_tokens: int | None, seq_len: int, also: str = "") -> None:
+    """OpenAI's rule: `total` prompt tokens and `max_tokens` (or one token) must fit as they are, else
+    ContextLengthExceeded naming `field`, with the numbers (`subject`: "the messages take"; `also`: another way
+    out, appended to the advice)."""
     if total + (max_tokens or 1) > seq_len:
         asked = f" and {max_tokens} for the output" if max_tokens else " and at least 1 for the output"
         raise ContextLengthExceeded(
-            f"messages: this model's maximum context length is {seq_len} tokens, but the messages take "
-            f"{total} tokens{asked}; shorten the messages or max_tokens, or allow dropping the oldest turns "
-            "(truncate: true)"
-        )
-    return fit(codec, messages, seq_len, max_tokens, reserve=max_tokens or 1)
+            f"{field}: this model's maximum context length is {seq_len} tokens, but {subject} {total} tokens{asked}; "
+            f"shorten the {field} or max_tokens{also}", field)
 
 
 def fit_raw(codec: Codec, text: str, seq_len: int, max_tokens: int | None) -> FittedPrompt:
     """A raw completion prompt (Codec.encode_raw) with room for `max_tokens` (or one token), as it is: nothing is
     dropped or cut (OpenAI's rule). Raises ContextError naming max_tokens, ContextLengthExceeded naming prompt."""
-    if max_tokens is not None and max_tokens >= seq_len:
-        raise ContextError(f"max_tokens: {max_tokens} is beyond this model's sequence length {seq_len}", "max_tokens")
+    _check_max_tokens(max_tokens, seq_len)
     ids = codec.encode_raw(text)
     if not ids:
         raise ContextError("prompt: it is empty once tokenized", "prompt")
-    if len(ids) + (max_tokens or 1) > seq_len:
-        asked = f" and {max_tokens} for the output" if max_tokens else " and at least 1 for the output"
-        raise ContextLengthExceeded(
-            f"prompt: this model's maximum context length is {seq_len} tokens, but the prompt takes {len(ids)} "
-            f"tokens{asked}; shorten the prompt or max_tokens", "prompt")
+    _check_room("prompt", "the prompt takes", len(ids), max_tokens, seq_len)
     return FittedPrompt(ids, min(max_tokens or seq_len, seq_len - len(ids)))

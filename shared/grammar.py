@@ -141,12 +141,13 @@ class GrammarCompiler:
             raise ValueError(f"grammar: {first_line(m.get_error())}")
         return m
 
-    def check(self, grammar: Grammar, field: str = "grammar") -> None:
+    def check(self, grammar: Grammar, field: str = "grammar") -> llguidance.LLMatcher:
         """Dry-run the grammar's first CHECK_STEPS steps on this tokenizer (taking the lowest allowed id each time):
         raises ValueError naming `field` when it cannot be built, exceeds llguidance's limits on the way (a huge
         counted repetition such as `a{1000000}` does at the second step), or matches no reply at all (no ordinary
         token may start it and the empty reply is not accepted: a $ref cycle, `[^\\s\\S]`). A few masks'
-        time (well under a millisecond) once the tokenizer is built. A limit met later fails the turn instead."""
+        time (well under a millisecond) once the tokenizer is built. A limit met later fails the turn instead.
+        Returns the matcher, reset to the grammar's start: building it again would cost its compile twice."""
         try:
             m = self.matcher(grammar)
         except ValueError as e:
@@ -164,10 +165,12 @@ class GrammarCompiler:
                                      "reply cannot hold")
                 if step == 0 and not m.is_accepting():
                     raise ValueError(f"{field}: the grammar matches no reply")
-                return
+                break
             m.consume_token((bits & -bits).bit_length() - 1)  # the lowest allowed id: a deterministic walk
             if m.is_error():
                 raise ValueError(f"{field}: {first_line(m.get_error())}")
+        m.reset()
+        return m
 
     def _plain_bits(self) -> int:
         if self._plain is None:

@@ -24,7 +24,7 @@ from producer.api import sse, tools
 from producer.api.deps import Authed, Service
 from producer.api.errors import from_chat_error
 from producer.api.routes_openai import FINISH, End, Piece, StreamOptions, reply_events, usage, wait_for_reply
-from producer.api.schemas import SamplingFields
+from producer.api.schemas import SamplingFields, refused
 from producer.client import StartedTurn, TurnRequest
 from shared.errors import ChatError
 from shared.wire import TurnResult
@@ -49,12 +49,8 @@ class CompletionRequest(SamplingFields):
     tools: Any = None
     tool_choice: Any = None
 
-    @field_validator("messages", "tools", "tool_choice")
-    @classmethod
-    def _chat_fields(cls, v: Any) -> Any:
-        if v is not None:
-            raise ValueError("belongs to /v1/chat/completions, not to a raw completion")
-        return v
+    _chat_fields = refused("messages", "tools", "tool_choice",
+                           why="belongs to /v1/chat/completions, not to a raw completion")
 
     @field_validator("prompt")
     @classmethod
@@ -73,19 +69,8 @@ class CompletionRequest(SamplingFields):
                              "compute: drop echo or logprobs")
         return v
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
-
-    @field_validator("truncate")
-    @classmethod
-    def _no_truncate(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("a raw prompt is never cut: shorten it")
-        return v
+    _no_suffix = refused("suffix", why="suffix (insertion) is not supported")
+    _no_truncate = refused("truncate", why="a raw prompt is never cut: shorten it")
 
     @property
     def text(self) -> str:

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from producer.api import sse, tools
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, error_body, from_chat_error, turn_failure
-from producer.api.schemas import SamplingFields
+from producer.api.schemas import SamplingFields, refused
 from producer.api.service import ChatService
 from producer.api.tools import MAX_TOOLS, ToolCall
 from producer.client import StartedTurn, TurnRequest
@@ -134,19 +134,9 @@ class ChatCompletionRequest(SamplingFields, tools.ToolFields):
                              "its newer name), or the same value in both")
         return v
 
-    @field_validator("functions")
-    @classmethod
-    def _no_functions(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("the deprecated functions are not supported: send them as tools")
-        return v
-
-    @field_validator("function_call")
-    @classmethod
-    def _no_function_call(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("the deprecated function_call is not supported: use tool_choice")
-        return v
+    _no_functions = refused("functions", why="the deprecated functions are not supported: send them as tools")
+    _no_function_call = refused("function_call", allowed=("none", "auto"),
+                                why="the deprecated function_call is not supported: use tool_choice")
 
 
     @field_validator("top_logprobs")

@@ -26,7 +26,7 @@ from producer.api import sse, tools
 from producer.api.deps import Authed, Service
 from producer.api.errors import ApiError, from_chat_error
 from producer.api.routes_openai import Piece, reply_events, wait_for_reply
-from producer.api.schemas import JsonSchemaFormat, ResponseFormat, SamplingFields
+from producer.api.schemas import JsonSchemaFormat, ResponseFormat, SamplingFields, refused
 from producer.api.service import ChatService
 from producer.client import TurnRequest
 from shared.errors import ChatError, InvalidInput, NotFound, first_error
@@ -105,19 +105,12 @@ class ResponseRequest(SamplingFields):
     top_logprobs: int | None = None
     n: int | None = Field(None, ge=1, le=1)
 
-    @field_validator("background")
-    @classmethod
-    def _no_background(cls, v: bool | None) -> bool | None:
-        if v:
-            raise ValueError("background responses are not supported: stream, or wait for the answer")
-        return v
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise ValueError("not supported on /v1/responses yet (logprobs: use /v1/chat/completions)")
-        return v
+    _no_background = refused("background", why="background responses are not supported: stream, or wait for "
+                             "the answer")
+    _no_logprobs = refused("top_logprobs", why="not supported on /v1/responses yet (logprobs: use "
+                           "/v1/chat/completions)")
+    _no_tools = refused("tools", "include", "tool_choice", allowed=("none", "auto"),
+                        why="not supported on /v1/responses yet (tools: use /v1/chat/completions)")
 
     @field_validator("max_output_tokens")
     @classmethod
@@ -158,20 +151,6 @@ class ResponseRequest(SamplingFields):
             except (ValueError, ValidationError) as e:
                 why = first_error(e).msg if isinstance(e, ValidationError) else str(e)
                 raise ValueError(f"format: {why}") from None
-        return v
-
-    @field_validator("tools", "include")
-    @classmethod
-    def _none_yet(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise ValueError("not supported on /v1/responses yet (tools: use /v1/chat/completions)")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_choice(cls, v: Any) -> Any:
-        if v not in (None, "none", "auto"):
-            raise ValueError("not supported on /v1/responses yet (tools: use /v1/chat/completions)")
         return v
 
     @field_validator("reasoning")

@@ -70,6 +70,19 @@ class ResponseFormat(BaseModel):
             raise ValueError("json_schema.schema: " + first_error(e).msg.removeprefix("value: ")) from None
 
 
+def refused(*fields: str, why: str, allowed: tuple[Any, ...] = ()) -> Any:
+    """A field validator for request fields this server does not implement: a value that is set (truthy) and not
+    one of `allowed` is refused with `why` (OpenAI clients send many fields; one that would change the answer is
+    never silently ignored). Use as `_no_x = refused("x", why="...")` in the model's body."""
+
+    def check(cls: type, v: Any) -> Any:
+        if v and v not in allowed:
+            raise ValueError(why)
+        return v
+
+    return field_validator(*fields)(classmethod(check))
+
+
 def _not_blank(v: str | None) -> str | None:
     if v is not None and is_blank(v):
         raise ValueError("must not be empty")

@@ -235,10 +235,8 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        matcher = None
-        if params.grammar is not None:
-            self.grammars.check(params.grammar)  # what the producer checked, if it knew this tokenizer
-            matcher = self.grammars.matcher(params.grammar)
+        # What the producer checked too, if it knew this tokenizer; the matcher comes back at the grammar's start.
+        matcher = self.grammars.check(params.grammar) if params.grammar is not None else None
         stopping = StoppingCriteria(
             frozenset() if params.ignore_eos else frozenset(self.codec.end_ids),
             min(max_new, self.max_len - len(prompt)),  # the reply never writes past the KV cache
