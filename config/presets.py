@@ -43,7 +43,9 @@ class DevicePreset(BaseModel):
     device: Literal["cpu", "cuda", "ipu"] = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     slots: int = Field(8, ge=1, le=1024)  # concurrent sequences (the IPU micro-batch)
-    quantize: Literal["none", "int8"] = "none"
+    # Weight-only quantization on CPU (worker/pipeline/quantize.py): int8 per output channel, or int4 in groups of
+    # 32 (GGUF's Q4_1 layout: a Q4_1 model's weights as the file has them); bf16 activations either way.
+    quantize: Literal["none", "int8", "int4"] = "none"
     cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
     compile_decode: bool = False  # torch.compile that step first (fuses small ops; a minute or two at start)
     # worker/pipeline/lean_llama.py's forward for Llama-shaped models (SmolLM2) instead of transformers' modules:

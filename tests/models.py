@@ -14,9 +14,11 @@ from worker.pipeline.tiny_neox import build_tokenizer
 from worker.pipeline.torch_backend import TorchBackend
 
 
-def tiny_llama():
+def tiny_llama(hidden: int = 64):
+    """(tokenizer, a random LlamaForCausalLM): 4 heads, 2 KV heads, MLP twice `hidden`. At hidden 128 every
+    projection is whole int4 packing blocks (quantize.PACK_BLOCK_N), so int4 layers fuse."""
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=272, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
     cfg._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -27,9 +29,10 @@ def tiny_llama():
     return tok, model
 
 
-def engine_for(model, tokenizer, *, slots: int = 8, max_len: int = 256, lean: bool = False) -> Engine:
+def engine_for(model, tokenizer, *, slots: int = 8, max_len: int = 256, lean: bool = False,
+               quantize: str = "none") -> Engine:
     codec = Codec(tokenizer, PromptFormat.oasst, ["<|endoftext|>"])  # a fresh codec: tests may edit it
-    return Engine(TorchBackend(model, slots=slots, max_len=max_len, lean=lean), codec).start()
+    return Engine(TorchBackend(model, slots=slots, max_len=max_len, lean=lean, quantize=quantize), codec).start()
 
 
 def lockstep_decode(backends: list[TorchBackend], prompts: dict[int, list[int]], widths: list[int]):

@@ -205,3 +205,22 @@ def test_a_run_keeps_the_sections_it_did_not_run_and_the_hand_kept_reading_notes
     md = write({"machine": machine, "sections": {}}, md_path, None)
     assert "a note written by hand" not in md  # the rendering itself ...
     assert md_path.read_text().endswith(f"{READING_TITLE}\n\n- a note written by hand\n")  # ... the file keeps it
+
+
+def test_a_partial_peers_run_keeps_the_parts_it_did_not_run_marked_with_their_run():
+    """`make bench-peers ARGS='--only engine'` replaces the engine table; the HTTP and multi-turn tables stay, each
+    saying which run they are from."""
+    from tests.bench.report import carry_peers, peers_md
+
+    old = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks-peers.json").read_text())
+    new = {**{k: v for k, v in old.items() if k not in ("engine", "http", "multiturn")},
+           "machine": {**old["machine"], "date_utc": "2099-01-01 00:00:00", "git_commit": "f" * 40},
+           "engine": old["engine"]}
+    res = carry_peers(old, new, ["http", "multiturn"])
+    assert res["engine"] is new["engine"] and "carried_from" not in res["engine"]
+    origin = res["http"]["carried_from"]
+    assert origin == res["multiturn"]["carried_from"] and old["machine"]["date_utc"] in origin
+    md = peers_md(res)
+    assert md.count(f"from the run of {origin}") == 2 and "2099-01-01" in md
+    again = carry_peers(res, {**new, "engine": old["engine"]}, ["http"])  # a second partial run keeps the origin
+    assert again["http"]["carried_from"] == origin and "multiturn" not in again

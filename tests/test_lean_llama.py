@@ -1,6 +1,7 @@
 """worker/pipeline/lean_llama.py: the lean forward gives transformers' logits (fp32, the Llama-shaped twin with
-grouped-query attention), prefill and decode, dynamic and static decode; the engine's replies are the same with it,
-batched or alone; a model it does not implement keeps transformers' modules."""
+grouped-query attention), prefill and decode, dynamic and static decode, and with int8 and int4 weights (fused or
+not); the engine's replies are the same with it, batched or alone; a model it does not implement keeps
+transformers' modules."""
 
 import copy
 
@@ -10,6 +11,7 @@ import torch
 from shared.sampling import SamplingParams
 from tests.models import engine_for, lockstep_decode, tiny_llama
 from worker.pipeline import lean_llama
+from worker.pipeline.fused_linear import Concatenated
 from worker.pipeline.torch_backend import TorchBackend
 
 GREEDY = SamplingParams(temperature=0)
@@ -31,6 +33,18 @@ def test_lean_logits_equal_transformers_on_prefill_and_every_decode_width(llama,
         assert torch.allclose(hf[active], lean[active], atol=1e-4), (hf[active] - lean[active]).abs().max()
 
 
+@pytest.mark.parametrize("quantize, hidden, fused", [("int8", 64, True), ("int4", 128, True), ("int4", 64, False)])
+def test_lean_logits_equal_transformers_with_quantized_weights(quantize, hidden, fused):
+    _, model = tiny_llama(hidden)
+    backends = [TorchBackend(copy.deepcopy(model), slots=4, max_len=128, lean=lean, quantize=quantize)
+                for lean in (False, True)]
+    assert isinstance(backends[1]._lean.qkv[0], Concatenated) != fused
+    for active, (hf, lean) in lockstep_decode(backends, PROMPTS, [4, 4, 2, 4, 1]):
+        # bf16 activations: one rounding apart where the two orders of operations differ
+        torch.testing.assert_close(lean[active], hf[active], rtol=0.02, atol=0.05)
+        assert torch.equal(lean[active].argmax(-1), hf[active].argmax(-1))
+
+
 def test_the_engines_greedy_replies_are_the_same_batched_or_alone(llama):
     tok, model = llama
     prompts = [list(range(40 + i, 60 + 2 * i)) for i in range(6)]
@@ -46,6 +60,20 @@ def test_the_engines_greedy_replies_are_the_same_batched_or_alone(llama):
         assert together == alone
         replies[lean] = alone
     assert replies[True] == replies[False] and all(replies[True])
+
+
+def test_int4_lean_replies_are_the_same_batched_or_alone():
+    """The `cpu` preset's path (lean forward, fused int4 layers): a greedy reply does not depend on its batch."""
+    tok, model = tiny_llama(128)
+    prompts = [list(range(40 + i, 60 + 2 * i)) for i in range(6)]
+    eng = engine_for(model, tok, slots=4, lean=True, quantize="int4")
+    try:
+        alone = [list(eng.submit(p, GREEDY, 24))[-1].token_ids for p in prompts]
+        handles = [eng.submit(p, GREEDY, 24) for p in prompts]
+        assert [list(h)[-1].token_ids for h in handles] == alone
+        assert len({tuple(a) for a in alone}) > 1
+    finally:
+        eng.stop()
 
 
 def test_a_model_it_does_not_implement_keeps_transformers_modules(tiny):

@@ -1,5 +1,6 @@
-"""worker/pipeline/quantize.py: weight-only int8 (the `cpu` preset). Close to fp32; decode rows
-never depend on their batch mates; prompt chunks take the dequantized GEMM, which agrees."""
+"""worker/pipeline/quantize.py: weight-only int8 and int4 (the `cpu` preset). Close to fp32; int4 gives a Q4_1
+model's weights back as the file has them; decode rows never depend on their batch mates; prompt chunks take a
+GEMM, which agrees; layers the int4 kernel does not take, and the output head, stay int8."""
 
 import copy
 
@@ -11,7 +12,7 @@ from shared.codec import Codec
 from shared.sampling import SamplingParams
 from tests.test_engine import final, prompts
 from worker.engine.engine import Engine
-from worker.pipeline.quantize import Int8WeightOnlyLinear
+from worker.pipeline.quantize import GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
 from worker.pipeline.torch_backend import TorchBackend
 
 
@@ -60,12 +61,92 @@ def test_prompt_chunks_take_the_dequantized_gemm_and_agree(linear, monkeypatch):
     torch.testing.assert_close(gemm.float(), per_row.float(), rtol=0.02, atol=0.02)
 
 
-def test_int8_engine_batched_replies_equal_each_alone(tiny):
+def q4_1_weights(out_f: int, in_f: int) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF dequantizes to: per block of 32, w = q * d + m with fp16 d and m, and the block's
+    min and max present (q = 0 and q = 15), as ggml's quantize_row_q4_1 leaves every block."""
+    torch.manual_seed(21)
+    blocks = out_f * in_f // GROUP
+    q = torch.randint(0, 16, (blocks, GROUP)).float()
+    q[:, 0], q[:, 1] = 0, 15
+    d = (torch.rand(blocks, 1) * 0.02 + 1e-3).half().float()
+    m = (torch.randn(blocks, 1) * 0.05).half().float()
+    return (q * d + m).reshape(out_f, in_f)
+
+
+def test_int4_gives_a_q4_1_models_weights_back_closer_than_int8():
+    w = q4_1_weights(128, 256)
+    lin = nn.Linear(256, 128, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    err4 = ((Int4WeightOnlyLinear(lin, torch.bfloat16).dense.float() - w).norm() / w.norm()).item()
+    int8 = Int8WeightOnlyLinear(lin, torch.bfloat16)
+    err8 = ((int8.weight.float() * int8.scales.float()[:, None] - w).norm() / w.norm()).item()
+    assert err4 < 3e-3 < err8  # bf16 rounding of the scale and minimum only; per-channel int8 rounds every weight
+    torch.manual_seed(2)
+    off_grid = torch.randn(128, 256) * 0.05
+    with torch.no_grad():
+        lin.weight.copy_(off_grid)
+    err_off = ((Int4WeightOnlyLinear(lin, torch.bfloat16).dense.float() - off_grid).norm() / off_grid.norm()).item()
+    assert err_off > 10 * err4  # weights off a 4-bit grid do lose precision: the first check can fail
+
+
+@pytest.fixture()
+def linear4() -> nn.Linear:
+    torch.manual_seed(3)
+    return nn.Linear(96, 160)  # with a bias: GPT-NeoX's layers have one
+
+
+def test_int4_is_close_to_its_dense_copy_and_to_fp32(linear4):
+    q = Int4WeightOnlyLinear(linear4, torch.bfloat16, gemv_rows=8)
+    x = torch.randn(5, 96)
+    ref = linear4(x).detach()
+    y = q(x.to(torch.bfloat16)).float()
+    dense = (x.to(torch.bfloat16) @ q.dense.t() + q.bias).float()
+    torch.testing.assert_close(y, dense, rtol=0.02, atol=0.02)  # the kernel and the prompt path read one weight
+    assert ((y - ref).norm() / ref.norm()).item() < 0.15  # 4 bits of random weights; a wrong layout is off by ~1
+
+
+def test_int4_decode_rows_do_not_depend_on_their_batch_and_prompts_take_the_dense_gemm(linear4, monkeypatch):
+    q = Int4WeightOnlyLinear(linear4, torch.bfloat16, gemv_rows=8)
+    calls: list[int] = []
+    real = torch._weight_int4pack_mm_for_cpu
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", spy)
+    x = torch.randn(64, 96, dtype=torch.bfloat16)
+    alone = q(x[3:4])[0]
+    for rows in (4, 5, 8):
+        assert torch.equal(q(x[:rows])[3], alone)
+    assert calls and max(calls) <= 8
+    calls.clear()
+    chunk = q(x)  # 64 rows > gemv_rows: the dense GEMM
+    assert calls == []
+    torch.testing.assert_close(chunk[:8].float(), q(x[:8]).float(), rtol=0.02, atol=0.02)
+
+
+def test_int4_keeps_int8_for_the_head_and_for_layers_its_kernel_does_not_take(tiny):
+    model = quantize_weights(copy.deepcopy(tiny.model), 4, gemv_rows=8)
+    assert isinstance(model.get_output_embeddings(), Int8WeightOnlyLinear)
+    assert any(isinstance(m, Int4WeightOnlyLinear) for m in model.modules())
+    odd = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 24))  # in 40: not whole groups; out 24: not 16s
+    quantize_weights(odd, 4)
+    assert [type(m) for m in odd] == [Int8WeightOnlyLinear, Int8WeightOnlyLinear]
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        quantize_weights(nn.Sequential(nn.Linear(32, 32)), 3)
+    with pytest.raises(ValueError, match="in_features a multiple of 32"):
+        Int4WeightOnlyLinear(nn.Linear(40, 64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_engine_batched_replies_equal_each_alone(tiny, quantize):
     """The `cpu` preset's promise: a greedy reply does not depend on what shares its batch."""
     model = copy.deepcopy(tiny.model)
     codec = Codec(tiny.tokenizer, tiny.preset.prompt_format, tiny.preset.end_keys)
     codec.end_ids = set()
-    eng = Engine(TorchBackend(model, slots=8, max_len=256, quantize="int8"), codec).start()
+    eng = Engine(TorchBackend(model, slots=8, max_len=256, quantize=quantize), codec).start()
     greedy = SamplingParams(temperature=0)
     try:
         ps = prompts(codec)

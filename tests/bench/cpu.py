@@ -62,12 +62,13 @@ def bench_codec(codec: Any, ignore_eos: bool) -> Any:
     return c
 
 
-def prompts_for(codec: Any, seq_len: int, new: int) -> list[list[int]]:
+def prompts_for(codec: Any, seq_len: int, new: int, questions: list[str] | None = None) -> list[list[int]]:
+    """Each question (default QUESTIONS) as a one-message chat prompt with room for `new` tokens."""
     from shared.context import fit
     from shared.messages import ChatMessage, Role
 
     out = []
-    for q in QUESTIONS:
+    for q in QUESTIONS if questions is None else questions:
         fp = fit(codec, [ChatMessage(role=Role.prompter, text=q)], seq_len, new)
         if fp.max_new < new or fp.dropped_messages or fp.truncated_tokens:
             raise RuntimeError(f"prompt {q!r} does not fit {new} new tokens in {seq_len}")

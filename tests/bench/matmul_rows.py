@@ -1,9 +1,11 @@
 """The weight matmuls of one decode step, per kernel and row count: `python -m tests.bench.matmul_rows
 [--threads 2] [--rows 1,2,4,8,16]`.
 
-SmolLM2-135M's Linear shapes (30 layers of q, k, v, o, gate, up, down, then the 49,152-row output head), random
-weights, bf16 activations, one call per weight in order (as a step reads them: weights cold in cache). Kernels:
-`int8pack` (torch._weight_int8pack_mm, the `cpu` preset's decode path), `bf16` (a GEMM on a bf16 copy of the
+SmolLM2-135M's Linear shapes as the lean forward runs them (30 layers of fused q/k/v, o, fused gate/up, down,
+then the 49,152-row output head: 121 calls), random weights, bf16 activations, one call per weight in order (as a
+step reads them: weights cold in cache). Kernels: `int8pack` (torch._weight_int8pack_mm, the `cpu` preset's decode
+path), `int4pack` (torch._weight_int4pack_mm_for_cpu, 4-bit weights in groups of 32 with a bf16 scale and zero
+each, the layout of the GGUF's Q4_1 blocks: half int8's bytes), `bf16` (a GEMM on a bf16 copy of the
 weights: twice int8's bytes, resident), `dequant` (the int8 weight converted to bf16 at every call, the preset's
 prompt-chunk path), `fp32`, and `w8a8` (torch._int_mm on int8 weights, pre-transposed, and the activations quantized
 per row at every call — absmax / 127, so a row's result still depends on that row alone — the output scaled back:
@@ -21,15 +23,30 @@ from statistics import median
 import torch
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
-SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN), (INTER, HIDDEN),
-          (HIDDEN, INTER)] * LAYERS + [(VOCAB, HIDDEN)]
-KINDS = ("int8pack", "bf16", "dequant", "fp32", "w8a8")
+SHAPES = [(HIDDEN + 2 * KV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS
+SHAPES += [(VOCAB, HIDDEN)]
+KINDS = ("int8pack", "int4pack", "bf16", "dequant", "fp32", "w8a8")
+GROUP = 32
+
+
+def int4pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) fp32 -> torch's packed 4-bit weight and its (in / GROUP, out, 2) bf16 scales and zeros, min/max
+    per group of 32 as GGUF's Q4_1 quantizes (w = q * scale + min, q in 0..15; torch's kernel reads
+    (q - 8) * scale + zero, so zero = min + 8 * scale)."""
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // GROUP, GROUP)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+    sz = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.matmul_rows", description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--kinds", default=",".join(KINDS))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     weights = []
@@ -37,10 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randn(out_f, in_f)
         scales = w.abs().amax(1) / 127
         q = torch.round(w / scales[:, None]).to(torch.int8)
-        weights.append((q, scales.to(torch.bfloat16), w.to(torch.bfloat16), w, q.t().contiguous(), scales))
+        weights.append((q, scales.to(torch.bfloat16), w.to(torch.bfloat16), w, q.t().contiguous(), scales,
+                        int4pack(w)))
 
     def step(kind: str, xs: dict[int, torch.Tensor]) -> None:
-        for (q, s, b, f, qt, sf), (_, in_f) in zip(weights, SHAPES):
+        for (q, s, b, f, qt, sf, (p4, sz)), (_, in_f) in zip(weights, SHAPES, strict=True):
             x = xs[in_f]
             if kind == "w8a8":
                 xs_ = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
@@ -48,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                 (torch._int_mm(xq, qt) * xs_ * sf).to(torch.bfloat16)
             elif kind == "int8pack":
                 torch._weight_int8pack_mm(x, q, s)
+            elif kind == "int4pack":
+                torch._weight_int4pack_mm_for_cpu(x, p4, GROUP, sz)
             elif kind == "bf16":
                 x @ b.t()
             elif kind == "dequant":
@@ -57,9 +77,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out = {}
     for rows in (int(r) for r in a.rows.split(",")):
+        kinds = [k for k in KINDS if k in a.kinds.split(",")]
         xs = {n: torch.randn(rows, n, dtype=torch.bfloat16) for n in (HIDDEN, INTER)}
         res = {}
-        for kind in KINDS:
+        for kind in kinds:
             for _ in range(2):
                 step(kind, xs)
             times = []

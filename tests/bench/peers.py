@@ -513,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": machine_info(), "peer_versions": versions(), "cache_dir": str(CACHE),
                            "gguf": str(gguf()), "hf_dir": str(HF_DIR), "cpus": usable_cpus(), "logs": str(logs)}
     LOAD_SAMPLES.append(("start", round(os.getloadavg()[0], 2)))
+    old_json = ROOT / a.json if a.json else None
+    if old_json and old_json.exists() and not a.quick:  # parts not run this time stay, marked with their run
+        from tests.bench import report
+
+        res = report.carry_peers(json.loads(old_json.read_text()), res, [p for p in PARTS if p not in parts])
     if "engine" in parts:
         res["engine"] = engine_part(systems, a.new, a.rounds, logs)
         checkpoint(res, a, t0)

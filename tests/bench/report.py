@@ -834,9 +834,22 @@ def peers_md(res: dict[str, Any]) -> str:
         lines += [f"> {res['note']}", ""]
     for key, fn in (("engine", peers_engine_md), ("http", peers_http_md), ("multiturn", peers_multiturn_md)):
         if key in res:
+            if res[key].get("carried_from"):
+                lines += [f"> Not re-run this time (`--only`): the next table is from the run of "
+                          f"{res[key]['carried_from']}.", ""]
             lines += fn(res[key]) + [""]
     lines += PEERS_NOTES + PEERS_READING
     return "\n".join(lines).rstrip() + "\n" + PEERS_END
+
+
+def carry_peers(old: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """`new` with each of `parts` (those a run skips: `--only`) taken from `old` (the previous peers JSON), marked
+    with the run it came from, so a partial run replaces only what it measured."""
+    m = old.get("machine", {})
+    origin = f"{m.get('date_utc', 'an earlier run')} UTC, commit {(m.get('git_commit') or 'unknown')[:10]}"
+    kept = {part: {**old[part], "carried_from": old[part].get("carried_from", origin)}
+            for part in parts if isinstance(old.get(part), dict)}
+    return {**new, **kept}
 
 
 def write_peers(res: dict[str, Any], md_path: Path | None, json_path: Path | None) -> str:

@@ -10,7 +10,7 @@ from worker.pipeline.loader import DTYPES, LoadedModel
 
 
 def backend_dtype(device: DevicePreset) -> torch.dtype:
-    """The dtype to load weights in: int8 quantization starts from fp32 and converts itself."""
+    """The dtype to load weights in: int8/int4 quantization starts from fp32 and converts itself."""
     return DTYPES[device.dtype]
 
 

@@ -1,10 +1,10 @@
 """A KV cache preallocated for `slots x max_len` positions, written at per-row positions.
 
 transformers' attention modules call `cache.update(k, v, layer_idx)` and attend over what it
-returns. Before each forward the backend *binds* the cache to the rows it runs (decode: the first n
-slots, so reads are views, not gathers; a batched prefill: any slots, gathered), the position
-each new token is written at, and how many positions attention reads (a bucketed length, so shapes
-repeat and graphs can be reused).
+returns; lean_llama.py calls `write` and `read`, the same two halves without the layout change.
+Before each forward the backend *binds* the cache to the rows it runs (decode: the first n slots, so reads
+are views, not gathers; a batched prefill: any slots, gathered), the position each new token is written at,
+and how many positions attention reads (a bucketed length, so shapes repeat and graphs can be reused).
 
 Position `max_len` is a scratch column: padding tokens and idle rows write there, and no mask
 ever lets attention read it.
@@ -37,9 +37,12 @@ class SlotKVCache:
         self._row_idx = torch.zeros(0, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(0, 0, dtype=torch.long, device=device)
         self._kv_len = 0
+        self._flat = torch.zeros(0, dtype=torch.long, device=device)
+        self.kv_heads = self.head_dim = 0
 
     def allocate(self, kv_heads: int, head_dim: int) -> None:
         """Preallocate every layer's buffers once (static addresses, as CUDA graphs need)."""
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         shape = (self.slots + self.spare, kv_heads, self.max_len + 1, head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
@@ -58,14 +61,32 @@ class SlotKVCache:
         self._row_idx = idx.unsqueeze(1)
         self._pos = positions
         self._kv_len = kv_len
+        # Where each (row, token, kv head) lands in a layer's buffer seen as (rows x kv_heads x (max_len + 1),
+        # head_dim): one index_copy_ per write instead of advanced indexing (which builds and broadcasts its
+        # index tensors on every call, for each of 2 x layers writes per step).
+        heads = torch.arange(self.kv_heads, device=self.device)
+        self._flat = (((self._row_idx * self.kv_heads).unsqueeze(-1) + heads) * (self.max_len + 1)
+                      + positions.unsqueeze(-1)).reshape(-1)
+
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write a layer's new keys and values, each (rows x tokens x kv_heads, head_dim) in that order (row-major
+        (rows, tokens, kv_heads, head_dim), as a projection's output is laid out) and in the cache's dtype, at the
+        bound rows and positions."""
+        self.k[layer_idx].view(-1, self.head_dim).index_copy_(0, self._flat, key)
+        self.v[layer_idx].view(-1, self.head_dim).index_copy_(0, self._flat, value)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write a layer's new keys and values, (rows, kv_heads, tokens, head_dim), at the bound rows and
         positions. Returns that layer's keys and values for the bound rows, (rows, kv_heads, kv_len, head_dim)."""
         # key/value: (rows, kv_heads, tokens, head_dim), already rotated.
+        self.write(layer_idx, key.transpose(1, 2).reshape(-1, self.head_dim).to(self.dtype),
+                   value.transpose(1, 2).reshape(-1, self.head_dim).to(self.dtype))
+        return self.read(layer_idx)
+
+    def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values for the bound rows, each (rows, kv_heads, kv_len, head_dim): views for the
+        first n slots, gathered copies for a tensor of slots."""
         k, v = self.k[layer_idx], self.v[layer_idx]
-        k[self._row_idx, :, self._pos] = key.transpose(1, 2).to(self.dtype)
-        v[self._row_idx, :, self._pos] = value.transpose(1, 2).to(self.dtype)
         if not isinstance(self._rows, torch.Tensor):
             return k[: self._rows, :, : self._kv_len], v[: self._rows, :, : self._kv_len]
         idx = self._row_idx.view(-1)

@@ -26,7 +26,7 @@ from worker.pipeline.backend import (
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.lean_llama import LeanLlama
 from worker.pipeline.lean_llama import supports as lean_supports
-from worker.pipeline.quantize import quantize_int8
+from worker.pipeline.quantize import quantize_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,13 @@ def row_buckets(slots: int) -> list[int]:
 
 
 class TorchBackend:
-    """The Backend protocol over a transformers CausalLM on CPU or CUDA, with a SlotKVCache. quantize="int8":
-    Int8WeightOnlyLinear (CPU only); cuda_graphs: static decode, on CUDA one captured graph per (row bucket,
-    kv bucket); compile_decode: torch.compile that step (needs cuda_graphs); kv_block: the kv-length bucket
-    (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences' KV and copy it between rows
-    (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes (each costs as much
-    memory as a slot); lean: lean_llama.py's forward instead of transformers' modules where the model is
-    Llama-shaped (ignored otherwise).
+    """The Backend protocol over a transformers CausalLM on CPU or CUDA, with a SlotKVCache. quantize="int8" /
+    "int4": weight-only int8 / int4 Linear layers (quantize.py; CPU only); cuda_graphs: static decode, on CUDA one
+    captured graph per (row bucket, kv bucket); compile_decode: torch.compile that step (needs cuda_graphs);
+    kv_block: the kv-length bucket (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences'
+    KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
+    (each costs as much memory as a slot); lean: lean_llama.py's forward instead of transformers' modules where the
+    model is Llama-shaped (ignored otherwise).
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -69,12 +69,14 @@ class TorchBackend:
         self.spare_slots = spare_slots
         self.max_len = max_len
         self.device = torch.device(device)
-        if quantize == "int8":
+        if quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"quantize: none, int8 or int4, not {quantize!r}")
+        if quantize != "none":
             if self.device.type != "cpu":
-                raise ValueError("quantize=int8 is a CPU option")
-            # Weight-only int8 + bf16 activations: a quarter of fp32's bytes on a memory-bound CPU.
-            # Decode (at most `slots` rows) keeps int8pack_mm's per-row kernel; prompt chunks have more rows.
-            model = quantize_int8(model, gemv_rows=slots)
+                raise ValueError(f"quantize={quantize} is a CPU option")
+            # Weight-only int8/int4 + bf16 activations: a quarter/eighth of fp32's bytes per step on a CPU.
+            # Decode (at most `slots` rows) keeps the per-row kernels; prompt chunks have more rows.
+            model = quantize_weights(model, 4 if quantize == "int4" else 8, gemv_rows=slots)
         self.model = model.to(self.device)
         self.base = model.base_model
         self.head = model.get_output_embeddings()

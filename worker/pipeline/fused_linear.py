@@ -1,0 +1,71 @@
+"""Several Linear layers that read the same input as one matmul (q/k/v; gate/up), without a second copy of
+their weights.
+
+One call instead of three (or two) saves the per-call cost of each weight matmul: on CPU a decode step is
+~211 small matmuls, each with a fixed dispatch cost beside its arithmetic (docs/BENCHMARKS.md, issue 15).
+The fused weight is built once by concatenating the layers' weights along the output dimension; each original
+layer then reads a view of it (a block of rows of a row-major matrix is contiguous), so transformers' modules
+keep working on the same memory and nothing is held twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from worker.pipeline.quantize import PACK_BLOCK_N, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+
+class Concatenated(nn.Module):
+    """The fallback where weights cannot be fused: each layer's matmul, outputs concatenated along the last dim."""
+
+    def __init__(self, layers: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(layers)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in) -> (rows, sum of out)."""
+        return torch.cat([part.mm(x) for part in self.parts], -1)
+
+
+def _views(layers: Sequence[nn.Module], name: str, fused: torch.Tensor, dim: int = 0) -> None:
+    """Re-point each layer's buffer `name` at its block of `fused` (split along `dim` by the layers' sizes)."""
+    sizes = [getattr(layer, name).shape[dim] for layer in layers]
+    for layer, part in zip(layers, fused.split(sizes, dim), strict=True):
+        setattr(layer, name, part)  # a registered buffer: plain assignment re-registers it
+
+
+def fuse_linears(layers: Sequence[nn.Module]) -> nn.Module:
+    """One module computing `torch.cat([layer(x) for layer in layers], -1)` for `layers` all of one kind (nn.Linear,
+    Int8WeightOnlyLinear or Int4WeightOnlyLinear) over the same in_features, none with a bias. The layers are
+    re-pointed at views of the fused weights. int4 layers whose out_features are not multiples of torch's packing
+    block (PACK_BLOCK_N) cannot be fused: they come back as a Concatenated. ValueError for anything else."""
+    kinds = {type(layer) for layer in layers}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind not in (nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear):
+        raise ValueError(f"fuse_linears: layers all of one kind, got {sorted(map(str, {type(x) for x in layers}))}")
+    if any(layer.bias is not None for layer in layers) or len({layer.weight.shape[1] for layer in layers}) != 1:
+        raise ValueError("fuse_linears: layers without bias over the same in_features")
+    gemv_rows = getattr(layers[0], "gemv_rows", 0)
+    if kind is Int4WeightOnlyLinear:
+        if any(layer.out_features % PACK_BLOCK_N for layer in layers):
+            return Concatenated(layers)
+        fused = Int4WeightOnlyLinear.from_parts(
+            torch.cat([layer.packed for layer in layers]), torch.cat([layer.scales_zeros for layer in layers], 1),
+            torch.cat([layer.dense for layer in layers]), gemv_rows)
+        _views(layers, "packed", fused.packed)
+        _views(layers, "dense", fused.dense)
+        return fused  # the small scales_zeros stay each layer's own: a view along dim 1 is not contiguous
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    if kind is Int8WeightOnlyLinear:
+        fused = Int8WeightOnlyLinear.from_parts(weight, torch.cat([layer.scales for layer in layers]), gemv_rows)
+        _views(layers, "weight", fused.weight)
+        _views(layers, "scales", fused.scales)
+        return fused
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    for layer, w in zip(layers, weight.split([layer.weight.shape[0] for layer in layers]), strict=True):
+        layer.weight = nn.Parameter(w, requires_grad=False)
+    return fused
