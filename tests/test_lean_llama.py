@@ -76,7 +76,9 @@ def test_int4_lean_replies_are_the_same_batched_or_alone():
         eng.stop()
 
 
-def test_a_model_it_does_not_implement_keeps_transformers_modules(tiny):
-    assert not lean_llama.supports(tiny.model)  # GPT-NeoX
-    backend = TorchBackend(tiny.model, slots=2, max_len=64, lean=True)
+def test_a_model_it_does_not_implement_keeps_transformers_modules():
+    _, model = tiny_llama()
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}  # not implemented
+    assert not lean_llama.supports(model)
+    backend = TorchBackend(model, slots=2, max_len=64, lean=True)
     assert backend._lean is None

@@ -636,6 +636,19 @@ PEER_LABELS = {
     "vllm_2_threads": "vLLM CPU, bf16, 2 compute threads",
     "vllm": "vLLM CPU, bf16",
 }
+OURS_WEIGHTS = {"int4": "int4 weights (Q4_1's groups), int8 head", "int8": "int8 weights", "none": "fp32 weights"}
+
+
+def peer_label(key: str, row: dict[str, Any]) -> str:
+    """A system's row label; this project's names the weights its run used where the row records its preset (the
+    engine part does; the server parts name the preset only)."""
+    if key != "ours":
+        return PEER_LABELS.get(key, key)
+    preset = row.get("device_preset") or "cpu"
+    if isinstance(preset, str):
+        return f"this project (`{preset}` preset)"
+    weights = OURS_WEIGHTS.get(preset.get("quantize"), preset.get("quantize"))
+    return f"this project (`{preset.get('name') or 'cpu'}` preset: {weights}, bf16)"
 
 
 def keep_peers(md: str, md_path: Path) -> str:
@@ -675,13 +688,13 @@ def peers_engine_md(e: dict[str, Any]) -> list[str]:
     table = []
     for key, r in rows.items():
         if "error" in r:
-            table.append([PEER_LABELS.get(key, key), f"error: {r['error'][:300]}", "", "", "", "", ""])
+            table.append([peer_label(key, r), f"error: {r['error'][:300]}", "", "", "", "", ""])
             continue
         s1, s8 = r["1_stream"], r["8_together"]
         ratio = [_f(ours[k]["tok_s_total"] / r[k]["tok_s_total"], 2) + "×" if "error" not in ours and ours
                  and key != "ours" else "—" for k in ("1_stream", "8_together")]
         threads = r.get("threads") or (r.get("env") or {}).get("VLLM_CPU_OMP_THREADS_BIND") or "default"
-        table.append([PEER_LABELS.get(key, key), str(threads),
+        table.append([peer_label(key, r), str(threads),
                       f"{_f(s1['tok_s_total'])} ({', '.join(_f(x) for x in s1.get('rounds_tok_s', []))})",
                       _f(s1.get("ttft_ms_p50")),
                       f"{_f(s8['tok_s_total'])} ({', '.join(_f(x) for x in s8.get('rounds_tok_s', []))})",
@@ -696,7 +709,7 @@ def peers_engine_md(e: dict[str, Any]) -> list[str]:
                  f"ready in {r.get('load_s')} s", r.get("batching", "")]
         if r.get("env"):
             extra.append("env " + " ".join(f"{k}={v}" for k, v in r["env"].items()))
-        notes.append(f"{PEER_LABELS.get(key, key)}: " + "; ".join(x for x in extra if x) + ".")
+        notes.append(f"{peer_label(key, r)}: " + "; ".join(x for x in extra if x) + ".")
     return out + [""] + [" ".join(notes)]
 
 
@@ -709,12 +722,12 @@ def peers_http_md(h: dict[str, Any]) -> list[str]:
     table = []
     for key, r in h.get("rows", {}).items():
         if "error" in r:
-            table.append([PEER_LABELS.get(key, key), f"error: {r['error'][:300]}", "", "", "", ""])
+            table.append([peer_label(key, r), f"error: {r['error'][:300]}", "", "", "", ""])
             continue
         one, many = r.get("1_client", {}), r.get("8_clients", {})
         cached = many.get("cached_tokens_mean")
         prompt = _f(many.get("prompt_tokens_mean")) if many.get("usage_reported", True) else "not reported"
-        table.append([PEER_LABELS.get(key, key), _f(one.get("tok_s_total")), _ttft(one),
+        table.append([peer_label(key, r), _f(one.get("tok_s_total")), _ttft(one),
                       _f(many.get("tok_s_total")), _ttft(many),
                       prompt + (f" ({_f(cached)} cached)" if cached is not None else "")])
     out += _table(["system", "1 client tok/s", "1 client TTFT p50 / p95 ms", "8 clients tok/s total",
@@ -734,7 +747,7 @@ def peers_multiturn_md(m: dict[str, Any]) -> list[str]:
            "Reused = `usage.prompt_tokens_details.cached_tokens` where the server reports it.", ""]
     table, by_turn = [], []
     for key, r in rows.items():
-        label = PEER_LABELS.get(key, key) + (f" — {r['server']}" if r.get("server") else "")
+        label = peer_label(key, r) + (f" — {r['server']}" if r.get("server") else "")
         if "error" in r:
             table.append([label, f"error: {r['error'][:300]}", "", "", "", "", ""])
             continue
@@ -786,17 +799,17 @@ PEERS_NOTES = [
 
 PEERS_READING = [
     "",
-    "Reading the peers (2026-11-30, this Intel Xeon VM with AMX, quiet apart from the pytest runs of another "
-    "session at the time, every benchmark process at `nice -n 19`; the figures above):",
+    "Reading the peers (the engine part: 2026-12-01, this Intel Xeon VM with AMX, nothing else running, every "
+    "benchmark process at `nice -n 19`; the HTTP and multi-turn parts: 2026-11-30, the `cpu` preset with int8 "
+    "weights then, not re-run since):",
     "",
-    "- **Engine, 1 stream**: llama.cpp 73.5 tok/s against this project's 27.2 (0.37×; issue 15's target is "
-    "≥ 1.0×) and vLLM's 25.1 / 30.0 (1 / 2 threads). All three are slower here than on the AMD EPYC of "
-    "shared/REFERENCE.md §6 (122.7 / 70.7 / 61.9): the `cpu` preset's `int8pack_mm` is slow on this CPU (\"The machine "
-    "changed under the same name\" under *Reading these numbers*), and llama.cpp runs without its AMX kernels "
-    "(they crash: see above).",
-    "- **Engine, 8 together**: vLLM with 2 compute threads 222.4 tok/s, with its default 1 thread 171.6, this "
-    "project 111.6 (0.50× vLLM-2-threads; issue 15's target is ≥ 1.3×), llama.cpp 74.9 (one prompt after another: "
-    "its TTFT p50 6.3 s).",
+    "- **Engine, 1 stream**: llama.cpp 80.9 tok/s against this project's 69.9 (0.86×; issue 15's target is "
+    "≥ 1.0×; it was 0.37× in the 2026-11-30 run, with int8 weights and transformers' modules) and vLLM's 29.6 / 29.7 "
+    "(1 / 2 threads). llama.cpp runs without its AMX kernels here (they crash: see above); on the AMD EPYC of "
+    "shared/REFERENCE.md §6 it gave 122.7.",
+    "- **Engine, 8 together**: vLLM with 2 compute threads 265.3 tok/s, with its default 1 thread 188.1, this "
+    "project 215.5 (0.81× vLLM-2-threads, from 0.50×; issue 15's target is ≥ 1.3×), llama.cpp 77.4 (one prompt "
+    "after another: its TTFT p50 6.0 s).",
     "- **HTTP**: at 1 client the three are close (30.1 / 32.2 / 22.4 tok/s; TTFT 122 / 106 / 114 ms); "
     "llama.cpp's server loses more than half its engine speed (32.2 vs 73.5 tok/s) to its per-token Python path, "
     "the logit-bias processor included. At 8 clients vLLM 143.9 tok/s (TTFT p50 255 ms), this project 131.6 "

@@ -30,6 +30,16 @@ class Concatenated(nn.Module):
         return torch.cat([part.mm(x) for part in self.parts], -1)
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for x (rows, in) contiguous in the layer's activation dtype -> (rows, out), with no reshapes: quantized
+    and fused layers' bare `mm` (plus their bias), nn.Linear's forward (F.linear, no module hooks)."""
+    if not hasattr(layer, "mm"):
+        return layer.forward(x)
+    y = layer.mm(x)
+    bias = getattr(layer, "bias", None)
+    return y if bias is None else y + bias
+
+
 def _views(layers: Sequence[nn.Module], name: str, fused: torch.Tensor, dim: int = 0) -> None:
     """Re-point each layer's buffer `name` at its block of `fused` (split along `dim` by the layers' sizes)."""
     sizes = [getattr(layer, name).shape[dim] for layer in layers]

@@ -1,6 +1,7 @@
-"""The torch backend (CPU and CUDA): transformers' model modules over a slot KV cache.
+"""The torch backend (CPU and CUDA): transformers' model modules, or a lean forward over their weights
+(lean_llama.py, lean_neox.py), over a slot KV cache.
 
-Weights and modules are transformers' own; what is ours is the cache layout (kv_cache.py), the
+Weights are transformers' own (int8/int4 on CPU: quantize.py); what is ours is the cache layout (kv_cache.py), the
 masks, chunked prefill, and on CUDA one captured graph per decode shape, replayed every step
 (optionally over a torch.compile'd step, which fuses the many small ops between the matmuls).
 """
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from worker.pipeline import lean_llama, lean_neox
 from worker.pipeline.backend import (
     PREFILL_CHUNKS,
     Copy,
@@ -24,11 +26,18 @@ from worker.pipeline.backend import (
     prefill_rounds,
 )
 from worker.pipeline.kv_cache import SlotKVCache
-from worker.pipeline.lean_llama import LeanLlama
-from worker.pipeline.lean_llama import supports as lean_supports
 from worker.pipeline.quantize import quantize_weights
 
 log = logging.getLogger(__name__)
+
+
+def lean_forward(model: Any, max_len: int) -> torch.nn.Module | None:
+    """The lean forward for `model`'s architecture (lean_llama.py, lean_neox.py), or None: transformers' modules."""
+    if lean_llama.supports(model):
+        return lean_llama.LeanLlama(model.base_model, max_len)
+    if lean_neox.supports(model):
+        return lean_neox.LeanNeoX(model.base_model, max_len)
+    return None
 
 
 def row_buckets(slots: int) -> list[int]:
@@ -43,8 +52,8 @@ class TorchBackend:
     captured graph per (row bucket, kv bucket); compile_decode: torch.compile that step (needs cuda_graphs);
     kv_block: the kv-length bucket (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences'
     KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
-    (each costs as much memory as a slot); lean: lean_llama.py's forward instead of transformers' modules where the
-    model is Llama-shaped (ignored otherwise).
+    (each costs as much memory as a slot); lean: a lean forward instead of transformers' modules where the
+    model is Llama-shaped or GPT-NeoX (lean_forward; ignored otherwise).
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -82,8 +91,10 @@ class TorchBackend:
         self.head = model.get_output_embeddings()
         self.dtype = model.get_input_embeddings().weight.dtype
         self._cache_kw = cache_keyword(self.base.forward)
-        # lean_llama.py's forward instead of transformers' modules, where the model is Llama-shaped.
-        self._lean = LeanLlama(self.base, max_len).to(self.device) if lean and lean_supports(model) else None
+        # A lean forward (lean_llama.py, lean_neox.py) instead of transformers' modules, where one fits the model.
+        self._lean = lean_forward(model, max_len) if lean else None
+        if self._lean is not None:
+            self._lean.to(self.device)
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
         try:
