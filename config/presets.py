@@ -47,7 +47,9 @@ class DevicePreset(BaseModel):
     # 32 (GGUF's Q4_1 layout: a Q4_1 model's weights as the file has them); bf16 activations either way.
     quantize: Literal["none", "int8", "int4"] = "none"
     cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
-    compile_decode: bool = False  # torch.compile that step first (fuses small ops; a minute or two at start)
+    # torch.compile the decode step (fuses the small ops between the matmuls): on CUDA the static step before its
+    # capture (a minute or two at start); on CPU the 1-row step only, where it pays (~1 min at the first start).
+    compile_decode: bool = False
     # worker/pipeline/lean_llama.py's forward for Llama-shaped models (SmolLM2) instead of transformers' modules:
     # the same arithmetic with far fewer operations per step; other architectures keep transformers' modules.
     lean_model: bool = False
@@ -61,7 +63,7 @@ class DevicePreset(BaseModel):
 
     @model_validator(mode="after")
     def _compile_needs_graphs(self) -> DevicePreset:
-        if self.compile_decode and not self.cuda_graphs:
+        if self.compile_decode and not self.cuda_graphs and self.device != "cpu":
             raise ValueError("compile_decode compiles the static decode step: set cuda_graphs too")
         return self
 

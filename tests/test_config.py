@@ -21,6 +21,7 @@ def test_presets_have_the_documented_models_and_devices():
     assert (p.device("ipu-pod16").ipus, p.device("ipu-pod16").slots) == (16, 4)
     assert (p.device("ipu").backend, p.device("ipu").ipus) == ("ipu", 0)  # 0 = pick the pod by IPU count
     assert (p.device("cuda").cuda_graphs, p.device("cuda").compile_decode) == (True, True)
+    assert p.device("cpu-compiled").compile_decode and not p.device("cpu-compiled").cuda_graphs  # CPU: 1-row step
 
 
 def test_compile_without_graphs_is_refused_naming_both_keys(tmp_path):

@@ -133,9 +133,26 @@ def test_a_failed_compile_falls_back_to_the_uncompiled_step(tiny, caplog):
     assert "torch.compile of the decode step failed, decoding uncompiled" in caplog.text
 
 
-def test_compile_needs_the_static_path(tiny):
+def test_compile_needs_the_static_path_on_cuda(tiny):
     with pytest.raises(ValueError, match="compile_decode .* needs cuda_graphs"):
-        TorchBackend(tiny.model, slots=2, max_len=64, compile_decode=True)
+        TorchBackend(tiny.model, slots=2, max_len=64, compile_decode=True, device="cuda")
+
+
+def test_on_cpu_compile_takes_the_one_row_step_in_two_compiles_and_equals_eager(tiny):
+    """The `cpu-compiled` preset: warm_up compiles the 1-row step (a first KV length, then a symbolic one) before
+    serving; its logits equal eager ones at every KV length; wider steps stay eager; no compile after warm_up."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    eager = TorchBackend(copy.deepcopy(tiny.model), slots=4, max_len=512, lean=True)
+    compiled = TorchBackend(copy.deepcopy(tiny.model), slots=4, max_len=512, lean=True, compile_decode=True)
+    compiled.warm_up()
+    assert compiled.compiled and counters["unique_graphs"] - before == 2
+    # Slot 0's prompt ends at 60: it crosses KV buckets (32-wide) while it decodes alone.
+    decode_steps([eager, compiled], {0: prompt(60, 0), 2: prompt(12, 1)}, [1] * 6 + [3, 1])
+    assert compiled.compiled and counters["unique_graphs"] - before == 2
 
 
 class HostTraffic(TorchDispatchMode):

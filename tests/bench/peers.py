@@ -53,7 +53,8 @@ CACHE = Path(os.environ.get("BENCH_PEERS_DIR") or "~/.cache/chat-bench-peers").e
 LLAMA_PY = CACHE / "llama-venv" / "bin" / "python"
 VLLM_PY = CACHE / "vllm-venv" / "bin" / "python"
 HF_DIR = CACHE / "smollm2-135m-hf"
-SYSTEMS = ("ours", "llama_cpp", "vllm")
+SYSTEMS = ("ours", "ours_compiled", "llama_cpp", "vllm")  # ours_compiled: preset cpu-compiled, engine part only
+OURS_PRESETS = {"ours": "cpu", "ours_compiled": "cpu-compiled"}
 PARTS = ("engine", "http", "multiturn")
 PAUSE_S = 8.0  # between systems: vLLM's reader spins ~1 s after a request, its processes take a while to exit
 SMOLLM2_END_IDS = (0, 2)  # <|endoftext|>, <|im_end|>: biased away where a server has no ignore_eos
@@ -157,7 +158,8 @@ def engine_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from worker.pipeline.loader import load_model
 
     presets = load_presets()
-    mp, dev = presets.model(MODEL), presets.device("cpu")
+    preset = spec.get("preset", "cpu")
+    mp, dev = presets.model(MODEL), presets.device(preset)
     t0 = time.perf_counter()
 
     def setup() -> Any:
@@ -173,7 +175,7 @@ def engine_ours(spec: dict[str, Any]) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0)
     run_streams(engine, prompts, 4, params)  # warm-up of both widths, outside the timings
     run_streams(engine, prompts[:1], 4, params)
-    res: dict[str, Any] = {"preset": "cpu", "device_preset": dev.model_dump(), "torch": torch.__version__,
+    res: dict[str, Any] = {"preset": preset, "device_preset": dev.model_dump(), "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "load_s": round(time.perf_counter() - t0, 1),
                            "batching": "continuous batching (the 8 run together)"}
     singles, groups = [], []
@@ -203,8 +205,9 @@ def engine_part(systems: list[str], new: int, rounds: int, logs: Path) -> dict[s
     out: dict[str, Any] = {"new_tokens": new, "rounds": rounds, "prompt_tokens": [len(p) for p in prompts],
                            "rows": {}}
     runs: list[tuple[str, Path, list[str], dict[str, str]]] = []
-    if "ours" in systems:
-        runs.append(("ours", Path(sys.executable), ["-m", "tests.bench.peers", "--engine-ours"], {}))
+    for ours in OURS_PRESETS:
+        if ours in systems:
+            runs.append((ours, Path(sys.executable), ["-m", "tests.bench.peers", "--engine-ours"], {}))
     # -P: the script's folder (tests/bench, which has an http.py) must not shadow the stdlib's http.
     peer_script = ["-P", str(ROOT / "tests" / "bench" / "peer_engine.py")]
     if "llama_cpp" in systems:
@@ -216,12 +219,13 @@ def engine_part(systems: list[str], new: int, rounds: int, logs: Path) -> dict[s
         if i:
             pause(f"before {label}")
         log(f"engine: {label}")
-        system = "vllm" if label.startswith("vllm") else label
+        system = "vllm" if label.startswith("vllm") else "ours" if label in OURS_PRESETS else label
         if system != "ours" and not py.exists():
             out["rows"][label] = {"error": f"{py} missing: run tests/bench/peers_env.sh"}
             continue
         try:
-            out["rows"][label] = run_spec([str(py), *args], {**spec, "system": system}, env, 1800,
+            out["rows"][label] = run_spec([str(py), *args],
+                                          {**spec, "system": system, "preset": OURS_PRESETS.get(label, "")}, env, 1800,
                                           logs / f"engine-{label}.log")
         except Exception as e:  # a system that fails is reported; the others still run
             out["rows"][label] = {"error": f"{type(e).__name__}: {e}"}

@@ -642,7 +642,7 @@ OURS_WEIGHTS = {"int4": "int4 weights (Q4_1's groups), int8 head", "int8": "int8
 def peer_label(key: str, row: dict[str, Any]) -> str:
     """A system's row label; this project's names the weights its run used where the row records its preset (the
     engine part does; the server parts name the preset only)."""
-    if key != "ours":
+    if not key.startswith("ours"):
         return PEER_LABELS.get(key, key)
     preset = row.get("device_preset") or "cpu"
     if isinstance(preset, str):
@@ -680,7 +680,7 @@ def _ttft(s: dict[str, Any], p95: str = "ttft_ms_p95") -> str:
 def peers_engine_md(e: dict[str, Any]) -> list[str]:
     """Engine-level rows: tok/s and TTFT at 1 stream and 8 together, and this project's ratio to each."""
     rows = e.get("rows", {})
-    ours = rows.get("ours", {})
+    ours_rows = {k: r for k, r in rows.items() if k.startswith("ours") and r and "error" not in r}
     out = [f"**Engine alone**: {e.get('new_tokens')} new tokens, greedy, end token ignored, the same 8 prompt-id "
            f"lists ({e.get('prompt_tokens')} tokens) for every system, medians of {e.get('rounds')} rounds "
            "(tok/s of each round after it). TTFT = submit → first token; at 8 together all 8 are submitted at "
@@ -691,16 +691,17 @@ def peers_engine_md(e: dict[str, Any]) -> list[str]:
             table.append([peer_label(key, r), f"error: {r['error'][:300]}", "", "", "", "", ""])
             continue
         s1, s8 = r["1_stream"], r["8_together"]
-        ratio = [_f(ours[k]["tok_s_total"] / r[k]["tok_s_total"], 2) + "×" if "error" not in ours and ours
-                 and key != "ours" else "—" for k in ("1_stream", "8_together")]
+        ratios = [" / ".join(_f(o[k]["tok_s_total"] / r[k]["tok_s_total"], 2) + "×" if not key.startswith("ours")
+                             else "—" for k in ("1_stream", "8_together")) for o in ours_rows.values()]
         threads = r.get("threads") or (r.get("env") or {}).get("VLLM_CPU_OMP_THREADS_BIND") or "default"
         table.append([peer_label(key, r), str(threads),
                       f"{_f(s1['tok_s_total'])} ({', '.join(_f(x) for x in s1.get('rounds_tok_s', []))})",
                       _f(s1.get("ttft_ms_p50")),
                       f"{_f(s8['tok_s_total'])} ({', '.join(_f(x) for x in s8.get('rounds_tok_s', []))})",
-                      _f(s8.get("ttft_ms_p50")), " / ".join(ratio)])
-    out += _table(["system", "threads", "1 stream tok/s (rounds)", "1 stream TTFT ms",
-                   "8 together tok/s (rounds)", "8 together TTFT p50 ms", "this project ÷ it (1 / 8)"], table)
+                      _f(s8.get("ttft_ms_p50")), *ratios])
+    out += _table(["system", "threads", "1 stream tok/s (rounds)", "1 stream TTFT ms", "8 together tok/s (rounds)",
+                   "8 together TTFT p50 ms", *(f"`{(r.get('device_preset') or {}).get('name', k)}` ÷ it (1 / 8)"
+                                               for k, r in ours_rows.items())], table)
     notes = []
     for key, r in rows.items():
         if "error" in r:
@@ -770,7 +771,8 @@ PEERS_NOTES = [
     "How each system runs (`python -m tests.bench.peers --help`; peers built once by tests/bench/peers_env.sh):",
     "",
     "- **This project**: engine rows with tests/bench/cpu.py's measuring code (the `Engine` on preset `cpu`, "
-    "its default 2 torch threads) in a subprocess of its own; HTTP rows are tests/bench/http.py's run (a private "
+    "and on `cpu-compiled` (system `ours_compiled`, engine part only), its default 2 torch threads) in a subprocess "
+    "of its own, ready (and compiled) before the timings; HTTP rows are tests/bench/http.py's run (a private "
     "redis-server, one `python -m worker` with 8 slots, the API); its multi-turn row is tests/bench/multiturn.py's "
     "`1_worker_cache_on` configuration (the prefix cache of issue 14), driven by the same `drive` as the peers.",
     "- **llama.cpp**: llama-cpp-python 0.3.36 compiled here with `-DGGML_NATIVE=ON` but the AMX kernels off "
@@ -803,13 +805,14 @@ PEERS_READING = [
     "benchmark process at `nice -n 19`; the HTTP and multi-turn parts: 2026-11-30, the `cpu` preset with int8 "
     "weights then, not re-run since):",
     "",
-    "- **Engine, 1 stream**: llama.cpp 80.9 tok/s against this project's 69.9 (0.86×; issue 15's target is "
-    "≥ 1.0×; it was 0.37× in the 2026-11-30 run, with int8 weights and transformers' modules) and vLLM's 29.6 / 29.7 "
-    "(1 / 2 threads). llama.cpp runs without its AMX kernels here (they crash: see above); on the AMD EPYC of "
-    "shared/REFERENCE.md §6 it gave 122.7.",
-    "- **Engine, 8 together**: vLLM with 2 compute threads 265.3 tok/s, with its default 1 thread 188.1, this "
-    "project 215.5 (0.81× vLLM-2-threads, from 0.50×; issue 15's target is ≥ 1.3×), llama.cpp 77.4 (one prompt "
-    "after another: its TTFT p50 6.0 s).",
+    "- **Engine, 1 stream**: llama.cpp 82.6 tok/s; this project 69.5 with the default `cpu` preset (0.84×) and "
+    "92.0 with `cpu-compiled` (1.11×: issue 15's target is ≥ 1.0×; it was 0.37× in the 2026-11-30 run, with int8 "
+    "weights and transformers' modules); vLLM 31.5 / 35.7 (1 / 2 threads). llama.cpp runs without its AMX kernels "
+    "here (they crash: see above); on the AMD EPYC of shared/REFERENCE.md §6 it gave 122.7.",
+    "- **Engine, 8 together**: vLLM with 2 compute threads 231.4 tok/s, with its default 1 thread 212.5, this "
+    "project 211.3 (`cpu`, 0.91× vLLM-2-threads, from 0.50×; issue 15's target is ≥ 1.3×; `cpu-compiled` 202.9: "
+    "its batches run eager), llama.cpp 79.5 (one prompt after another: its TTFT p50 6.1 s). vLLM's rounds moved "
+    "by 35% (207.6-278.5) within the run.",
     "- **HTTP**: at 1 client the three are close (30.1 / 32.2 / 22.4 tok/s; TTFT 122 / 106 / 114 ms); "
     "llama.cpp's server loses more than half its engine speed (32.2 vs 73.5 tok/s) to its per-token Python path, "
     "the logit-bias processor included. At 8 clients vLLM 143.9 tok/s (TTFT p50 255 ms), this project 131.6 "

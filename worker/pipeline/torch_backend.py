@@ -49,7 +49,8 @@ def row_buckets(slots: int) -> list[int]:
 class TorchBackend:
     """The Backend protocol over a transformers CausalLM on CPU or CUDA, with a SlotKVCache. quantize="int8" /
     "int4": weight-only int8 / int4 Linear layers (quantize.py; CPU only); cuda_graphs: static decode, on CUDA one
-    captured graph per (row bucket, kv bucket); compile_decode: torch.compile that step (needs cuda_graphs);
+    captured graph per (row bucket, kv bucket); compile_decode: torch.compile that step (needs cuda_graphs), or on a
+    CPU without cuda_graphs the 1-row decode step only;
     kv_block: the kv-length bucket (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences'
     KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
     (each costs as much memory as a slot); lean: a lean forward instead of transformers' modules where the
@@ -78,6 +79,8 @@ class TorchBackend:
         self.spare_slots = spare_slots
         self.max_len = max_len
         self.device = torch.device(device)
+        if compile_decode and not cuda_graphs and self.device.type != "cpu":
+            raise ValueError("compile_decode compiles the static decode step: it needs cuda_graphs")
         if quantize not in ("none", "int8", "int4"):
             raise ValueError(f"quantize: none, int8 or int4, not {quantize!r}")
         if quantize != "none":
@@ -108,8 +111,6 @@ class TorchBackend:
         # Static decode: a step runs a bucket of rows (row_buckets) from fixed input buffers, one set
         # per (rows, kv length). On CUDA each is captured as a graph and replayed; elsewhere the same
         # buffers run eagerly (what the tests check on CPU: everything but the capture itself).
-        if compile_decode and not cuda_graphs:
-            raise ValueError("compile_decode compiles the static decode step: it needs cuda_graphs")
         self._static = cuda_graphs
         self._capture_graphs = cuda_graphs and self.device.type == "cuda"
         self.row_buckets = row_buckets(slots)
@@ -118,7 +119,11 @@ class TorchBackend:
         # specialized) serve every graph. Graph breaks are tolerated (another transformers version may
         # have one): inside a CUDA graph the Python between the pieces runs once, at capture.
         self.compiled = compile_decode
-        self._step_fn = torch.compile(self._step, dynamic=True) if compile_decode else self._step
+        self._step_fn = torch.compile(self._step, dynamic=True) if compile_decode and cuda_graphs else self._step
+        # On a CPU without the static path only the 1-row step is compiled, where it pays (one stream: ~15% less per
+        # step; 8 rows gained nothing measurable, docs/BENCHMARKS.md). dynamic=None: rows stay 1, the KV length
+        # turns symbolic at its second value, so two compiles serve every length.
+        self._one_row = torch.compile(self._logits, dynamic=None) if compile_decode and not cuda_graphs else None
 
     # -- helpers -----------------------------------------------------------------------------------
     def _kv_len(self, needed: int) -> int:
@@ -181,8 +186,19 @@ class TorchBackend:
         kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
         if self._static:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
-        hidden = self._forward(ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, n)
-        return self.head(hidden[:, -1]).float()
+        args = (ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, n)
+        if n == 1 and self._one_row is not None:
+            try:
+                return self._one_row(*args).float()
+            except Exception as e:  # a compile that fails costs speed, not the worker
+                log.warning("torch.compile of the 1-row decode step failed, decoding uncompiled: %s", e)
+                self.compiled, self._one_row = False, None
+        return self._logits(*args).float()
+
+    def _logits(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int,
+                rows: int | torch.Tensor) -> torch.Tensor:
+        """The last position's logits (rows, vocab) in the model's dtype for `ids` (rows, tokens)."""
+        return self.head(self._forward(ids, rot, write, kv_len, rows)[:, -1])
 
     @torch.inference_mode()
     def copy_kv(self, copies: Sequence[Copy]) -> None:
@@ -214,8 +230,7 @@ class TorchBackend:
     def _step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
         """The static decode step: logits for io's rows (the first rows slots), nothing read back to the
         host (tests/test_torch_backend.py runs it on the meta device to check)."""
-        rows = io["ids"].shape[0]
-        return self.head(self._forward(io["ids"], io["rot"], io["write"], kv_len, rows)[:, -1])
+        return self._logits(io["ids"], io["rot"], io["write"], kv_len, io["ids"].shape[0])
 
     def _run_step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
         """The step, compiled if asked; a compile that fails costs speed, not the worker."""
@@ -258,6 +273,12 @@ class TorchBackend:
         sizes = PREFILL_CHUNKS if self.device.type == "cuda" else (PREFILL_CHUNKS[-1],)
         for size in sizes:
             self.prefill([Prefill(0, [0] * min(size, self.max_len), 0)])
+        if self._one_row is not None:  # both compiles (the first KV length, then a symbolic one) before serving
+            t0 = time.perf_counter()
+            for kv in sorted({self._kv_len(1), self._kv_len(self.kv_block + 1)}):
+                self.decode(torch.zeros(1, dtype=torch.long), torch.full((1,), kv - 1), torch.ones(1, dtype=torch.bool))
+            log.info("compiled the 1-row decode step in %.1fs (%s)", time.perf_counter() - t0,
+                     "compiled" if self.compiled else "failed: eager")
         t0 = time.perf_counter()
         kvs = sorted({self._kv_len(k) for k in range(1, self.max_len + 1, self.kv_block)})
         widths = self.row_buckets if self._capture_graphs else [self.slots]
