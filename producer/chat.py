@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         from producer.embedded import EmbeddedStack
 
         _quiet_loading()
-        print(f"Loading {over.get('model', 'smollm2-135m')} (embedded fakeredis + worker)...", file=sys.stderr)
+        device = load_settings(**over).device_preset()  # a bad name fails here, before any server starts
+        slow = " (compiling its 1-row decode step: about a minute on a first start)" if (
+            device.compile_decode and device.device == "cpu") else ""
+        print(f"Loading {over.get('model', 'smollm2-135m')} on {device.name}{slow} (embedded fakeredis + worker)...",
+              file=sys.stderr)
         with EmbeddedStack(**over) as stack:
             client = ChatClient(stack.settings)
             try:

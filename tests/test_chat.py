@@ -27,6 +27,7 @@ def test_embedded_default_answers_paris_with_smollm2():
     assert lines[1].startswith("Assistant: ") and "Paris" in lines[1]
     assert lines[2] == "Prompter: AUTO "
     assert "INFO" not in out.stdout
+    assert "Loading smollm2-135m on cpu (embedded" in out.stderr  # which preset runs, before it loads
 
 
 def test_chat_against_a_deployment(r, redis_url, tmp_path):
@@ -52,6 +53,12 @@ def test_chat_against_a_deployment(r, redis_url, tmp_path):
 def test_invalid_option_is_reported():
     out = chat(["--temperature", "-1"], "[]", timeout=60)
     assert out.returncode == 2 and "temperature" in out.stderr
+
+
+def test_an_unknown_device_is_named_before_anything_loads():
+    out = chat(["--device", "cpu-int3"], "[]", timeout=60)
+    assert out.returncode == 2 and "--device" in out.stderr and "'cpu-int3'" in out.stderr
+    assert "cpu-compiled" in out.stderr and "Loading" not in out.stderr  # the presets there are, nothing started
 
 
 class Terminal:

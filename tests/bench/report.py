@@ -127,7 +127,9 @@ def cpu_md(c: dict[str, Any]) -> list[str]:
     for name, r in c.get("presets", {}).items():
         d = r["device_preset"]
         lines.append(
-            f"`{name}`: {d['dtype']} weights, quantize={d['quantize']}, {r['slots']} slots, "
+            f"`{name}`: weights loaded in {d['dtype']}, "
+            + (f"quantize={d['quantize']} (bf16 activations), " if d["quantize"] != "none" else "no quantization, ")
+            + f"{r['slots']} slots, "
             f"sequence length {r['sequence_length']}, warm-up {r['warm_up_s']} s (excluded)."
         )
     return lines
