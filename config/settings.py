@@ -136,7 +136,7 @@ class Settings(BaseSettings):
         try:
             preset = load_presets().device(self.device)
         except KeyError as e:
-            raise ConfigError(f"CHAT_DEVICE (or --device): {e.args[0]}") from None
+            raise ConfigError(f"CHAT_DEVICE: {e.args[0]} (set by CHAT_DEVICE or the CLI's --device)") from None
         update = {k: getattr(self, k) for k in ("slots", "prefix_cache", "prefix_cache_slots")
                   if getattr(self, k) is not None}
         return preset.model_copy(update=update) if update else preset
