@@ -50,8 +50,8 @@ class DevicePreset(BaseModel):
     # torch.compile the decode step (fuses the small ops between the matmuls): on CUDA the static step before its
     # capture (a minute or two at start); on CPU the 1-row step only, where it pays (~1 min at the first start).
     compile_decode: bool = False
-    # worker/pipeline/lean_llama.py's forward for Llama-shaped models (SmolLM2) instead of transformers' modules:
-    # the same arithmetic with far fewer operations per step; other architectures keep transformers' modules.
+    # A lean forward (worker/pipeline/lean_llama.py, lean_neox.py) for Llama-shaped and GPT-NeoX models instead of
+    # transformers' modules: the same arithmetic with far fewer operations per step; others keep transformers'.
     lean_model: bool = False
     # Prefix reuse (worker/engine/prefix_cache.py): finished sequences' KV stays for prompts that extend it.
     prefix_cache: bool = True

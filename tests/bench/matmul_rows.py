@@ -22,24 +22,20 @@ from statistics import median
 
 import torch
 
+from worker.pipeline.quantize import GROUP, Int4WeightOnlyLinear
+
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 SHAPES = [(HIDDEN + 2 * KV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS
 SHAPES += [(VOCAB, HIDDEN)]
 KINDS = ("int8pack", "int4pack", "bf16", "dequant", "fp32", "w8a8")
-GROUP = 32
 
 
 def int4pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) fp32 -> torch's packed 4-bit weight and its (in / GROUP, out, 2) bf16 scales and zeros, min/max
-    per group of 32 as GGUF's Q4_1 quantizes (w = q * scale + min, q in 0..15; torch's kernel reads
-    (q - 8) * scale + zero, so zero = min + 8 * scale)."""
-    out_f, in_f = w.shape
-    g = w.reshape(out_f, in_f // GROUP, GROUP)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-    sz = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1), sz
+    """(out, in) fp32 -> the `cpu` preset's packed 4-bit weight and its scales and zeros (quantize.py's layer)."""
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data = w
+    q = Int4WeightOnlyLinear(linear, torch.bfloat16)
+    return q.packed, q.scales_zeros
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """A KV cache preallocated for `slots x max_len` positions, written at per-row positions.
 
 transformers' attention modules call `cache.update(k, v, layer_idx)` and attend over what it
-returns; lean_llama.py calls `write` and `read`, the same two halves without the layout change.
+returns; the lean forwards (lean_llama.py, lean_neox.py) call `write` and `read`, the same two halves
+without the layout change.
 Before each forward the backend *binds* the cache to the rows it runs (decode: the first n slots, so reads
 are views, not gathers; a batched prefill: any slots, gathered), the position each new token is written at,
 and how many positions attention reads (a bucketed length, so shapes repeat and graphs can be reused).

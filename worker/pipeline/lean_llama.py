@@ -24,15 +24,14 @@ from torch import nn
 
 from worker.pipeline.fused_linear import fuse_linears, linear
 from worker.pipeline.kv_cache import SlotKVCache
-from worker.pipeline.rotary import rotary_tables, rotate
+from worker.pipeline.rotary import plain_rope, rotary_tables, rotate
 
 
 def supports(model: Any) -> bool:
     """Whether `model` (a transformers CausalLM) is Llama-shaped with the plain rotary embedding this implements."""
     cfg = model.config
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     return (cfg.model_type == "llama" and not getattr(cfg, "attention_bias", False)
-            and not getattr(cfg, "mlp_bias", False) and rope.get("rope_type", "default") == "default"
+            and not getattr(cfg, "mlp_bias", False) and plain_rope(cfg)
             and getattr(cfg, "hidden_act", "silu") == "silu")
 
 

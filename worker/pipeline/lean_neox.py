@@ -20,14 +20,12 @@ from torch import nn
 
 from worker.pipeline.fused_linear import linear
 from worker.pipeline.kv_cache import SlotKVCache
-from worker.pipeline.rotary import rotary_tables, rotate
+from worker.pipeline.rotary import plain_rope, rotary_tables, rotate
 
 
 def supports(model: Any) -> bool:
     """Whether `model` (a transformers CausalLM) is a GPT-NeoX with the plain rotary embedding this implements."""
-    cfg = model.config
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    return cfg.model_type == "gpt_neox" and rope.get("rope_type", "default") == "default"
+    return model.config.model_type == "gpt_neox" and plain_rope(model.config)
 
 
 class LeanNeoX(nn.Module):

@@ -14,6 +14,12 @@ from typing import Any
 import torch
 
 
+def plain_rope(config: Any) -> bool:
+    """Whether a transformers config asks for the plain rotary embedding rotary_tables computes (no scaling type)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", "default") == "default"
+
+
 def rotary_tables(rope: Any, max_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin_signed), each (max_len, rotary_dim) in `dtype`, from a transformers rotary module's `inv_freq`
     (rotary_dim / 2,) and `attention_scaling` (the plain, unscaled rope: callers check the rope type)."""

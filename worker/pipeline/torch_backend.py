@@ -188,11 +188,7 @@ class TorchBackend:
             return self._decode_graph(ids.view(n, 1), rot, write, kv_len, n)
         args = (ids.view(n, 1).to(self.device), rot.to(self.device), write.to(self.device), kv_len, n)
         if n == 1 and self._one_row is not None:
-            try:
-                return self._one_row(*args).float()
-            except Exception as e:  # a compile that fails costs speed, not the worker
-                log.warning("torch.compile of the 1-row decode step failed, decoding uncompiled: %s", e)
-                self.compiled, self._one_row = False, None
+            return self._compiled_or_eager(self._one_row, self._logits, *args).float()
         return self._logits(*args).float()
 
     def _logits(self, ids: torch.Tensor, rot: torch.Tensor, write: torch.Tensor, kv_len: int,
@@ -233,15 +229,20 @@ class TorchBackend:
         return self._logits(io["ids"], io["rot"], io["write"], kv_len, io["ids"].shape[0])
 
     def _run_step(self, io: dict[str, torch.Tensor], kv_len: int) -> torch.Tensor:
-        """The step, compiled if asked; a compile that fails costs speed, not the worker."""
+        """The static step, compiled if asked."""
+        return self._compiled_or_eager(self._step_fn, self._step, io, kv_len)
+
+    def _compiled_or_eager(self, compiled: Any, eager: Any, *args: Any) -> torch.Tensor:
+        """`compiled(*args)` while compiling is on, else `eager(*args)`. A compile that fails costs speed, not the
+        worker: it is logged once and every later step (static or 1-row) runs eagerly."""
+        if not self.compiled or compiled is eager:
+            return eager(*args)
         try:
-            return self._step_fn(io, kv_len)
+            return compiled(*args)
         except Exception as e:
-            if not self.compiled:
-                raise
             log.warning("torch.compile of the decode step failed, decoding uncompiled: %s", e)
-            self.compiled, self._step_fn = False, self._step
-            return self._step(io, kv_len)
+            self.compiled, self._step_fn, self._one_row = False, self._step, None
+            return eager(*args)
 
     def _capture(self, rows: int, kv_len: int) -> None:
         t0 = time.perf_counter()
