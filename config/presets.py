@@ -46,6 +46,9 @@ class DevicePreset(BaseModel):
     # Weight-only quantization on CPU (worker/pipeline/quantize.py): int8 per output channel, or int4 in groups of
     # 32 (GGUF's Q4_1 layout: a Q4_1 model's weights as the file has them); bf16 activations either way.
     quantize: Literal["none", "int8", "int4"] = "none"
+    # The quantized layers' matmuls: "auto", our kernels (worker/pipeline/cpu_gemm.c, built with the C compiler at
+    # the first start: x86-64 with AVX2) where they build, else torch's; "torch", torch's int4pack / int8pack.
+    cpu_gemm: Literal["auto", "torch"] = "auto"
     cuda_graphs: bool = False  # static decode shapes, each captured once as a CUDA graph
     # torch.compile the decode step (fuses the small ops between the matmuls): on CUDA the static step before its
     # capture (a minute or two at start); on CPU the 1-row step only, where it pays (~1 min at the first start).

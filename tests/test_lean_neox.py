@@ -36,10 +36,11 @@ def test_lean_logits_equal_transformers_on_prefill_and_every_decode_width(tiny, 
         assert torch.allclose(hf[active], lean[active], atol=1e-4), (hf[active] - lean[active]).abs().max()
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_lean_logits_equal_transformers_with_quantized_weights(tiny, quantize):
-    backends = [TorchBackend(copy.deepcopy(tiny.model), slots=4, max_len=128, lean=lean, quantize=quantize)
-                for lean in (False, True)]
+def test_lean_logits_equal_transformers_with_quantized_weights(tiny, quantize, kernels):
+    backends = [TorchBackend(copy.deepcopy(tiny.model), slots=4, max_len=128, lean=lean, quantize=quantize,
+                             cpu_gemm=kernels) for lean in (False, True)]
     for active, (hf, lean) in lockstep_decode(backends, PROMPTS, [4, 4, 2, 4, 1]):
         torch.testing.assert_close(lean[active], hf[active], rtol=0.02, atol=0.05)  # bf16 activations
         assert torch.equal(lean[active].argmax(-1), hf[active].argmax(-1))

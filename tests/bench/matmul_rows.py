@@ -1,16 +1,17 @@
 """The weight matmuls of one decode step, per kernel and row count: `python -m tests.bench.matmul_rows
-[--threads 2] [--rows 1,2,4,8,16]`.
+[--threads 2] [--rows 1,2,4,8,16] [--kinds ...]`.
 
 SmolLM2-135M's Linear shapes as the lean forward runs them (30 layers of fused q/k/v, o, fused gate/up, down,
 then the 49,152-row output head: 121 calls), random weights, bf16 activations, one call per weight in order (as a
-step reads them: weights cold in cache). Kernels: `int8pack` (torch._weight_int8pack_mm, the `cpu` preset's decode
-path), `int4pack` (torch._weight_int4pack_mm_for_cpu, 4-bit weights in groups of 32 with a bf16 scale and zero
-each, the layout of the GGUF's Q4_1 blocks: half int8's bytes), `bf16` (a GEMM on a bf16 copy of the
-weights: twice int8's bytes, resident), `dequant` (the int8 weight converted to bf16 at every call, the preset's
-prompt-chunk path), `fp32`, and `w8a8` (torch._int_mm on int8 weights, pre-transposed, and the activations quantized
-per row at every call — absmax / 127, so a row's result still depends on that row alone — the output scaled back:
-reads int8 bytes once for all rows; not yet what the engine runs, and its accuracy is not measured here). Median of
-7 steps after 2 warm-ups, ms per step. Prints JSON.
+step reads them: weights cold in cache). Kernels: `int8pack` (torch._weight_int8pack_mm, the `cpu-int8` preset's
+decode path on torch's kernels), `int4pack` (torch._weight_int4pack_mm_for_cpu, 4-bit weights in groups of 32 with a
+bf16 scale and zero each, the layout of the GGUF's Q4_1 blocks: half int8's bytes; the head too), `cpu_gemm`
+(worker/pipeline/cpu_gemm.py, the `cpu` preset's decode path where it builds: the 4-bit layers on its q4 kernel, the
+int8 head on its q8 kernel, activations quantized per row in blocks of 32), `bf16` (a GEMM on a bf16 copy of the
+weights: twice int8's bytes, resident), `dequant` (the int8 weight converted to bf16 at every call, the `cpu-int8`
+prompt-chunk path on torch's kernels), `fp32`, and `w8a8` (torch._int_mm on int8 weights, pre-transposed, and the
+activations quantized per row at every call — absmax / 127 — the output scaled back: reads int8 bytes once for all
+rows; not what the engine runs). Median of 7 steps after 2 warm-ups, ms per step. Prints JSON.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from statistics import median
 
 import torch
 
+from worker.pipeline import cpu_gemm
 from worker.pipeline.quantize import GROUP, Int4WeightOnlyLinear
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 SHAPES = [(HIDDEN + 2 * KV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTER, HIDDEN), (HIDDEN, INTER)] * LAYERS
 SHAPES += [(VOCAB, HIDDEN)]
-KINDS = ("int8pack", "int4pack", "bf16", "dequant", "fp32", "w8a8")
+KINDS = ("int8pack", "int4pack", "cpu_gemm", "bf16", "dequant", "fp32", "w8a8")
 
 
-def int4pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) fp32 -> the `cpu` preset's packed 4-bit weight and its scales and zeros (quantize.py's layer)."""
+def int4pack(w: torch.Tensor, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) fp32 -> the packed 4-bit weight and its scales and zeros (quantize.py's layer), in torch's int4pack
+    layout or (`native`) cpu_gemm's."""
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     linear.weight.data = w
-    q = Int4WeightOnlyLinear(linear, torch.bfloat16)
+    q = Int4WeightOnlyLinear(linear, torch.bfloat16, native=native)
     return q.packed, q.scales_zeros
 
 
@@ -50,13 +53,17 @@ def main(argv: list[str] | None = None) -> None:
         w = torch.randn(out_f, in_f)
         scales = w.abs().amax(1) / 127
         q = torch.round(w / scales[:, None]).to(torch.int8)
+        native = "cpu_gemm" in a.kinds.split(",") and cpu_gemm.available()
         weights.append((q, scales.to(torch.bfloat16), w.to(torch.bfloat16), w, q.t().contiguous(), scales,
-                        int4pack(w)))
+                        int4pack(w), (int4pack(w, True) if out_f != VOCAB else cpu_gemm.q8_layout(q)) if native
+                        else None))
 
     def step(kind: str, xs: dict[int, torch.Tensor]) -> None:
-        for (q, s, b, f, qt, sf, (p4, sz)), (_, in_f) in zip(weights, SHAPES, strict=True):
+        for (q, s, b, f, qt, sf, (p4, sz), ours), (out_f, in_f) in zip(weights, SHAPES, strict=True):
             x = xs[in_f]
-            if kind == "w8a8":
+            if kind == "cpu_gemm":
+                cpu_gemm.q8_mm(x, ours, s) if out_f == VOCAB else cpu_gemm.q4_mm(x, *ours)
+            elif kind == "w8a8":
                 xs_ = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
                 xq = torch.round(x.float() / xs_).to(torch.int8)
                 (torch._int_mm(xq, qt) * xs_ * sf).to(torch.bfloat16)
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out = {}
     for rows in (int(r) for r in a.rows.split(",")):
-        kinds = [k for k in KINDS if k in a.kinds.split(",")]
+        kinds = [k for k in KINDS if k in a.kinds.split(",") and (k != "cpu_gemm" or cpu_gemm.available())]
         xs = {n: torch.randn(rows, n, dtype=torch.bfloat16) for n in (HIDDEN, INTER)}
         res = {}
         for kind in kinds:

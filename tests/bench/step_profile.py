@@ -3,8 +3,8 @@
 The backend's decode step alone (TorchBackend.decode on the preset's model, no engine, no sampling), as the
 CPU-decode issue asks it measured before and after a change: per row count, the median ms per step over `--steps`
 steps after a warm-up (KV positions advancing from a 40-token prompt in every row), and from one profiled step
-(torch.profiler, CPU) the number of ATen operations, the time in the weight matmuls and the top operators by
-self CPU time. Prints JSON.
+(torch.profiler, CPU) the number of ATen operations (and cpu_gemm calls), the time in the weight matmuls and the
+top operators by self CPU time. Prints JSON.
 """
 
 from __future__ import annotations
@@ -13,10 +13,30 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from statistics import median
 from typing import Any
 
 import torch
+
+
+@contextmanager
+def labelled_cpu_gemm() -> Iterator[None]:
+    """cpu_gemm's kernels are ctypes calls, invisible to torch.profiler: label each call while profiling."""
+    from worker.pipeline import cpu_gemm
+
+    real = cpu_gemm._call
+
+    def labelled(fn: str, *args: Any) -> torch.Tensor:
+        with torch.profiler.record_function(f"cpu_gemm::{fn}"):
+            return real(fn, *args)
+
+    cpu_gemm._call = labelled
+    try:
+        yield
+    finally:
+        cpu_gemm._call = real
 
 
 def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> dict[str, Any]:
@@ -39,13 +59,14 @@ def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> d
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, labelled_cpu_gemm():
         step()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    events = [e for e in prof.events() if e.name.startswith(("aten::", "cpu_gemm::"))]
     by_self = Counter()
     for e in events:
         by_self[e.name] += e.self_cpu_time_total
-    mm = sum(t for name, t in by_self.items() if "mm" in name or "linear" in name or "int8pack" in name)
+    mm = sum(t for name, t in by_self.items()
+             if "mm" in name or "linear" in name or "int8pack" in name or name.startswith("cpu_gemm::"))
     return {"rows": rows, "step_ms_p50": round(median(times) * 1e3, 2), "aten_ops": len(events),
             "matmul_self_ms": round(mm / 1e3, 2), "self_ms_total": round(sum(by_self.values()) / 1e3, 2),
             "top_self_ms": {k: round(v / 1e3, 2) for k, v in by_self.most_common(8)}}
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--rows", default="1,8")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cpu-gemm", choices=["auto", "torch"], help="override the preset's cpu_gemm")
     a = ap.parse_args(argv)
     from config.presets import load_presets
     from worker.pipeline.factory import backend_dtype, build_backend
@@ -63,14 +85,16 @@ def main(argv: list[str] | None = None) -> None:
 
     presets = load_presets()
     mp, dev = presets.model("smollm2-135m"), presets.device(a.preset)
+    if a.cpu_gemm:
+        dev = dev.model_copy(update={"cpu_gemm": a.cpu_gemm})
 
     # Loaded, built and measured on this one thread, as the worker's engine thread does (own_thread.py says why).
     loaded = load_model(mp, backend_dtype(dev))
     backend = build_backend(dev, loaded, mp.sequence_length)
     backend.warm_up()
     rows = [profile_rows(backend, int(r), a.steps) for r in a.rows.split(",")]
-    print(json.dumps({"preset": a.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "rows": rows}, indent=1))
+    print(json.dumps({"preset": a.preset, "cpu_gemm": dev.cpu_gemm, "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,4 +49,5 @@ def build_backend(device: DevicePreset, loaded: LoadedModel, max_len: int) -> Ba
         prefix_reuse=device.prefix_cache,
         spare_slots=device.spare_slots,
         lean=device.lean_model,
+        cpu_gemm=device.cpu_gemm,
     )

@@ -11,8 +11,10 @@ keep working on the same memory and nothing is held twice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from worker.pipeline.quantize import PACK_BLOCK_N, Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -40,6 +42,34 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of x (rows, features): normalized in fp32, cast back to x's dtype, then times `weight`.
+    (F.rms_norm for the middle: fewer calls, no faster on CPU, measured side by side.)"""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def project(layer: nn.Module, x: torch.Tensor, *, norm: nn.Module | None = None, swiglu: bool = False,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A Llama decode layer's step around one weight matmul: linear(layer, x') (+ residual), x' = rms_norm(x,
+    norm.weight, norm.variance_epsilon) with `norm`, silu(x[:, :half]) * x[:, half:] with `swiglu`. x (rows, in) or
+    (rows, 2 * in) with swiglu, contiguous, in the layer's activation dtype -> (rows, out). Where the layer runs
+    cpu_gemm's kernel for these rows, all of it is that one call (the kernel folds them in, in torch's roundings);
+    elsewhere the same operations in torch."""
+    if getattr(layer, "native", False) and layer.bias is None and layer.kernel_rows(x.shape[0]):
+        fusion: dict[str, Any] = {"swiglu": swiglu, "residual": residual}
+        if norm is not None:
+            fusion |= {"norm": norm.weight, "eps": float(norm.variance_epsilon)}
+        return layer.kernel_mm(x, **fusion)
+    if swiglu:
+        half = x.shape[1] // 2
+        x = F.silu(x[:, :half]) * x[:, half:]
+    if norm is not None:
+        x = rms_norm(x, norm.weight, norm.variance_epsilon)
+    y = linear(layer, x)
+    return y if residual is None else residual + y
+
+
 def _views(layers: Sequence[nn.Module], name: str, fused: torch.Tensor, dim: int = 0) -> None:
     """Re-point each layer's buffer `name` at its block of `fused` (split along `dim` by the layers' sizes)."""
     sizes = [getattr(layer, name).shape[dim] for layer in layers]
@@ -50,27 +80,39 @@ def _views(layers: Sequence[nn.Module], name: str, fused: torch.Tensor, dim: int
 def fuse_linears(layers: Sequence[nn.Module]) -> nn.Module:
     """One module computing `torch.cat([layer(x) for layer in layers], -1)` for `layers` all of one kind (nn.Linear,
     Int8WeightOnlyLinear or Int4WeightOnlyLinear) over the same in_features, none with a bias. The layers are
-    re-pointed at views of the fused weights. int4 layers whose out_features are not multiples of torch's packing
-    block (PACK_BLOCK_N) cannot be fused: they come back as a Concatenated. ValueError for anything else."""
+    re-pointed at views of the fused weights. Layers on torch's int4 layout whose out_features are not multiples of
+    its packing block (PACK_BLOCK_N), or layers on different layouts, cannot be fused: they come back as a
+    Concatenated. ValueError for anything else."""
     kinds = {type(layer) for layer in layers}
     kind = kinds.pop() if len(kinds) == 1 else None
     if kind not in (nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear):
         raise ValueError(f"fuse_linears: layers all of one kind, got {sorted(map(str, {type(x) for x in layers}))}")
-    if any(layer.bias is not None for layer in layers) or len({layer.weight.shape[1] for layer in layers}) != 1:
+    if any(layer.bias is not None for layer in layers) or len({layer.in_features for layer in layers}) != 1:
         raise ValueError("fuse_linears: layers without bias over the same in_features")
     gemv_rows = getattr(layers[0], "gemv_rows", 0)
+    if len({getattr(layer, "native", False) for layer in layers}) != 1:
+        return Concatenated(layers)  # one on cpu_gemm's tiles, one on torch's layout
+    native = getattr(layers[0], "native", False)
+    out_features = sum(layer.out_features for layer in layers)
     if kind is Int4WeightOnlyLinear:
-        if any(layer.out_features % PACK_BLOCK_N for layer in layers):
+        if not native and any(layer.out_features % PACK_BLOCK_N for layer in layers):
             return Concatenated(layers)
+        # cpu_gemm's tiles run along dim 0 (output columns); torch's scales_zeros along dim 1
+        dense = None if layers[0].dense is None else torch.cat([layer.dense for layer in layers])
         fused = Int4WeightOnlyLinear.from_parts(
-            torch.cat([layer.packed for layer in layers]), torch.cat([layer.scales_zeros for layer in layers], 1),
-            torch.cat([layer.dense for layer in layers]), gemv_rows)
+            torch.cat([layer.packed for layer in layers]),
+            torch.cat([layer.scales_zeros for layer in layers], 0 if native else 1),
+            dense, gemv_rows, native, out_features, layers[0].in_features)
         _views(layers, "packed", fused.packed)
-        _views(layers, "dense", fused.dense)
-        return fused  # the small scales_zeros stay each layer's own: a view along dim 1 is not contiguous
+        if dense is not None:
+            _views(layers, "dense", fused.dense)
+        if native:  # torch's small scales_zeros stay each layer's own: a view along dim 1 is not contiguous
+            _views(layers, "scales_zeros", fused.scales_zeros)
+        return fused
     weight = torch.cat([layer.weight.detach() for layer in layers])
     if kind is Int8WeightOnlyLinear:
-        fused = Int8WeightOnlyLinear.from_parts(weight, torch.cat([layer.scales for layer in layers]), gemv_rows)
+        fused = Int8WeightOnlyLinear.from_parts(weight, torch.cat([layer.scales for layer in layers]), gemv_rows,
+                                                native)
         _views(layers, "weight", fused.weight)
         _views(layers, "scales", fused.scales)
         return fused

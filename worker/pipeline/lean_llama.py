@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipeline.fused_linear import fuse_linears, linear
+from worker.pipeline.fused_linear import fuse_linears, project, rms_norm
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.rotary import plain_rope, rotary_tables, rotate
 
@@ -51,20 +51,12 @@ class LeanLlama(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.hidden = cfg.hidden_size
-        self.inner = cfg.intermediate_size
         cos, sin = rotary_tables(base.rotary_emb, max_len, base.embed_tokens.weight.dtype)  # (max_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.qkv = nn.ModuleList(fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                                  for layer in base.layers)
         self.gate_up = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in base.layers)
-
-    @staticmethod
-    def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # LlamaRMSNorm's order: normalize in fp32, cast back, then the weight. (F.rms_norm for the middle: fewer
-        # calls, no faster on CPU, measured side by side.)
-        h = x.float()
-        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     def forward(self, ids: torch.Tensor, rot_pos: torch.Tensor, mask: torch.Tensor, cache: SlotKVCache
                 ) -> torch.Tensor:
@@ -78,14 +70,24 @@ class LeanLlama(nn.Module):
         sin = self.sin[rot_pos.view(n)].unsqueeze(1)
         for i, layer in enumerate(self.base.layers):
             attn, norm1, norm2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
-            qkv = linear(self.qkv[i], self._norm(h, norm1.weight, norm1.variance_epsilon)).view(n, -1, d)
+            qkv = project(self.qkv[i], h, norm=norm1).view(n, -1, d)
             qk = rotate(qkv[:, :qk_heads], cos, sin)  # q and k rotated together: (n, heads + kv_heads, head_dim)
             cache.write(i, qk[:, heads:].reshape(-1, d), qkv[:, qk_heads:].reshape(-1, d))
             keys, values = cache.read(i)
-            q = qk[:, :heads].view(rows, tokens, heads, d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=kv_heads != heads)
-            h = h + linear(attn.o_proj, o.transpose(1, 2).reshape(n, heads * d))
-            gate_up = linear(self.gate_up[i], self._norm(h, norm2.weight, norm2.variance_epsilon))
-            h = h + linear(layer.mlp.down_proj, F.silu(gate_up[:, : self.inner]) * gate_up[:, self.inner:])
-        return self._norm(h, self.base.norm.weight, self.base.norm.variance_epsilon).view(rows, tokens, self.hidden)
+            if tokens == 1 and kv_heads != heads:
+                # Decode with grouped KV heads: the query heads that share a KV head become that head's queries,
+                # (rows, kv_heads, group, head_dim). Same sums; SDPA's CPU kernel runs 4x faster than with
+                # enable_gqa on AVX2 (docs/BENCHMARKS.md, issue 15). o comes back in q-head order.
+                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, d)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+                o = o.reshape(n, heads * d)
+            else:
+                q = qk[:, :heads].view(rows, tokens, heads, d).transpose(1, 2)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                                   enable_gqa=kv_heads != heads)
+                o = o.transpose(1, 2).reshape(n, heads * d)
+            # Each line is one call where the layers run cpu_gemm's kernels (the norm, SwiGLU and residual folded in)
+            h = project(attn.o_proj, o, residual=h)
+            gate_up = project(self.gate_up[i], h, norm=norm2)
+            h = project(layer.mlp.down_proj, gate_up, swiglu=True, residual=h)
+        return rms_norm(h, self.base.norm.weight, self.base.norm.variance_epsilon).view(rows, tokens, self.hidden)

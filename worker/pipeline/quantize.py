@@ -14,46 +14,88 @@ weights come back as the file had them, up to bf16 rounding of the scale and min
 same weights adds its own rounding instead. torch._weight_int4pack_mm_for_cpu reads half int8's bytes: 5.6 vs
 11.9 ms for one SmolLM2 step's weight matmuls at 1 row, 17.9 vs 27.2 at 8 (tests/bench/matmul_rows.py). It too is a
 per-row kernel; prompt chunks run a bf16 GEMM on a resident dequantized copy (built once: 2 bytes per weight).
-The output head stays int8 (GGUF files keep it at 8 bits, Q8_0/Q6_K)."""
+The output head stays int8 (GGUF files keep it at 8 bits, Q8_0/Q6_K).
+
+Where cpu_gemm.py's kernels are built (x86-64 with AVX2 and a C compiler: `native`), both layer kinds run them
+instead of torch's: they read each weight once for all decode rows (2-3x faster at 8 rows), with activations
+quantized per row in blocks of 32 (llama.cpp's scheme; a row's result still depends on that row alone). On a CPU
+without a fast bf16 GEMM (no AMX / AVX-512 BF16) they serve prompt chunks too, and no dense copy is kept."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
+from worker.pipeline import cpu_gemm
+
+
+def use_cpu_gemm(native: bool | None, act_dtype: torch.dtype, out_features: int, in_features: int) -> bool:
+    """Whether a layer runs cpu_gemm.py's kernels: where they are built and the layer fits them (bf16 activations,
+    cpu_gemm.fits), unless `native` is False (torch's kernels). `native` True requires them: ValueError where they
+    are not built here."""
+    if native is False:
+        return False
+    if native and not cpu_gemm.available():
+        raise ValueError("cpu_gemm: the kernels are not built here (no C compiler, no AVX2, or the build failed)")
+    return act_dtype == torch.bfloat16 and cpu_gemm.fits(out_features, in_features) and cpu_gemm.available()
+
 
 class Int8WeightOnlyLinear(nn.Module):
     """An nn.Linear with int8 weights (out, in) and one scale per output channel (absmax / 127), scales and
-    bias in `act_dtype`. Up to `gemv_rows` input rows run int8pack_mm; more dequantize and run a GEMM."""
+    bias in `act_dtype`. `native` (use_cpu_gemm): cpu_gemm's q8 kernel, `weight` in its tiled layout
+    (cpu_gemm.q8_layout), for up to `gemv_rows` rows, and for all rows where the CPU has no fast bf16 GEMM.
+    Otherwise up to `gemv_rows` rows run int8pack_mm; more dequantize and run a bf16 GEMM."""
 
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16):
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16, native: bool | None = None):
         super().__init__()
-        self.gemv_rows = gemv_rows
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # one scale per output channel
-        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
-        self.register_buffer("scales", scales.to(act_dtype))
+        q = torch.round(w / scales[:, None]).to(torch.int8)
+        native = use_cpu_gemm(native, act_dtype, linear.out_features, linear.in_features)
+        self._setup(cpu_gemm.q8_layout(q) if native else q, scales.to(act_dtype), gemv_rows, native)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype), False)
-        self.out_features = linear.out_features
 
-    @classmethod
-    def from_parts(cls, weight: torch.Tensor, scales: torch.Tensor, gemv_rows: int) -> Int8WeightOnlyLinear:
-        """A layer over already quantized `weight` (out, in) int8 and `scales` (out,) in the activations' dtype,
-        without bias (fused_linear.py builds fused layers this way)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.gemv_rows, self.bias, self.out_features = gemv_rows, None, weight.shape[0]
+    def _setup(self, weight: torch.Tensor, scales: torch.Tensor, gemv_rows: int, native: bool) -> None:
+        self.gemv_rows, self.native, self.out_features = gemv_rows, native, scales.shape[0]
+        self.in_features = weight.shape[1] * (cpu_gemm.GROUP if native else 1)
+        self.dense_prompts = not native or cpu_gemm.fast_bf16_gemm()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_parts(cls, weight: torch.Tensor, scales: torch.Tensor, gemv_rows: int,
+                   native: bool) -> Int8WeightOnlyLinear:
+        """A layer over already quantized `weight` ((out, in) int8, or cpu_gemm.q8_layout's tiles when `native`) and
+        `scales` (out,) in the activations' dtype, without bias (fused_linear.py builds fused layers this way)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(weight, scales, gemv_rows, native)
+        self.bias = None
         return self
+
+    def int8_weight(self) -> torch.Tensor:
+        """The (out, in) int8 weight, whatever the layout it is kept in."""
+        return cpu_gemm.q8_unlayout(self.weight) if self.native else self.weight
+
+    def kernel_rows(self, rows: int) -> bool:
+        """Whether `rows` input rows run cpu_gemm's kernel (kernel_mm)."""
+        return self.native and (rows <= self.gemv_rows or not self.dense_prompts)
+
+    def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
+        """cpu_gemm.q8_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
+        return cpu_gemm.q8_mm(x, self.weight, self.scales, **fusion)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added:
         the bare matmul, for callers (lean_llama.py) that keep activations 2-d and skip forward()'s reshapes."""
+        if self.kernel_rows(x.shape[0]):
+            return self.kernel_mm(x)
         if x.shape[0] <= self.gemv_rows:
             return torch._weight_int8pack_mm(x, self.weight, self.scales)
         # int8 -> bf16 is exact (|w| <= 127); the per-channel scale applies to the output
-        return (x @ self.weight.to(x.dtype).t()) * self.scales
+        return (x @ self.int8_weight().to(x.dtype).t()) * self.scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in act_dtype."""
@@ -76,17 +118,17 @@ def int4_fits(linear: nn.Linear) -> bool:
 
 class Int4WeightOnlyLinear(nn.Module):
     """An nn.Linear with 4-bit weights in groups of GROUP along in_features (the module docstring gives the
-    format): `packed`, torch's (out, in / 2) uint8 layout; `scales_zeros` (in / GROUP, out, 2) in `act_dtype`, torch's
-    kernel reading w = (q - 8) * scale + zero, so zero = min + 8 * scale; `dense` (out, in) in `act_dtype`, the same
-    weights dequantized once, for prompt chunks; bias in `act_dtype`. Up to `gemv_rows` input rows run int4pack_mm, more
-    a GEMM on `dense`. ValueError for a layer the kernel does not take (int4_fits)."""
+    format), w = (q - 8) * scale + zero (zero = min + 8 * scale), scale and zero in `act_dtype`. `native`
+    (use_cpu_gemm): `packed` and `scales_zeros` in cpu_gemm.q4_layout's tiles, read by cpu_gemm's q4 kernel;
+    otherwise torch's int4pack layout: `packed` (out, in / 2) uint8, `scales_zeros` (in / GROUP, out, 2). `dense`
+    (out, in) in `act_dtype`, the same weights dequantized once, for prompt chunks of more than `gemv_rows` rows,
+    kept where it pays (torch's kernels; cpu_gemm on a CPU with a fast bf16 GEMM), else None. Bias in `act_dtype`.
+    ValueError for a layer the kernels do not take (int4_fits)."""
 
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16):
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16, native: bool | None = None):
         super().__init__()
         if not int4_fits(linear):
             raise ValueError(f"int4: in_features a multiple of {GROUP} and out_features of 16; got {linear}")
-        self.gemv_rows, self.out_features = gemv_rows, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype), False)
         w = linear.weight.detach().float()
         out_f, in_f = w.shape
         groups = w.reshape(out_f, in_f // GROUP, GROUP)
@@ -94,50 +136,83 @@ class Int4WeightOnlyLinear(nn.Module):
         scale = ((high - low) / 15).clamp(min=1e-12)  # ggml: d = (max - min) / 15
         q = torch.round((groups - low) / scale).clamp(0, 15)
         scale, zero = scale.to(act_dtype), (low + 8 * scale).to(act_dtype)
-        # The dense copy from the rounded scale and zero, as the kernel reads them: prompt and decode agree.
-        dense = (q - 8) * scale.float() + zero.float()
+        native = use_cpu_gemm(native, act_dtype, out_f, in_f)
+        dense = None
+        if not native or cpu_gemm.fast_bf16_gemm():
+            # The dense copy from the rounded scale and zero, as the kernel reads them: prompt and decode agree.
+            dense = ((q - 8) * scale.float() + zero.float()).reshape(out_f, in_f).to(act_dtype)
         q = q.to(torch.int32).reshape(out_f, in_f)
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", torch.cat([scale, zero], -1).transpose(0, 1).contiguous())
-        self.register_buffer("dense", dense.reshape(out_f, in_f).to(act_dtype))
+        if native:
+            packed, scales_zeros = cpu_gemm.q4_layout(q, scale[..., 0], zero[..., 0])
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales_zeros = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()
+        self._setup(packed, scales_zeros, dense, gemv_rows, native, out_f, in_f)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype), False)
 
-    @classmethod
-    def from_parts(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, dense: torch.Tensor,
-                   gemv_rows: int) -> Int4WeightOnlyLinear:
-        """A layer over already quantized parts, laid out as the class docstring says (fused_linear.py)."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.gemv_rows, self.bias, self.out_features = gemv_rows, None, dense.shape[0]
+    def _setup(self, packed: torch.Tensor, scales_zeros: torch.Tensor, dense: torch.Tensor | None, gemv_rows: int,
+               native: bool, out_features: int, in_features: int) -> None:
+        self.gemv_rows, self.native, self.out_features, self.in_features = gemv_rows, native, out_features, in_features
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("dense", dense)
+
+    @classmethod
+    def from_parts(cls, packed: torch.Tensor, scales_zeros: torch.Tensor, dense: torch.Tensor | None, gemv_rows: int,
+                   native: bool, out_features: int, in_features: int) -> Int4WeightOnlyLinear:
+        """A layer over already quantized parts, laid out as the class docstring says (fused_linear.py)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(packed, scales_zeros, dense, gemv_rows, native, out_features, in_features)
+        self.bias = None
         return self
+
+    def dequantized(self) -> torch.Tensor:
+        """The (out, in) weight in the activations' dtype: `dense`, or computed from the tiles where none is kept."""
+        if self.dense is not None:
+            return self.dense
+        t, g = self.packed.shape[:2]
+        halves = torch.stack([self.packed & 15, self.packed >> 4], 2)  # t, g, half, j, column, i
+        q = halves.permute(0, 4, 1, 2, 3, 5).reshape(self.out_features, self.in_features).float()
+        scale, zero = self.scales_zeros.permute(2, 0, 3, 1).reshape(2, self.out_features, g)  # (N / TILE, g, 2, TILE)
+        w = (q - 8) * scale.float().repeat_interleave(GROUP, 1) + zero.float().repeat_interleave(GROUP, 1)
+        return w.to(self.scales_zeros.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized (out, in) weight (what transformers reads for shapes and dtypes)."""
-        return self.dense
+        return self.dequantized()
+
+    def kernel_rows(self, rows: int) -> bool:
+        """Whether `rows` input rows run cpu_gemm's kernel (kernel_mm)."""
+        return self.native and (self.dense is None or rows <= self.gemv_rows)
+
+    def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
+        """cpu_gemm.q4_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
+        return cpu_gemm.q4_mm(x, self.packed, self.scales_zeros, **fusion)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added."""
-        if x.shape[0] <= self.gemv_rows:
-            return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-        return x @ self.dense.t()
+        if self.kernel_rows(x.shape[0]):
+            return self.kernel_mm(x)
+        if self.dense is not None and x.shape[0] > self.gemv_rows:
+            return x @ self.dense.t()
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in the activations' dtype."""
         shape = x.shape
-        y = self.mm(x.reshape(-1, shape[-1]).to(self.dense.dtype).contiguous())
+        y = self.mm(x.reshape(-1, shape[-1]).to(self.scales_zeros.dtype).contiguous())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
 
 def quantize_weights(model: nn.Module, bits: int, act_dtype: torch.dtype = torch.bfloat16,
-                     gemv_rows: int = 16) -> nn.Module:
+                     gemv_rows: int = 16, native: bool | None = None) -> nn.Module:
     """Replace every nn.Linear in place: `bits` 8, all Int8WeightOnlyLinear; 4, Int4WeightOnlyLinear where it fits
-    (int4_fits), int8 for the rest and for the output head. The rest of the model moves to act_dtype.
-    ValueError for other bits."""
+    (int4_fits), int8 for the rest and for the output head. The rest of the model moves to act_dtype. `native`:
+    cpu_gemm's kernels where they fit (None: where built; use_cpu_gemm). ValueError for other bits."""
     if bits not in (4, 8):
         raise ValueError(f"quantize: 4 or 8 bits, not {bits}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -146,7 +221,7 @@ def quantize_weights(model: nn.Module, bits: int, act_dtype: torch.dtype = torch
             if isinstance(child, nn.Linear):
                 four = bits == 4 and child is not head and int4_fits(child)
                 kind = Int4WeightOnlyLinear if four else Int8WeightOnlyLinear
-                setattr(module, child_name, kind(child, act_dtype, gemv_rows))
+                setattr(module, child_name, kind(child, act_dtype, gemv_rows, native))
     # Cast after quantizing: from the loaded weights, not their bf16 rounding (int4 must find Q4_1's exact grid).
     return model.to(act_dtype)
 

@@ -54,7 +54,8 @@ class TorchBackend:
     kv_block: the kv-length bucket (256 with cuda_graphs); prefix_reuse: the engine may keep finished sequences'
     KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
     (each costs as much memory as a slot); lean: a lean forward instead of transformers' modules where the
-    model is Llama-shaped or GPT-NeoX (lean_forward; ignored otherwise).
+    model is Llama-shaped or GPT-NeoX (lean_forward; ignored otherwise); cpu_gemm: "auto", the quantized layers run
+    cpu_gemm.py's kernels where they are built, or "torch", torch's int4pack / int8pack (quantize.py).
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -71,6 +72,7 @@ class TorchBackend:
         prefix_reuse: bool = True,
         spare_slots: int = 0,
         lean: bool = False,
+        cpu_gemm: str = "auto",
     ):
         if spare_slots < 0 or (spare_slots and not prefix_reuse):
             raise ValueError("spare_slots: at least 0, and only with prefix_reuse")
@@ -81,6 +83,8 @@ class TorchBackend:
         self.device = torch.device(device)
         if compile_decode and not cuda_graphs and self.device.type != "cpu":
             raise ValueError("compile_decode compiles the static decode step: it needs cuda_graphs")
+        if cpu_gemm not in ("auto", "torch"):
+            raise ValueError(f"cpu_gemm: auto or torch, not {cpu_gemm!r}")
         if quantize not in ("none", "int8", "int4"):
             raise ValueError(f"quantize: none, int8 or int4, not {quantize!r}")
         if quantize != "none":
@@ -88,7 +92,8 @@ class TorchBackend:
                 raise ValueError(f"quantize={quantize} is a CPU option")
             # Weight-only int8/int4 + bf16 activations: a quarter/eighth of fp32's bytes per step on a CPU.
             # Decode (at most `slots` rows) keeps the per-row kernels; prompt chunks have more rows.
-            model = quantize_weights(model, 4 if quantize == "int4" else 8, gemv_rows=slots)
+            model = quantize_weights(model, 4 if quantize == "int4" else 8, gemv_rows=slots,
+                                     native=None if cpu_gemm == "auto" else False)
         self.model = model.to(self.device)
         self.base = model.base_model
         self.head = model.get_output_embeddings()

@@ -1,0 +1,190 @@
+"""worker/pipeline/cpu_gemm.py (+ cpu_gemm.c): the kernels compute exactly the scheme they claim (activations to int8
+per block of 32, integer sums, fp32 scales) for 4-bit and 8-bit weights; a row's result never depends on the rows
+beside it, nor on the thread count; the worst-case integer sums do not overflow; the folded RMSNorm, SwiGLU and
+residual give what torch's operations give; bad input is refused by name; a failed build falls back to torch's
+kernels; torch.compile sees the kernels as one opaque op."""
+
+import logging
+
+import pytest
+import torch
+
+from worker.pipeline import cpu_gemm
+from worker.pipeline.fused_linear import rms_norm
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="needs x86-64 with AVX2 and a C compiler")
+
+
+def q8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation quantization in torch: (M, K) -> int values (M, K / 32, 32) as float, scales."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, 0)  # x * (1 / d) in fp32, as the kernel: x / d can round the other way
+    return torch.round(blocks * inverse), d  # round half to even, as nearbyintf
+
+
+def q4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """sum over blocks of scale * dx * sum(q * xq) + (zero - 8 scale) * dx * sum(xq), in float64 (exact sums)."""
+    xq, dx = q8_rows(x)
+    qb = q.double().reshape(q.shape[0], -1, 32)
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), qb)  # exact: integers below 2^53
+    sx = (xq.double().sum(-1) * dx[..., 0].double())[:, None, :]
+    s, z = scale.double()[None], zero.double()[None]
+    return (s * dx[..., 0].double()[:, None, :] * dots + (z - 8 * s) * sx).sum(-1)
+
+
+def random_q4(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+    zero = (torch.randn(n, k // 32, generator=g) * 0.05).to(torch.bfloat16)
+    return q, scale, zero
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 13])
+def test_q4_computes_the_q8_1_scheme(rows):
+    q, scale, zero = random_q4(48, 96)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    y = cpu_gemm.q4_mm(x, *cpu_gemm.q4_layout(q, scale, zero))
+    assert y.shape == (rows, 48) and y.dtype == torch.bfloat16
+    ref = q4_reference(x, q, scale, zero)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-3)  # bf16 output: half an ulp is 2^-9
+    w = (q - 8) * scale.float().repeat_interleave(32, 1) + zero.float().repeat_interleave(32, 1)
+    exact = x.float() @ w.t()
+    assert ((y.float() - exact).norm() / exact.norm()).item() < 0.02  # int8 activations cost well under 2%
+
+
+def test_q8_computes_the_q8_0_scheme():
+    torch.manual_seed(1)
+    w = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    scales = (torch.rand(40) * 0.01 + 1e-3).to(torch.bfloat16)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    y = cpu_gemm.q8_mm(x, cpu_gemm.q8_layout(w), scales)
+    xq, dx = q8_rows(x)
+    dots = torch.einsum("mgk,ngk->mng", xq.double(), w.double().reshape(40, -1, 32))
+    ref = (dots * dx[..., 0].double()[:, None, :]).sum(-1) * scales.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_worst_case_integer_sums_do_not_overflow():
+    """q = 15 and x at +127 in every position: the largest int16 partial sums the 4-bit path keeps (30,480); the
+    8-bit path at +-127 in both, whose pairs would overflow int16 if summed over steps."""
+    n, k = 16, 64
+    x = torch.ones(2, k, dtype=torch.bfloat16)
+    q = torch.full((n, k), 15)
+    scale = torch.ones(n, k // 32, dtype=torch.bfloat16)
+    y = cpu_gemm.q4_mm(x, *cpu_gemm.q4_layout(q, scale, torch.zeros_like(scale)))
+    assert torch.equal(y.float(), torch.full((2, n), 7.0 * k))  # (15 - 8) * 1 per weight
+    w = torch.full((n, k), -127, dtype=torch.int8)
+    x8 = torch.full((2, k), -1.0, dtype=torch.bfloat16)
+    y8 = cpu_gemm.q8_mm(x8, cpu_gemm.q8_layout(w), torch.ones(n, dtype=torch.bfloat16))
+    assert torch.equal(y8.float(), torch.full((2, n), 127.0 * k))
+
+
+def test_a_rows_result_does_not_depend_on_its_batch_nor_on_threads():
+    q, scale, zero = random_q4(64, 128, seed=4)
+    packed, sz = cpu_gemm.q4_layout(q, scale, zero)
+    w8 = cpu_gemm.q8_layout(torch.randint(-127, 128, (64, 128), dtype=torch.int8))
+    s8 = torch.rand(64).to(torch.bfloat16)
+    x = torch.randn(11, 128, dtype=torch.bfloat16)
+    for mm, parts in ((cpu_gemm.q4_mm, (packed, sz)), (cpu_gemm.q8_mm, (w8, s8))):
+        alone = mm(x[6:7].contiguous(), *parts)
+        for rows in range(7, 12):
+            assert torch.equal(mm(x[:rows].contiguous(), *parts)[6:7], alone)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(mm(x, *parts), mm(x, *parts)) and torch.equal(mm(x[6:7].contiguous(), *parts), alone)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_zero_activations_and_zero_rows():
+    q, scale, zero = random_q4(16, 32)
+    parts = cpu_gemm.q4_layout(q, scale, zero)
+    assert torch.equal(cpu_gemm.q4_mm(torch.zeros(2, 32, dtype=torch.bfloat16), *parts).float(), torch.zeros(2, 16))
+    assert cpu_gemm.q4_mm(torch.zeros(0, 32, dtype=torch.bfloat16), *parts).shape == (0, 16)
+
+
+def test_layouts_round_trip():
+    w = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
+    assert torch.equal(cpu_gemm.q8_unlayout(cpu_gemm.q8_layout(w)), w)
+    assert cpu_gemm.fits(24, 96) and not cpu_gemm.fits(20, 96) and not cpu_gemm.fits(24, 40)
+
+
+@pytest.mark.parametrize("x", [torch.randn(2, 32), torch.randn(32, 2, dtype=torch.bfloat16).t(),
+                               torch.randn(32, dtype=torch.bfloat16)])
+def test_bad_activations_are_refused_by_name(x):
+    parts = cpu_gemm.q4_layout(*random_q4(16, 32))
+    with pytest.raises(ValueError, match="2-d contiguous bf16"):
+        cpu_gemm.q4_mm(x, *parts)
+
+
+def test_a_failed_build_names_the_compiler_and_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="false failed to build cpu_gemm.c"):
+        cpu_gemm.build(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left to load
+    monkeypatch.setenv("CHAT_KERNEL_DIR", str(tmp_path))
+    cpu_gemm.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_gemm.__name__):
+            assert cpu_gemm.library() is None and not cpu_gemm.available()
+        assert "torch's int4/int8 kernels instead" in caplog.text
+    finally:
+        cpu_gemm.library.cache_clear()
+    monkeypatch.undo()
+    assert cpu_gemm.available()  # rebuilt (or found) in the default place once the compiler is back
+
+
+def test_torch_compile_sees_one_opaque_op():
+    q, scale, zero = random_q4(32, 64)
+    packed, sz = cpu_gemm.q4_layout(q, scale, zero)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+
+    def f(x):
+        return cpu_gemm.q4_mm(x * 2, packed, sz) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")  # fullgraph: a graph break would raise
+    assert torch.equal(compiled(x), f(x))
+
+
+@pytest.mark.parametrize("fold", ["norm", "swiglu", "residual", "norm+residual"])
+def test_folded_norm_swiglu_and_residual_equal_torchs_operations_then_the_kernel(fold):
+    """What a decode layer does around its matmuls, folded into the kernel, gives what torch's operations give
+    before (RMSNorm, SwiGLU) and after (the residual add) the plain kernel, in torch's bf16 roundings."""
+    torch.manual_seed(9)
+    q, scale, zero = random_q4(64, 96, seed=2)
+    parts = cpu_gemm.q4_layout(q, scale, zero)
+    rows = 5
+    x = torch.randn(rows, 2 * 96 if "swiglu" in fold else 96, dtype=torch.bfloat16) * 3
+    weight = (torch.rand(96) + 0.5).to(torch.bfloat16)
+    residual = torch.randn(rows, 64, dtype=torch.bfloat16) if "residual" in fold else None
+    fusion = {"swiglu": "swiglu" in fold, "residual": residual}
+    if "norm" in fold:
+        fusion |= {"norm": weight, "eps": 1e-5}
+    folded = cpu_gemm.q4_mm(x, *parts, **fusion)
+    x_in = x
+    if "swiglu" in fold:
+        x_in = torch.nn.functional.silu(x[:, :96]) * x[:, 96:]
+    if "norm" in fold:
+        x_in = rms_norm(x_in, weight, 1e-5)
+    ref = cpu_gemm.q4_mm(x_in.contiguous(), *parts)
+    if residual is not None:
+        ref = residual + ref
+    # exp and rsqrt may differ from torch's by an ulp of fp32, which moves a bf16 rounding now and then
+    torch.testing.assert_close(folded.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert (folded == ref).float().mean() > 0.9
+
+
+def test_folded_inputs_of_the_wrong_shape_are_refused_by_name():
+    parts = cpu_gemm.q4_layout(*random_q4(16, 32))
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="64 columns"):
+        cpu_gemm.q4_mm(x, *parts, swiglu=True)  # SwiGLU reads 2K columns
+    with pytest.raises(ValueError, match="norm must be contiguous bf16"):
+        cpu_gemm.q4_mm(x, *parts, norm=torch.ones(16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="residual must be contiguous bf16"):
+        cpu_gemm.q4_mm(x, *parts, residual=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="32 columns"):
+        cpu_gemm.q4_mm(torch.randn(2, 64, dtype=torch.bfloat16), *parts)  # K must match the weight

@@ -1,0 +1,288 @@
+/* Weight-quantized matmuls for CPU decode that read each weight once for all rows (worker/pipeline/cpu_gemm.py).
+ *
+ * y (M, N) bf16 = x (M, K) bf16 @ W^T, W (N, K) quantized, for a handful of rows (the decode slots). torch's packed
+ * CPU kernels (int4pack / int8pack) work row by row (in blocks of 4), so 8 rows cost ~2.5x one; here a weight block
+ * is unpacked once and used for every row, and the cost per extra row is a few integer instructions.
+ *
+ * The scheme is llama.cpp's Q4_1 x Q8_1 / Q8_0 x Q8_0 dot product (ggml-cpu, quants.c): activations are
+ * quantized per row in blocks of 32 to int8 (absmax / 127), products summed exactly in integers per block
+ * (AVX2 vpmaddubsw: unsigned x signed bytes), then scaled in fp32. Columns are tiled by 8 so that one 256-bit
+ * register holds 4 consecutive k of 8 output columns (the layout of ggml's q4_0_8x8 repack): the lanes of the
+ * integer sums are the 8 outputs, no horizontal sums per block.
+ *
+ * Each row's arithmetic is the same whatever M is (rows never share a sum), so a row's result does not depend
+ * on its batch mates. Threads split the column tiles (OpenMP, torch's own runtime once loaded beside torch).
+ * Needs AVX2 + FMA; built with -ffp-contract=off so the compiler cannot fuse differently per row count.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP 32 /* weights per scale (Q4_1's block) and activations per int8 scale */
+#define TILE 8   /* output columns per tile: one fp32 lane each */
+#define ROWS 4   /* rows per pass over a weight tile: 4 accumulators stay in registers */
+
+/* Bit casts through unions (not memcpy), which gcc's vectorizer follows in the prologue's loops. */
+typedef union {
+  uint32_t u;
+  float f;
+} bits32;
+
+static inline float bf16_to_f32(uint16_t h) { return (bits32){.u = (uint32_t)h << 16}.f; }
+
+static inline __m256 load_bf16x8_reg(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __m256 load_bf16x8(const uint16_t *p) { return load_bf16x8_reg(_mm_loadu_si128((const __m128i *)p)); }
+
+/* 8 fp32 -> 8 bf16, rounded to nearest even (torch's conversion for finite values) */
+static inline __m128i f32x8_to_bf16(__m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* One row of K activations -> int8 per block of 32 with its scale dx and dx * sum(xq) (ggml's quantize_row_q8_1). */
+static void quantize_row(const float *x, int K, int8_t *xq, float *dx, float *sx) {
+  for (int g = 0; g < K / GROUP; g++) {
+    const float *v = x + g * GROUP;
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(v[j]));
+    float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < GROUP; j++) {
+      int q = (int)nearbyintf(v[j] * id);
+      xq[g * GROUP + j] = (int8_t)q;
+      sum += q;
+    }
+    dx[g] = d;
+    sx[g] = d * (float)sum;
+  }
+}
+
+/* What the kernels apply to x before quantizing it, so a decode layer's RMSNorm and SwiGLU are not separate torch
+ * operations (each costs a few microseconds of dispatch, ~20 of them per layer). The roundings are torch's: each
+ * intermediate that torch would hold in bf16 is rounded to bf16 here too. */
+typedef struct {
+  const uint16_t *norm; /* RMSNorm weight (K) bf16, or NULL: x -> bf16(x * rsqrt(mean(x^2) + eps)) * norm */
+  float eps;
+  int swiglu;               /* x has 2K columns: x -> silu(x[:K]) * x[K:] (after the norm, if any) */
+  const uint16_t *residual; /* (M, N) bf16 added to the bf16-rounded output, or NULL */
+} fusion;
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = (bits32){.f = f}.u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* e^x for 8 lanes, within 2 ulp of fp32 on [-87, 88] (clamped there): Cephes' expf (S. Moshier). */
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
+                           _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  static const float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (int i = 1; i < 6; i++) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c[i]));
+  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* times 2^n */
+}
+
+static inline __m256 round_bf16x8(__m256 v) { return load_bf16x8_reg(f32x8_to_bf16(v)); }
+
+/* One row's input as the matmul reads it (K bf16 values, in v as floats). */
+static void prologue(const uint16_t *x, int K, const fusion *f, float *v) {
+  /* omp simd: the sum of squares in lanes, in the same order at every call */
+  if (f->swiglu) {
+    for (int k = 0; k < K; k += 8) { /* K is whole groups of 32 */
+      __m256 g = load_bf16x8(x + k);
+      __m256 silu = round_bf16x8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(
+          _mm256_setzero_ps(), g)))));
+      _mm256_storeu_ps(v + k, round_bf16x8(_mm256_mul_ps(silu, load_bf16x8(x + K + k))));
+    }
+  } else {
+#pragma omp simd
+    for (int k = 0; k < K; k++) v[k] = bf16_to_f32(x[k]);
+  }
+  if (f->norm) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int k = 0; k < K; k++) ss += v[k] * v[k];
+    float inv = 1.f / sqrtf(ss / (float)K + f->eps);
+#pragma omp simd
+    for (int k = 0; k < K; k++) v[k] = round_bf16(bf16_to_f32(f->norm[k]) * round_bf16(v[k] * inv));
+  }
+}
+
+typedef struct {
+  int8_t *xq;
+  float *dx, *sx;
+} quantized_rows;
+
+/* x (M, K or 2K with swiglu) -> the rows' int8 blocks and scales. 0, or -1 when memory ran out. */
+static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quantized_rows *q) {
+  const int G = K / GROUP, stride = f->swiglu ? 2 * K : K;
+  q->xq = malloc((size_t)M * K);
+  q->dx = malloc(sizeof(float) * (size_t)M * G);
+  q->sx = malloc(sizeof(float) * (size_t)M * G);
+  float *v = malloc(sizeof(float) * (size_t)K);
+  if (!q->xq || !q->dx || !q->sx || !v) {
+    free(v);
+    return -1;
+  }
+  for (int r = 0; r < M; r++) {
+    prologue(x + (size_t)r * stride, K, f, v);
+    quantize_row(v, K, q->xq + (size_t)r * K, q->dx + r * G, q->sx + r * G);
+  }
+  free(v);
+  return 0;
+}
+
+static void free_rows(quantized_rows *q) {
+  free(q->xq);
+  free(q->dx);
+  free(q->sx);
+}
+
+/* The tile's 8 outputs of row r: rounded to bf16 as torch's matmul output, plus the residual in fp32, rounded
+ * again (torch's bf16 add). */
+static inline void store_row(__m256 acc, const uint16_t *residual, size_t at, uint16_t *y) {
+  __m128i out = f32x8_to_bf16(acc);
+  if (residual) {
+    __m256 sum = _mm256_add_ps(load_bf16x8_reg(out), load_bf16x8(residual + at));
+    out = f32x8_to_bf16(sum);
+  }
+  _mm_storeu_si128((__m128i *)(y + at), out);
+}
+
+/* 4-bit: tile t, block g holds 128 bytes: byte 32j + 4c + i = q[c][4j + i] | q[c][4(j + 4) + i] << 4 (c the column
+ * in the tile, q in 0..15), and 16 bf16: the 8 columns' scales, then their zeros, w = (q - 8) * scale + zero (torch's
+ * int4pack convention). Sum over k of w x = scale * dx * sum(q xq) + (zero - 8 scale) * sx. */
+static inline __attribute__((always_inline)) void q4_tile(int mr, int t, int K, int N, const int8_t *xq,
+                                                          const float *dx, const float *sx, const uint8_t *qs,
+                                                          const uint16_t *sz, const uint16_t *res, uint16_t *y) {
+  const int G = K / GROUP;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS];
+  for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const uint8_t *wb = qs + ((size_t)t * G + g) * 128;
+    const uint16_t *sb = sz + ((size_t)t * G + g) * 16;
+    __m256i w[8];
+    for (int j = 0; j < 4; j++) {
+      __m256i b = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
+      w[j] = _mm256_and_si256(b, low);
+      w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    }
+    __m256 scale = load_bf16x8(sb), minimum = _mm256_fmadd_ps(_mm256_set1_ps(-8.f), scale, load_bf16x8(sb + 8));
+    for (int r = 0; r < mr; r++) {
+      int32_t xi[8];
+      memcpy(xi, xq + (size_t)r * K + g * GROUP, GROUP);
+      /* pairs of 15 * 127: 8 steps sum to at most 30,480, within int16 */
+      __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xi[0]));
+      for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xi[j])));
+      __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + g])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[r * G + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < mr; r++) store_row(acc[r], res, (size_t)r * N + t * TILE, y);
+}
+
+/* 8-bit, one scale per output column: tile t, block g holds 256 bytes: byte 32j + 4c + i = w[c][4j + i]. */
+static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, int N, const int8_t *xq,
+                                                          const float *dx, const int8_t *ws, const uint16_t *sc,
+                                                          const uint16_t *res, uint16_t *y) {
+  const int G = K / GROUP;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS];
+  for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    const int8_t *wb = ws + ((size_t)t * G + g) * 256;
+    for (int r = 0; r < mr; r++) {
+      int32_t xi[8];
+      memcpy(xi, xq + (size_t)r * K + g * GROUP, GROUP);
+      __m256i s = _mm256_setzero_si256();
+      for (int j = 0; j < 8; j++) {
+        /* signed x signed through vpmaddubsw: |w| times x carrying w's sign; a pair reaches 2 * 127 * 127,
+         * so each step widens to int32 at once */
+        __m256i w = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
+        __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xi[j]), w);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), xs), ones));
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[r * G + g]), acc[r]);
+    }
+  }
+  __m256 scale = load_bf16x8(sc + (size_t)t * TILE);
+  for (int r = 0; r < mr; r++) store_row(_mm256_mul_ps(acc[r], scale), res, (size_t)r * N + t * TILE, y);
+}
+
+/* The row-count switches give the compiler a constant row count, so the accumulators live in registers. */
+#define DISPATCH(call_mr)              \
+  switch (mr) {                        \
+    case 1: call_mr(1); break;         \
+    case 2: call_mr(2); break;         \
+    case 3: call_mr(3); break;         \
+    default: call_mr(ROWS); break;     \
+  }
+
+/* y (M, N) bf16 = prologue(x) @ W^T (+ residual), W 4-bit (q4_tile's layout); x (M, K), or (M, 2K) with swiglu.
+ * norm (K) bf16 or NULL, eps, swiglu 0/1, residual (M, N) bf16 or NULL: see `fusion`. Returns 0, or -1 when
+ * scratch memory could not be allocated (y untouched). */
+int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint16_t *sz, int N, uint16_t *y,
+                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
+  const fusion f = {norm, eps, swiglu, residual};
+  quantized_rows q;
+  if (quantize_rows(x, M, K, &f, &q)) {
+    free_rows(&q);
+    return -1;
+  }
+  const int G = K / GROUP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < N / TILE; t++) {
+    for (int r0 = 0; r0 < M; r0 += ROWS) {
+      int mr = M - r0 < ROWS ? M - r0 : ROWS;
+      const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
+#define Q4(n) q4_tile(n, t, K, N, q.xq + (size_t)r0 * K, q.dx + r0 * G, q.sx + r0 * G, qs, sz, res, y + (size_t)r0 * N)
+      DISPATCH(Q4)
+#undef Q4
+    }
+  }
+  free_rows(&q);
+  return 0;
+}
+
+/* The same for 8-bit weights (q8_tile's layout) with per-column scales sc (N) bf16. */
+int chat_q8_gemm(const uint16_t *x, int M, int K, const int8_t *ws, const uint16_t *sc, int N, uint16_t *y,
+                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
+  const fusion f = {norm, eps, swiglu, residual};
+  quantized_rows q;
+  if (quantize_rows(x, M, K, &f, &q)) {
+    free_rows(&q);
+    return -1;
+  }
+  const int G = K / GROUP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < N / TILE; t++) {
+    for (int r0 = 0; r0 < M; r0 += ROWS) {
+      int mr = M - r0 < ROWS ? M - r0 : ROWS;
+      const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
+#define Q8(n) q8_tile(n, t, K, N, q.xq + (size_t)r0 * K, q.dx + r0 * G, ws, sc, res, y + (size_t)r0 * N)
+      DISPATCH(Q8)
+#undef Q8
+    }
+  }
+  free_rows(&q);
+  return 0;
+}

@@ -1,0 +1,195 @@
+"""Our CPU matmuls for quantized weights (cpu_gemm.c), built with the machine's C compiler at first use.
+
+torch's packed CPU kernels (int4pack / int8pack) work row by row: 8 decode rows cost ~2.5x one row. These read each
+weight block once for all rows, with activations quantized per row in blocks of 32 (llama.cpp's Q8_1 scheme): on
+the 2-core AMD EPYC VM of docs/BENCHMARKS.md (AVX2), one SmolLM2 step's 4-bit matmuls take 3.4 ms at 1 row and
+10.4 at 8 against int4pack's 9.0 and 23.3, the int8 head 0.7 / 3.0 against 3.0 / 9.1 (`python -m
+tests.bench.matmul_rows`). A row's result never depends on its batch mates (each row's sums are its own).
+
+The shared library is compiled once per source and flags into CHAT_KERNEL_DIR (default
+~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA (not -march=native:
+a cache shared between hosts stays valid). Where there is no compiler, no AVX2, or the build fails, `library()` is
+None (logged once) and quantize.py keeps torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemm.c")
+# -ffp-contract=off: no fused multiply-adds the compiler picks per row count; the other two change no result (they
+# let rounding calls vectorize)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+         "-shared", "-fPIC")
+GROUP = 32  # cpu_gemm.c's GROUP: weights per scale, activations per int8 scale
+TILE = 8  # cpu_gemm.c's TILE: output columns per tile
+
+
+def kernel_dir() -> Path:
+    """Where built libraries are kept: $CHAT_KERNEL_DIR, else ~/.cache/chat-worker-pool/kernels."""
+    return Path(os.environ.get("CHAT_KERNEL_DIR") or Path.home() / ".cache" / "chat-worker-pool" / "kernels")
+
+
+def _cpu_ok() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512")
+
+
+def build(out_dir: Path) -> Path:
+    """Compile cpu_gemm.c into out_dir (once: the file is named by a hash of the source and flags; written to a
+    temporary name, then renamed, so concurrent workers never load a half-written file). Returns its path.
+    RuntimeError naming the compiler and its message when compiling fails."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) to build cpu_gemm.c")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    path = out_dir / f"cpu_gemm-{key}.so"
+    if path.exists():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build cpu_gemm.c: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None where they cannot run here (the reason is logged once)."""
+    if not _cpu_ok():
+        log.info("cpu_gemm: needs an x86-64 CPU with AVX2 (torch sees %s): torch's kernels",
+                 torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(kernel_dir())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("cpu_gemm: not built (%s): torch's int4/int8 kernels instead", e)
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    for fn in (lib.chat_q4_gemm, lib.chat_q8_gemm):
+        fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr]
+        fn.restype = i32
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run here (builds them on first call)."""
+    return library() is not None
+
+
+def fast_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): there a GEMM on a bf16 copy of the weights
+    beats these kernels for prompt chunks (on AMX, 33.9 ms against ~80 at 64 rows); elsewhere it is ~9x slower."""
+    cpu = torch._C._cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def q4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, K) integers in 0..15, scale and zero (N, K / GROUP) bf16 (w = (q - 8) * scale + zero) -> the kernel's
+    `packed` (N / TILE, K / GROUP, 4, TILE, 4) uint8 and `scales_zeros` (N / TILE, K / GROUP, 2, TILE) bf16, laid out
+    as cpu_gemm.c's q4_tile reads them. Both concatenate along dim 0 for fused layers. N a multiple of TILE."""
+    n, k = q.shape
+    t, g = n // TILE, k // GROUP
+    steps = q.to(torch.uint8).reshape(t, TILE, g, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # t, g, half, j, column, i
+    packed = (steps[:, :, 0] | (steps[:, :, 1] << 4)).contiguous()
+    sz = torch.stack([scale, zero], -1).reshape(t, TILE, g, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, sz
+
+
+def q8_layout(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) int8 -> (N / TILE, K / GROUP, 8, TILE, 4) int8, as q8_tile reads it. N a multiple of TILE."""
+    n, k = w.shape
+    return w.reshape(n // TILE, TILE, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def q8_unlayout(tiles: torch.Tensor) -> torch.Tensor:
+    """q8_layout's inverse: (N / TILE, K / GROUP, 8, TILE, 4) -> (N, K)."""
+    t, g, _, _, _ = tiles.shape
+    return tiles.permute(0, 3, 1, 2, 4).reshape(t * TILE, g * GROUP)
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether a layer's shape suits the kernels: out a multiple of TILE, in of GROUP."""
+    return out_features % TILE == 0 and in_features % GROUP == 0
+
+
+def _call(fn: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None,
+          eps: float, swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    lib = library()
+    assert lib is not None, "cpu_gemm kernels are not loaded here"
+    k, n = weight.shape[1] * GROUP, weight.shape[0] * TILE
+    width = 2 * k if swiglu else k
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width:
+        raise ValueError(f"cpu_gemm: x must be 2-d contiguous bf16 with {width} columns, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    m = x.shape[0]
+    for name, t, shape in (("norm", norm, (k,)), ("residual", residual, (m, n))):
+        if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape}, got {tuple(t.shape)} {t.dtype}")
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if m and getattr(lib, fn)(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
+                              torch.get_num_threads(), None if norm is None else norm.data_ptr(), eps, int(swiglu),
+                              None if residual is None else residual.data_ptr()):
+        raise MemoryError(f"cpu_gemm: no scratch memory for {m} rows of {k}")
+    return y
+
+
+@torch.library.custom_op("chat_cpu_gemm::q4_mm", mutates_args=())
+def _q4_op(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, norm: torch.Tensor | None, eps: float,
+           swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual)
+
+
+@torch.library.custom_op("chat_cpu_gemm::q8_mm", mutates_args=())
+def _q8_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None, eps: float,
+           swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual)
+
+
+@_q4_op.register_fake
+@_q8_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None, eps: float,
+      swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0] * TILE)
+
+
+def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, norm: torch.Tensor | None = None,
+          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) bf16 contiguous @ the 4-bit weight (q4_layout's parts) -> (M, N) bf16, with what a decode layer does
+    around its matmuls folded in (no torch operation each): `swiglu`, x is (M, 2K) and the matmul reads
+    silu(x[:, :K]) * x[:, K:]; `norm` (K,) bf16, it reads RMSNorm(x) * norm with `eps` (Llama's, in torch's
+    roundings); `residual` (M, N) bf16 is added to the output. ValueError naming a wrong shape or dtype. Under
+    torch.compile an opaque custom op; eagerly a direct call (the op's dispatch would cost more than the kernel)."""
+    if torch.compiler.is_compiling():
+        return _q4_op(x, packed, scales_zeros, norm, eps, swiglu, residual)
+    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual)
+
+
+def q8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None = None,
+          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) bf16 contiguous @ the int8 weight (q8_layout) with per-column `scales` (N,) bf16 -> (M, N) bf16;
+    the rest as q4_mm."""
+    if torch.compiler.is_compiling():
+        return _q8_op(x, tiles, scales, norm, eps, swiglu, residual)
+    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual)
