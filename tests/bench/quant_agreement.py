@@ -4,7 +4,9 @@ The CPU-decode issue asks the int8 (now also int4) replies checked against fp32 
 not asserted: SmolLM2-135M from its GGUF (Q4_1 layers, Q8_0 head, dequantized to fp32 on load), the eight questions
 of section 1 (tests/bench/cpu.py) plus eight more, greedy, `--new` tokens each, end token honoured. Per preset
 against `cpu-fp32`: replies identical, the mean share of tokens before the first difference, and at the prompt's
-last position the relative logits error and whether the top token agrees. Prints JSON.
+last position the relative logits error and whether the top token agrees. A preset written `name:torch` runs with
+`cpu_gemm: torch` (torch's kernels, bf16 activations) instead of the project's kernels (activations quantized to int8
+per block of 32), where those build. Prints JSON.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def shared_prefix(a: list[int], b: list[int]) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.bench.quant_agreement", description=__doc__.split("\n")[0])
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--presets", default="cpu-int8,cpu")
+    ap.add_argument("--presets", default="cpu-int8,cpu,cpu-int8:torch,cpu:torch")
     a = ap.parse_args(argv)
     from config.presets import load_presets
     from tests.bench.cpu import QUESTIONS, prompts_for
@@ -65,10 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     codec = loaded.codec
     prompts = prompts_for(codec, mp.sequence_length, a.new, QUESTIONS + MORE_QUESTIONS)
 
+    def device(preset: str) -> Any:
+        name, _, kernels = preset.partition(":")
+        dev = presets.device(name)
+        return dev.model_copy(update={"cpu_gemm": kernels}) if kernels else dev
+
     def run(preset: str) -> tuple[list[list[int]], torch.Tensor]:
         one = copy.copy(loaded)
         one.model = copy.deepcopy(loaded.model)
-        return replies(build_backend(presets.device(preset), one, mp.sequence_length), codec, prompts, a.new)
+        return replies(build_backend(device(preset), one, mp.sequence_length), codec, prompts, a.new)
 
     ref, ref_logits = run("cpu-fp32")
     out: dict[str, Any] = {"model": "smollm2-135m", "prompts": len(prompts), "new": a.new, "against": "cpu-fp32",
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     for preset in a.presets.split(","):
         got, logits = run(preset)
         out["presets"][preset] = {
-            "quantize": presets.device(preset).quantize,
+            "quantize": device(preset).quantize,
+            "cpu_gemm": device(preset).cpu_gemm,
             "identical_replies": round(sum(g == r for g, r in zip(got, ref)) / len(ref), 3),
             "mean_shared_prefix": round(sum(map(shared_prefix, got, ref)) / len(ref), 3),
             "prefill_logits_rel_err": round(((logits - ref_logits).norm() / ref_logits.norm()).item(), 4),

@@ -23,6 +23,7 @@
 #define GROUP 32 /* weights per scale (Q4_1's block) and activations per int8 scale */
 #define TILE 8   /* output columns per tile: one fp32 lane each */
 #define ROWS 4   /* rows per pass over a weight tile: 4 accumulators stay in registers */
+#define LEVELS 2 /* int8 levels per activation (quantize_row) */
 
 /* Bit casts through unions (not memcpy), which gcc's vectorizer follows in the prologue's loops. */
 typedef union {
@@ -46,23 +47,34 @@ static inline __m128i f32x8_to_bf16(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-/* One row of K activations -> int8 per block of 32 with its scale dx and dx * sum(xq) (ggml's quantize_row_q8_1). */
+/* One row of K activations -> int8 in two levels per block of 32: x ~ xq * dx + xq2 * dx2, the second level
+ * quantizing what the first left over (so ~14 bits: below bf16's own rounding, where one level of int8 alone
+ * flipped near-tie greedy tokens against torch's bf16 path), and sx = the block's sum as the levels give it.
+ * xq holds the row's K first-level values then its K second-level ones; dx likewise its G, then G scales.
+ * ggml's quantize_row_q8_1 is the first level. */
 static void quantize_row(const float *x, int K, int8_t *xq, float *dx, float *sx) {
-  for (int g = 0; g < K / GROUP; g++) {
-    const float *v = x + g * GROUP;
-    float amax = 0.f;
+  const int G = K / GROUP;
+  for (int g = 0; g < G; g++) {
+    float rest[GROUP], total = 0.f;
+    memcpy(rest, x + g * GROUP, sizeof rest);
+    for (int level = 0; level < LEVELS; level++) {
+      float amax = 0.f;
 #pragma omp simd reduction(max : amax)
-    for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(v[j]));
-    float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
+      for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(rest[j]));
+      float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      int8_t *q8 = xq + (size_t)level * K + g * GROUP;
+      int sum = 0;
 #pragma omp simd reduction(+ : sum)
-    for (int j = 0; j < GROUP; j++) {
-      int q = (int)nearbyintf(v[j] * id);
-      xq[g * GROUP + j] = (int8_t)q;
-      sum += q;
+      for (int j = 0; j < GROUP; j++) {
+        int q = (int)nearbyintf(rest[j] * id);
+        q8[j] = (int8_t)q;
+        sum += q;
+        rest[j] -= (float)q * d;
+      }
+      dx[level * G + g] = d;
+      total += d * (float)sum;
     }
-    dx[g] = d;
-    sx[g] = d * (float)sum;
+    sx[g] = total;
   }
 }
 
@@ -133,8 +145,8 @@ typedef struct {
 /* x (M, K or 2K with swiglu) -> the rows' int8 blocks and scales. 0, or -1 when memory ran out. */
 static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quantized_rows *q) {
   const int G = K / GROUP, stride = f->swiglu ? 2 * K : K;
-  q->xq = malloc((size_t)M * K);
-  q->dx = malloc(sizeof(float) * (size_t)M * G);
+  q->xq = malloc((size_t)M * K * LEVELS);
+  q->dx = malloc(sizeof(float) * (size_t)M * G * LEVELS);
   q->sx = malloc(sizeof(float) * (size_t)M * G);
   float *v = malloc(sizeof(float) * (size_t)K);
   if (!q->xq || !q->dx || !q->sx || !v) {
@@ -143,7 +155,7 @@ static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quant
   }
   for (int r = 0; r < M; r++) {
     prologue(x + (size_t)r * stride, K, f, v);
-    quantize_row(v, K, q->xq + (size_t)r * K, q->dx + r * G, q->sx + r * G);
+    quantize_row(v, K, q->xq + (size_t)r * K * LEVELS, q->dx + (size_t)r * G * LEVELS, q->sx + r * G);
   }
   free(v);
   return 0;
@@ -187,13 +199,16 @@ static inline __attribute__((always_inline)) void q4_tile(int mr, int t, int K, 
     }
     __m256 scale = load_bf16x8(sb), minimum = _mm256_fmadd_ps(_mm256_set1_ps(-8.f), scale, load_bf16x8(sb + 8));
     for (int r = 0; r < mr; r++) {
-      int32_t xi[8];
-      memcpy(xi, xq + (size_t)r * K + g * GROUP, GROUP);
-      /* pairs of 15 * 127: 8 steps sum to at most 30,480, within int16 */
-      __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xi[0]));
-      for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xi[j])));
-      __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + g])), acc[r]);
+      for (int level = 0; level < LEVELS; level++) {
+        int32_t xi[8];
+        memcpy(xi, xq + ((size_t)r * LEVELS + level) * K + g * GROUP, GROUP);
+        /* pairs of 15 * 127: 8 steps sum to at most 30,480, within int16 */
+        __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xi[0]));
+        for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xi[j])));
+        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+        __m256 d = _mm256_mul_ps(scale, _mm256_set1_ps(dx[(r * LEVELS + level) * G + g]));
+        acc[r] = _mm256_fmadd_ps(p, d, acc[r]);
+      }
       acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[r * G + g]), acc[r]);
     }
   }
@@ -211,17 +226,19 @@ static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, 
   for (int g = 0; g < G; g++) {
     const int8_t *wb = ws + ((size_t)t * G + g) * 256;
     for (int r = 0; r < mr; r++) {
-      int32_t xi[8];
-      memcpy(xi, xq + (size_t)r * K + g * GROUP, GROUP);
-      __m256i s = _mm256_setzero_si256();
-      for (int j = 0; j < 8; j++) {
-        /* signed x signed through vpmaddubsw: |w| times x carrying w's sign; a pair reaches 2 * 127 * 127,
-         * so each step widens to int32 at once */
-        __m256i w = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
-        __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xi[j]), w);
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), xs), ones));
+      for (int level = 0; level < LEVELS; level++) {
+        int32_t xi[8];
+        memcpy(xi, xq + ((size_t)r * LEVELS + level) * K + g * GROUP, GROUP);
+        __m256i s = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+          /* signed x signed through vpmaddubsw: |w| times x carrying w's sign; a pair reaches 2 * 127 * 127,
+           * so each step widens to int32 at once */
+          __m256i w = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
+          __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xi[j]), w);
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), xs), ones));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[(r * LEVELS + level) * G + g]), acc[r]);
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[r * G + g]), acc[r]);
     }
   }
   __m256 scale = load_bf16x8(sc + (size_t)t * TILE);
@@ -254,7 +271,8 @@ int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint1
     for (int r0 = 0; r0 < M; r0 += ROWS) {
       int mr = M - r0 < ROWS ? M - r0 : ROWS;
       const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
-#define Q4(n) q4_tile(n, t, K, N, q.xq + (size_t)r0 * K, q.dx + r0 * G, q.sx + r0 * G, qs, sz, res, y + (size_t)r0 * N)
+#define Q4(n) \
+  q4_tile(n, t, K, N, q.xq + (size_t)r0 * K * LEVELS, q.dx + r0 * G * LEVELS, q.sx + r0 * G, qs, sz, res, y + (size_t)r0 * N)
       DISPATCH(Q4)
 #undef Q4
     }
@@ -278,7 +296,7 @@ int chat_q8_gemm(const uint16_t *x, int M, int K, const int8_t *ws, const uint16
     for (int r0 = 0; r0 < M; r0 += ROWS) {
       int mr = M - r0 < ROWS ? M - r0 : ROWS;
       const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
-#define Q8(n) q8_tile(n, t, K, N, q.xq + (size_t)r0 * K, q.dx + r0 * G, ws, sc, res, y + (size_t)r0 * N)
+#define Q8(n) q8_tile(n, t, K, N, q.xq + (size_t)r0 * K * LEVELS, q.dx + r0 * G * LEVELS, ws, sc, res, y + (size_t)r0 * N)
       DISPATCH(Q8)
 #undef Q8
     }
