@@ -778,7 +778,8 @@ PEERS_NOTES = [
     "redis-server, one `python -m worker` with 8 slots, the API); its multi-turn row is tests/bench/multiturn.py's "
     "`1_worker_cache_on` configuration (the prefix cache of issue 14), driven by the same `drive` as the peers.",
     "- **llama.cpp**: llama-cpp-python 0.3.36 compiled here with `-DGGML_NATIVE=ON` but the AMX kernels off "
-    "(`-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`): on this AMX Xeon the native build's AMX buffer type repacks "
+    "(`-mno-amx-tile -mno-amx-int8 -mno-amx-bf16`): on an AMX Xeon (this VM on 2026-11-30) the native build's AMX "
+    "buffer type repacks "
     "the Q4_1 weights and `llama_decode` then segfaults on the first prompt (in-process and in its server). "
     "Engine: `Llama(n_ctx=1024, n_threads=2, n_threads_batch=2)`, `Llama.generate` greedy, the context reset "
     "before every prompt (no prefix reused); no batching, so 8 together runs the prompts one after another. "
@@ -803,18 +804,20 @@ PEERS_NOTES = [
 
 PEERS_READING = [
     "",
-    "Reading the peers (the engine part: 2026-12-01, this Intel Xeon VM with AMX, nothing else running, every "
-    "benchmark process at `nice -n 19`; the HTTP and multi-turn parts: 2026-11-30, the `cpu` preset with int8 "
-    "weights then, not re-run since):",
+    "Reading the peers (the engine part: 2026-12-01 afternoon, this VM on an AMD EPYC with AVX2 only, during a slow "
+    "hour: llama.cpp ran 58.1 tok/s at 1 stream, against 95.3 in a run on the same host that morning; every "
+    "benchmark process at `nice -n 19`. The HTTP and multi-turn parts: 2026-11-30, an Intel Xeon, the `cpu` preset "
+    "with int8 weights then, not re-run since):",
     "",
-    "- **Engine, 1 stream**: llama.cpp 82.6 tok/s; this project 69.5 with the default `cpu` preset (0.84×) and "
-    "92.0 with `cpu-compiled` (1.11×: issue 15's target is ≥ 1.0×; it was 0.37× in the 2026-11-30 run, with int8 "
-    "weights and transformers' modules); vLLM 31.5 / 35.7 (1 / 2 threads). llama.cpp runs without its AMX kernels "
-    "here (they crash: see above); on the AMD EPYC of shared/REFERENCE.md §6 it gave 122.7.",
-    "- **Engine, 8 together**: vLLM with 2 compute threads 231.4 tok/s, with its default 1 thread 212.5, this "
-    "project 211.3 (`cpu`, 0.91× vLLM-2-threads, from 0.50×; issue 15's target is ≥ 1.3×; `cpu-compiled` 202.9: "
-    "its batches run eager), llama.cpp 79.5 (one prompt after another: its TTFT p50 6.1 s). vLLM's rounds moved "
-    "by 35% (207.6-278.5) within the run.",
+    "- **Engine, 1 stream**: llama.cpp 58.1 tok/s; this project 45.2 with the default `cpu` preset (0.78×; issue "
+    "15's target is ≥ 1.0×) and 47.7 with `cpu-compiled` (0.82×); vLLM 17.4 / 25.3 (1 / 2 threads). The morning "
+    "run on this host, with the first version of the project's kernels (one int8 level, nothing folded), gave "
+    "46.9 / 73.3 for `cpu` / `cpu-compiled` against llama.cpp's 95.3 (0.49× / 0.77×). On the Intel Xeon earlier "
+    "that day (torch's int4pack): 0.84× / 1.11×.",
+    "- **Engine, 8 together**: this project 102.7 tok/s (`cpu`) and 117.6 (`cpu-compiled`), llama.cpp 65.1 (one "
+    "prompt after another: TTFT p50 6.7 s), vLLM 24.1 / 39.9 (1 / 2 threads): on a CPU without native bf16 vLLM's "
+    "bf16 model runs at a sixth of its Xeon speed, so the ≥ 1.3× vLLM target is met here by far (2.57×) and was "
+    "not on the Xeon (0.91×). The project's own rounds moved by 30% (79.7-113.8).",
     "- **HTTP**: at 1 client the three are close (30.1 / 32.2 / 22.4 tok/s; TTFT 122 / 106 / 114 ms); "
     "llama.cpp's server loses more than half its engine speed (32.2 vs 73.5 tok/s) to its per-token Python path, "
     "the logit-bias processor included. At 8 clients vLLM 143.9 tok/s (TTFT p50 255 ms), this project 131.6 "
@@ -824,10 +827,11 @@ PEERS_READING = [
     "keeps turns 9-12 within 1.14× of turn 1, but every TTFT is ~9-11 s: its 8 slots serve 8 of the 16 "
     "conversations while the other 8 wait for a slot (vLLM runs all 16 in one batch), so the figure is queueing, "
     "not prefill. llama.cpp's single-request server gives 13-59 s.",
-    "- **A busy machine breaks these figures**: the same run an hour earlier, while another session's tests held "
-    "the cores at normal priority, gave llama.cpp 6.5 tok/s (rounds 6.5, 47.3, 5.1) and this project 18.4 "
-    "(19.4, 2.2, 18.4) at 1 stream, while vLLM's rounds barely moved (19.6-21.6): 2 OpenMP threads that spin at "
-    "their barriers lose most when one of them is descheduled. Compare only runs whose load line above is low.",
+    "- **A busy machine breaks these figures**: a run on the Xeon while another session's tests held the cores at "
+    "normal priority gave llama.cpp 6.5 tok/s (rounds 6.5, 47.3, 5.1) and this project 18.4 (19.4, 2.2, 18.4) at "
+    "1 stream, while vLLM's rounds barely moved (19.6-21.6): 2 OpenMP threads that spin at their barriers lose "
+    "most when one of them is descheduled. Compare only runs whose load line above is low, and ratios within one "
+    "run: this VM's host and speed change between hours.",
 ]
 
 
