@@ -254,14 +254,13 @@ static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, 
     default: call_mr(ROWS); break;     \
   }
 
-/* y (M, N) bf16 = prologue(x) @ W^T (+ residual), W 4-bit (q4_tile's layout); x (M, K), or (M, 2K) with swiglu.
- * norm (K) bf16 or NULL, eps, swiglu 0/1, residual (M, N) bf16 or NULL: see `fusion`. Returns 0, or -1 when
- * scratch memory could not be allocated (y untouched). */
-int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint16_t *sz, int N, uint16_t *y,
-                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
-  const fusion f = {norm, eps, swiglu, residual};
+/* y (M, N) bf16 = prologue(x) @ W^T (+ residual): `bits` 4, W in q4_tile's layout with scales and zeros `s`; 8, in
+ * q8_tile's with per-column scales `s` (N) bf16. Returns 0, or -1 when scratch memory could not be allocated (y
+ * untouched). */
+static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const uint16_t *s, int N, uint16_t *y,
+                int threads, const fusion *f) {
   quantized_rows q;
-  if (quantize_rows(x, M, K, &f, &q)) {
+  if (quantize_rows(x, M, K, f, &q)) {
     free_rows(&q);
     return -1;
   }
@@ -270,37 +269,35 @@ int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint1
   for (int t = 0; t < N / TILE; t++) {
     for (int r0 = 0; r0 < M; r0 += ROWS) {
       int mr = M - r0 < ROWS ? M - r0 : ROWS;
-      const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
-#define Q4(n) \
-  q4_tile(n, t, K, N, q.xq + (size_t)r0 * K * LEVELS, q.dx + r0 * G * LEVELS, q.sx + r0 * G, qs, sz, res, y + (size_t)r0 * N)
-      DISPATCH(Q4)
+      const int8_t *xq = q.xq + (size_t)r0 * K * LEVELS;
+      const float *dx = q.dx + r0 * G * LEVELS;
+      const uint16_t *res = f->residual ? f->residual + (size_t)r0 * N : NULL;
+      uint16_t *yr = y + (size_t)r0 * N;
+      if (bits == 4) {
+#define Q4(n) q4_tile(n, t, K, N, xq, dx, q.sx + r0 * G, w, s, res, yr)
+        DISPATCH(Q4)
 #undef Q4
+      } else {
+#define Q8(n) q8_tile(n, t, K, N, xq, dx, w, s, res, yr)
+        DISPATCH(Q8)
+#undef Q8
+      }
     }
   }
   free_rows(&q);
   return 0;
 }
 
-/* The same for 8-bit weights (q8_tile's layout) with per-column scales sc (N) bf16. */
+/* The exported entry points (cpu_gemm.py): x (M, K), or (M, 2K) with swiglu; norm (K) bf16 or NULL, eps, swiglu 0/1,
+ * residual (M, N) bf16 or NULL: see `fusion`. */
+int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint16_t *sz, int N, uint16_t *y,
+                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
+  const fusion f = {norm, eps, swiglu, residual};
+  return gemm(4, x, M, K, qs, sz, N, y, threads, &f);
+}
+
 int chat_q8_gemm(const uint16_t *x, int M, int K, const int8_t *ws, const uint16_t *sc, int N, uint16_t *y,
                  int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
   const fusion f = {norm, eps, swiglu, residual};
-  quantized_rows q;
-  if (quantize_rows(x, M, K, &f, &q)) {
-    free_rows(&q);
-    return -1;
-  }
-  const int G = K / GROUP;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < N / TILE; t++) {
-    for (int r0 = 0; r0 < M; r0 += ROWS) {
-      int mr = M - r0 < ROWS ? M - r0 : ROWS;
-      const uint16_t *res = residual ? residual + (size_t)r0 * N : NULL;
-#define Q8(n) q8_tile(n, t, K, N, q.xq + (size_t)r0 * K * LEVELS, q.dx + r0 * G * LEVELS, ws, sc, res, y + (size_t)r0 * N)
-      DISPATCH(Q8)
-#undef Q8
-    }
-  }
-  free_rows(&q);
-  return 0;
+  return gemm(8, x, M, K, ws, sc, N, y, threads, &f);
 }
