@@ -91,7 +91,13 @@ class EmbeddedStack:
         self.worker = InProcessWorker(self.settings)
 
     def __enter__(self) -> EmbeddedStack:
-        self.worker.start()
+        try:
+            self.worker.start()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises: without this the fake Redis server's threads keep the
+            # process alive after the error (`make chat` hung on a worker that could not start).
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:

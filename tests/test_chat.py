@@ -197,3 +197,10 @@ def test_ctrl_c_after_the_reply_ended_stops_the_display_and_keeps_the_reply(r, r
     finally:
         client.close()
         w.stop()
+
+
+def test_a_worker_that_cannot_start_ends_the_chat_instead_of_hanging(monkeypatch):
+    """The embedded stack's fake Redis server is closed when its worker fails to start (it kept the process alive)."""
+    monkeypatch.setenv("CHAT_MODEL", "/nonexistent/model")
+    out = chat([], '["hi", ""]', timeout=120)  # a hang raises TimeoutExpired
+    assert out.returncode != 0 and "failed to start" in out.stderr

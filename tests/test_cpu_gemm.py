@@ -5,6 +5,7 @@ SwiGLU and residual give what torch's operations give; bad input is refused by n
 torch's kernels; torch.compile sees the kernels as one opaque op."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -196,3 +197,42 @@ def test_folded_inputs_of_the_wrong_shape_are_refused_by_name():
         cpu_gemm.q4_mm(x, *parts, residual=torch.zeros(2, 16))
     with pytest.raises(ValueError, match="32 columns"):
         cpu_gemm.q4_mm(torch.randn(2, 64, dtype=torch.bfloat16), *parts)  # K must match the weight
+
+
+def test_a_damaged_library_is_rebuilt_not_loaded(tmp_path):
+    """A library cut short (a full disk, a killed copy) could crash the process at load: it fails its checksum and
+    is built again. $CC may carry arguments."""
+    path = cpu_gemm.build(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    assert cpu_gemm.build(tmp_path) == path and path.read_bytes() == good
+    os.environ["CC"], cc = "env gcc", os.environ.get("CC")
+    try:
+        assert cpu_gemm.build(tmp_path / "with-args").exists()
+    finally:
+        os.environ.pop("CC") if cc is None else os.environ.__setitem__("CC", cc)
+
+
+def test_a_nan_in_a_row_makes_that_rows_outputs_nan_and_no_other():
+    q, scale, zero = random_q4(16, 64)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x[1, 5] = float("nan")
+    y = cpu_gemm.q4_mm(x, *cpu_gemm.q4_layout(q, scale, zero))
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+    y8 = cpu_gemm.q8_mm(x, cpu_gemm.q8_layout(torch.ones(16, 64, dtype=torch.int8)), torch.ones(16).to(torch.bfloat16))
+    assert y8[1].isnan().all() and not y8[[0, 2]].isnan().any()
+
+
+def test_bad_weights_scales_and_devices_are_refused_by_name():
+    packed, sz = cpu_gemm.q4_layout(*random_q4(16, 64))
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="scales must be contiguous bf16"):
+        cpu_gemm.q4_mm(x, packed, sz[:1])
+    with pytest.raises(ValueError, match="weight must be contiguous torch.uint8"):
+        cpu_gemm.q4_mm(x, packed.to(torch.int8), sz)
+    with pytest.raises(ValueError, match="5-d tiled layout"):
+        cpu_gemm.q4_mm(x, packed.reshape(16, -1), sz)
+    with pytest.raises(ValueError, match="on the CPU"):
+        cpu_gemm.q4_mm(x.to("meta"), packed, sz)
+    with pytest.raises(ValueError, match="weight must be contiguous torch.int8"):
+        cpu_gemm.q8_mm(x, packed, torch.ones(16, dtype=torch.bfloat16))

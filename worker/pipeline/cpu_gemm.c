@@ -58,10 +58,14 @@ static void quantize_row(const float *x, int K, int8_t *xq, float *dx, float *sx
     float rest[GROUP], total = 0.f;
     memcpy(rest, x + g * GROUP, sizeof rest);
     for (int level = 0; level < LEVELS; level++) {
-      float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-      for (int j = 0; j < GROUP; j++) amax = fmaxf(amax, fabsf(rest[j]));
-      float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      float amax = 0.f, poison = 0.f;
+#pragma omp simd reduction(max : amax) reduction(+ : poison)
+      for (int j = 0; j < GROUP; j++) {
+        amax = fmaxf(amax, fabsf(rest[j])); /* fmaxf passes over NaN, */
+        poison += rest[j] * 0.f;             /* so a NaN or inf makes this NaN instead */
+      }
+      float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f;
+      if (poison != poison) d = NAN; /* the row's outputs become NaN, as torch's would */
       int8_t *q8 = xq + (size_t)level * K + g * GROUP;
       int sum = 0;
 #pragma omp simd reduction(+ : sum)

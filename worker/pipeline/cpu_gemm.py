@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,26 +49,37 @@ def _cpu_ok() -> bool:
         "AVX2", "AVX512")
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def build(out_dir: Path) -> Path:
-    """Compile cpu_gemm.c into out_dir (once: the file is named by a hash of the source and flags; written to a
-    temporary name, then renamed, so concurrent workers never load a half-written file). Returns its path.
-    RuntimeError naming the compiler and its message when compiling fails."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
+    """Compile cpu_gemm.c into out_dir (once: the file is named by a hash of the source, compiler and flags; written
+    to a temporary name, then renamed, so concurrent workers never load a half-written file) and return its path.
+    A file already there is used only if it matches the checksum written beside it when it was built (a damaged
+    library could crash the process at load); otherwise it is built again. $CC may carry arguments ("ccache gcc").
+    RuntimeError naming the compiler, its exit status and its message when compiling fails."""
+    cc = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build cpu_gemm.c")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    path = out_dir / f"cpu_gemm-{key}.so"
-    if path.exists():
+    key = hashlib.sha256(source + " ".join((*cc, *FLAGS)).encode()).hexdigest()[:16]
+    path, checksum = out_dir / f"cpu_gemm-{key}.so", out_dir / f"cpu_gemm-{key}.sha256"
+    if path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path):
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build cpu_gemm.c: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(cc)} failed to build cpu_gemm.c (exit status {done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        digest = _digest(Path(tmp))
         os.replace(tmp, path)
+        with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as f:
+            f.write(digest)
+        os.replace(f.name, checksum)  # after the library: a reader that finds this checksum finds that file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -76,20 +88,23 @@ def build(out_dir: Path) -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first use; None where they cannot run here (the reason is logged once)."""
+    """The loaded kernels, built on first use; None where they cannot run here (the reason is logged once, as a
+    warning: these workers then run torch's slower kernels)."""
     if not _cpu_ok():
-        log.info("cpu_gemm: needs an x86-64 CPU with AVX2 (torch sees %s): torch's kernels",
-                 torch.backends.cpu.get_cpu_capability())
+        log.warning("cpu_gemm: needs an x86-64 CPU with AVX2 (torch sees %s): torch's int4/int8 kernels instead",
+                    torch.backends.cpu.get_cpu_capability())
         return None
     try:
-        lib = ctypes.CDLL(str(build(kernel_dir())))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("cpu_gemm: not built (%s): torch's int4/int8 kernels instead", e)
+        path = build(kernel_dir())
+        lib = ctypes.CDLL(str(path))
+        ptr, i32 = ctypes.c_void_p, ctypes.c_int
+        for fn in (lib.chat_q4_gemm, lib.chat_q8_gemm):
+            fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr]
+            fn.restype = i32
+    except Exception as e:  # whatever stops the build or the load, the worker runs on torch's kernels
+        log.warning("cpu_gemm: not built or not loadable (%s): torch's int4/int8 kernels instead", e)
         return None
-    ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.chat_q4_gemm, lib.chat_q8_gemm):
-        fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr]
-        fn.restype = i32
+    log.info("cpu_gemm: kernels loaded from %s", path)
     return lib
 
 
@@ -142,11 +157,22 @@ def _call(fn: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     assert lib is not None, "cpu_gemm kernels are not loaded here"
     k, n = weight.shape[1] * GROUP, weight.shape[0] * TILE
     width = 2 * k if swiglu else k
+    tensors = (x, weight, scales, norm, residual)
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        raise ValueError("cpu_gemm: every tensor must be on the CPU")
+    if weight.dim() != 5:
+        raise ValueError(f"cpu_gemm: weight must be in the kernel's 5-d tiled layout, got {tuple(weight.shape)}")
     if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width:
         raise ValueError(f"cpu_gemm: x must be 2-d contiguous bf16 with {width} columns, "
                          f"got {tuple(x.shape)} {x.dtype}")
     m = x.shape[0]
-    for name, t, shape in (("norm", norm, (k,)), ("residual", residual, (m, n))):
+    four = fn == "chat_q4_gemm"
+    layout, kind = (n // TILE, k // GROUP, 4 if four else 8, TILE, 4), torch.uint8 if four else torch.int8
+    sshape = (n // TILE, k // GROUP, 2, TILE) if four else (n,)
+    if weight.dtype != kind or tuple(weight.shape) != layout or not weight.is_contiguous():
+        raise ValueError(f"cpu_gemm: weight must be contiguous {kind} {layout}, got {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    for name, t, shape in (("scales", scales, sshape), ("norm", norm, (k,)), ("residual", residual, (m, n))):
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape}, got {tuple(t.shape)} {t.dtype}")
     y = torch.empty(m, n, dtype=torch.bfloat16)
