@@ -1,10 +1,11 @@
 """Our CPU matmuls for quantized weights (cpu_gemm.c), built with the machine's C compiler at first use.
 
-torch's packed CPU kernels (int4pack / int8pack) work row by row: 8 decode rows cost ~2.5x one row. These read each
-weight block once for all rows, with activations quantized per row in blocks of 32 (llama.cpp's Q8_1 scheme): on
-the 2-core AMD EPYC VM of docs/BENCHMARKS.md (AVX2), one SmolLM2 step's 4-bit matmuls take 3.4 ms at 1 row and
-10.4 at 8 against int4pack's 9.0 and 23.3, the int8 head 0.7 / 3.0 against 3.0 / 9.1 (`python -m
-tests.bench.matmul_rows`). A row's result never depends on its batch mates (each row's sums are its own).
+torch's packed CPU kernels (int4pack / int8pack) work row by row: 8 decode rows cost ~2.5x one row. These unpack each
+weight block once for all rows, with activations quantized per row in blocks of 32 in two int8 levels (llama.cpp's
+Q8_1 scheme, plus a second level for what the first leaves over: one level flipped near-tie greedy tokens). On the
+2-core AMD EPYC VM of docs/BENCHMARKS.md (AVX2), one SmolLM2 step's weight matmuls take 8.2 ms at 1 row against
+int4pack's 11.0, and about the same at 8 rows (30.7 vs 29.5; `python -m tests.bench.matmul_rows`); the step gains
+more from the RMSNorm, SwiGLU and residual folded in. A row's result never depends on its batch mates.
 
 The shared library is compiled once per source and flags into CHAT_KERNEL_DIR (default
 ~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA (not -march=native:

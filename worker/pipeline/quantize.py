@@ -17,8 +17,8 @@ per-row kernel; prompt chunks run a bf16 GEMM on a resident dequantized copy (bu
 The output head stays int8 (GGUF files keep it at 8 bits, Q8_0/Q6_K).
 
 Where cpu_gemm.py's kernels are built (x86-64 with AVX2 and a C compiler: `native`), both layer kinds run them
-instead of torch's: they read each weight once for all decode rows (2-3x faster at 8 rows), with activations
-quantized per row in blocks of 32 (llama.cpp's scheme; a row's result still depends on that row alone). On a CPU
+instead of torch's: they unpack each weight block once for all decode rows, with activations quantized per row in
+blocks of 32, two int8 levels (cpu_gemm.py gives figures; a row's result still depends on that row alone). On a CPU
 without a fast bf16 GEMM (no AMX / AVX-512 BF16) they serve prompt chunks too, and no dense copy is kept."""
 
 from __future__ import annotations
