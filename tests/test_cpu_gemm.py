@@ -11,23 +11,36 @@ import pytest
 import torch
 
 from worker.pipeline import cpu_gemm
+from worker.pipeline.cpu_gemm import ISAS
 from worker.pipeline.fused_linear import rms_norm
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(), reason="needs x86-64 with AVX2 and a C compiler")
+VNNI = pytest.mark.skipif(cpu_gemm.best_isa() != "avx512-vnni", reason="this CPU has no AVX512-VNNI")
+ISAS_HERE = ["avx2", pytest.param("avx512-vnni", marks=VNNI)]
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    """Run the test on the build named by the parameter (CHAT_CPU_GEMM_ISA)."""
+    monkeypatch.setenv("CHAT_CPU_GEMM_ISA", request.param)
+    cpu_gemm.best_isa.cache_clear()
+    assert cpu_gemm.best_isa() == request.param
+    yield request.param
+    monkeypatch.undo()
+    cpu_gemm.best_isa.cache_clear()
 
 
 def q8_levels(x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The kernel's activation quantization in torch: (M, K) -> two levels of (int values (M, K / 32, 32) as float,
-    scales (M, K / 32, 1)), the second quantizing what the first left over, in fp32 as the kernel computes it."""
-    rest = x.float().reshape(x.shape[0], -1, 32)
-    levels = []
-    for _ in range(2):
-        d = rest.abs().amax(-1, keepdim=True) / 127
-        inverse = torch.where(d > 0, 1 / d, 0)  # x * (1 / d) in fp32, as the kernel: x / d can round the other way
-        q = torch.round(rest * inverse)  # round half to even, as nearbyintf
-        levels.append((q, d))
-        rest = rest - q * d
-    return levels
+    scales (M, K / 32, 1)): d = absmax / 127 for the first, d / 128 for the second, which quantizes what the first
+    left over; in fp32 as the kernel computes it."""
+    x = x.float().reshape(x.shape[0], -1, 32)
+    d = x.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, 0)  # x * (1 / d) in fp32, as the kernel: x / d can round the other way
+    q0 = torch.round(x * inverse)  # round half to even, as nearbyintf
+    q1 = torch.round((x - q0 * d) * (inverse * 128))
+    assert q1.abs().max() <= 64  # what is left is at most half a step of the first level
+    return [(q0, d), (q1, d / 128)]
 
 
 def q4_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -75,9 +88,11 @@ def test_q8_computes_the_two_level_q8_0_scheme():
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-3)
 
 
-def test_worst_case_integer_sums_do_not_overflow():
-    """q = 15 and x at +127 in every position: the largest int16 partial sums the 4-bit path keeps (30,480); the
-    8-bit path at +-127 in both, whose pairs would overflow int16 if summed over steps."""
+@pytest.mark.parametrize("isa", ISAS_HERE, indirect=True)
+def test_worst_case_integer_sums_do_not_overflow(isa):
+    """q = 15 and x at +127 in every position: the largest int16 partial sums the 4-bit AVX2 path keeps (30,480);
+    the 8-bit path at +-127 in both, whose pairs would overflow int16 if summed over steps; -128 weights, whose
+    magnitude only fits unsigned."""
     n, k = 16, 64
     x = torch.ones(2, k, dtype=torch.bfloat16)
     q = torch.full((n, k), 15)
@@ -88,6 +103,42 @@ def test_worst_case_integer_sums_do_not_overflow():
     x8 = torch.full((2, k), -1.0, dtype=torch.bfloat16)
     y8 = cpu_gemm.q8_mm(x8, cpu_gemm.q8_layout(w), torch.ones(n, dtype=torch.bfloat16))
     assert torch.equal(y8.float(), torch.full((2, n), 127.0 * k))
+    y8 = cpu_gemm.q8_mm(-x8, cpu_gemm.q8_layout(w - 1), torch.ones(n, dtype=torch.bfloat16))
+    assert torch.equal(y8.float(), torch.full((2, n), -128.0 * k))
+
+
+@VNNI
+def test_the_avx512_vnni_build_gives_the_avx2_builds_bits(monkeypatch):
+    """Integer sums are exact in both builds and the floating point is vectorized alike, so the faster build is a
+    drop-in: same bits for every row count, both weight kinds and every fold."""
+    torch.manual_seed(3)
+    q, scale, zero = random_q4(64, 96, seed=5)
+    q4 = cpu_gemm.q4_layout(q, scale, zero)
+    q8 = (cpu_gemm.q8_layout(torch.randint(-128, 128, (64, 96), dtype=torch.int8)), torch.rand(64).to(torch.bfloat16))
+    norm = (torch.rand(96) + 0.5).to(torch.bfloat16)
+    results = {}
+    for build in ISAS:
+        monkeypatch.setenv("CHAT_CPU_GEMM_ISA", build)
+        cpu_gemm.best_isa.cache_clear()
+        torch.manual_seed(4)
+        results[build] = [mm(torch.randn(rows, 192 if swiglu else 96, dtype=torch.bfloat16) * 4, *parts, norm=norm,
+                             eps=1e-5, swiglu=swiglu, residual=torch.randn(rows, 64, dtype=torch.bfloat16))
+                          for rows in (1, 2, 3, 4, 5, 8, 9) for swiglu in (False, True)
+                          for mm, parts in ((cpu_gemm.q4_mm, q4), (cpu_gemm.q8_mm, q8))]
+    cpu_gemm.best_isa.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))
+
+
+def test_an_isa_this_cpu_lacks_is_not_loaded(monkeypatch, caplog):
+    monkeypatch.setenv("CHAT_CPU_GEMM_ISA", "avx512-vnni" if cpu_gemm.best_isa() == "avx2" else "sse9")
+    cpu_gemm.best_isa.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_gemm.__name__):
+            chosen = cpu_gemm.best_isa()
+        assert "is not one of" in caplog.text and chosen in ISAS
+    finally:
+        monkeypatch.undo()
+        cpu_gemm.best_isa.cache_clear()
 
 
 def test_a_rows_result_does_not_depend_on_its_batch_nor_on_threads():
@@ -106,6 +157,24 @@ def test_a_rows_result_does_not_depend_on_its_batch_nor_on_threads():
             assert torch.equal(mm(x, *parts), mm(x, *parts)) and torch.equal(mm(x[6:7].contiguous(), *parts), alone)
         finally:
             torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_fp32_outputs_are_the_sums_bf16_outputs_round(rows):
+    """Logits come out fp32: the same sums, not rounded to bf16 (whose 8 bits made the default chat's first-token
+    near-tie, 25.33 against 25.24 in fp32, an exact tie at 25.25 that the lower token id won)."""
+    q, scale, zero = random_q4(48, 96, seed=6)
+    q4 = cpu_gemm.q4_layout(q, scale, zero)
+    q8 = (cpu_gemm.q8_layout(torch.randint(-127, 128, (48, 96), dtype=torch.int8)), torch.rand(48).to(torch.bfloat16))
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    for mm, parts in ((cpu_gemm.q4_mm, q4), (cpu_gemm.q8_mm, q8)):
+        wide = mm(x, *parts, out_dtype=torch.float32)
+        assert wide.dtype == torch.float32 and torch.equal(wide.to(torch.bfloat16), mm(x, *parts))
+        assert not torch.equal(wide, wide.to(torch.bfloat16).float())  # finer than bf16
+    with pytest.raises(ValueError, match="out_dtype must be bf16, or fp32 without a residual"):
+        cpu_gemm.q8_mm(x, *q8, residual=torch.zeros(rows, 48, dtype=torch.bfloat16), out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        cpu_gemm.q8_mm(x, *q8, out_dtype=torch.float16)
 
 
 def test_zero_activations_and_zero_rows():

@@ -30,9 +30,9 @@ def spy(monkeypatch, owner, name: str) -> list[int]:
     calls: list[int] = []
     real = getattr(owner, name)
 
-    def counted(x, *args):
+    def counted(x, *args, **kwargs):
         calls.append(x.shape[0])
-        return real(x, *args)
+        return real(x, *args, **kwargs)
 
     monkeypatch.setattr(owner, name, counted)
     return calls
@@ -159,6 +159,20 @@ def test_int4_keeps_int8_for_the_head_and_for_layers_its_kernel_does_not_take(ti
         quantize_weights(nn.Sequential(nn.Linear(32, 32)), 3)
     with pytest.raises(ValueError, match="in_features a multiple of 32"):
         Int4WeightOnlyLinear(nn.Linear(40, 64), torch.bfloat16)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_the_heads_logits_come_out_fp32(tiny, kernels):
+    """Logits in fp32 whatever the path; where the kernels run, finer than bf16 (bf16's 8 bits make near-ties
+    exact ties, which then go to the lower token id)."""
+    model = quantize_weights(copy.deepcopy(tiny.model), 4, gemv_rows=8, native=kernels)
+    head = model.get_output_embeddings()
+    x = torch.randn(3, head.in_features, dtype=torch.bfloat16)
+    logits = head(x)
+    assert logits.dtype == torch.float32 and logits.shape == (3, head.out_features)
+    assert torch.equal(logits.to(torch.bfloat16).float(), logits) != kernels
+    body = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) and m is not head]
+    assert body and all(m(torch.randn(2, m.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16 for m in body)
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])

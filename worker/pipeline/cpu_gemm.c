@@ -13,6 +13,8 @@
  * Each row's arithmetic is the same whatever M is (rows never share a sum), so a row's result does not depend
  * on its batch mates. Threads split the column tiles (OpenMP, torch's own runtime once loaded beside torch).
  * Needs AVX2 + FMA; built with -ffp-contract=off so the compiler cannot fuse differently per row count.
+ * Built a second time with AVX512-VNNI (+VL) where the CPU has it: vpdpbusd then does vpmaddubsw's product, the
+ * widening and the sum in one instruction. The integer sums are exact either way, so both builds give the same bits.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -24,6 +26,10 @@
 #define TILE 8   /* output columns per tile: one fp32 lane each */
 #define ROWS 4   /* rows per pass over a weight tile: 4 accumulators stay in registers */
 #define LEVELS 2 /* int8 levels per activation (quantize_row) */
+#define FINE 128 /* the second level's step: the first's / FINE */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#endif
 
 /* Bit casts through unions (not memcpy), which gcc's vectorizer follows in the prologue's loops. */
 typedef union {
@@ -47,38 +53,37 @@ static inline __m128i f32x8_to_bf16(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
-/* One row of K activations -> int8 in two levels per block of 32: x ~ xq * dx + xq2 * dx2, the second level
- * quantizing what the first left over (so ~14 bits: below bf16's own rounding, where one level of int8 alone
- * flipped near-tie greedy tokens against torch's bf16 path), and sx = the block's sum as the levels give it.
- * xq holds the row's K first-level values then its K second-level ones; dx likewise its G, then G scales.
- * ggml's quantize_row_q8_1 is the first level. */
-static void quantize_row(const float *x, int K, int8_t *xq, float *dx, float *sx) {
+/* One row of K activations -> int8 in two levels per block of 32: x ~ (FINE * x0 + x1) * u, u = d / FINE, where
+ * x0 = round(x / d), d = absmax / 127 (ggml's quantize_row_q8_1), and x1 quantizes what x0 left over in steps of u
+ * (|x1| <= 64, as |x - x0 d| <= d / 2). ~15 bits, below bf16's own rounding: one level of int8 alone flipped
+ * near-tie greedy tokens against torch's bf16 path. The fixed ratio lets the kernels sum both levels in integers
+ * (FINE * dot0 + dot1) and scale once. xq holds the row's blocks as 32 x0 then 32 x1; u its G units; sx its G block
+ * sums (what the levels give). */
+static void quantize_row(const float *x, int K, int8_t *xq, float *u, float *sx) {
   const int G = K / GROUP;
   for (int g = 0; g < G; g++) {
-    float rest[GROUP], total = 0.f;
-    memcpy(rest, x + g * GROUP, sizeof rest);
-    for (int level = 0; level < LEVELS; level++) {
-      float amax = 0.f, poison = 0.f;
+    const float *b = x + g * GROUP;
+    float amax = 0.f, poison = 0.f;
 #pragma omp simd reduction(max : amax) reduction(+ : poison)
-      for (int j = 0; j < GROUP; j++) {
-        amax = fmaxf(amax, fabsf(rest[j])); /* fmaxf passes over NaN, */
-        poison += rest[j] * 0.f;             /* so a NaN or inf makes this NaN instead */
-      }
-      float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f;
-      if (poison != poison) d = NAN; /* the row's outputs become NaN, as torch's would */
-      int8_t *q8 = xq + (size_t)level * K + g * GROUP;
-      int sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < GROUP; j++) {
-        int q = (int)nearbyintf(rest[j] * id);
-        q8[j] = (int8_t)q;
-        sum += q;
-        rest[j] -= (float)q * d;
-      }
-      dx[level * G + g] = d;
-      total += d * (float)sum;
+    for (int j = 0; j < GROUP; j++) {
+      amax = fmaxf(amax, fabsf(b[j])); /* fmaxf passes over NaN, */
+      poison += b[j] * 0.f;            /* so a NaN or inf makes this NaN instead */
     }
-    sx[g] = total;
+    float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f;
+    if (poison != poison) d = NAN; /* the row's outputs become NaN, as torch's would */
+    float unit = d / FINE, fine = id * FINE;
+    int8_t *q0 = xq + g * 2 * GROUP, *q1 = q0 + GROUP;
+    int sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int j = 0; j < GROUP; j++) {
+      int c = (int)nearbyintf(b[j] * id);
+      int f = (int)nearbyintf((b[j] - (float)c * d) * fine);
+      q0[j] = (int8_t)c;
+      q1[j] = (int8_t)f;
+      sum += FINE * c + f;
+    }
+    u[g] = unit;
+    sx[g] = unit * (float)sum;
   }
 }
 
@@ -90,6 +95,7 @@ typedef struct {
   float eps;
   int swiglu;               /* x has 2K columns: x -> silu(x[:K]) * x[K:] (after the norm, if any) */
   const uint16_t *residual; /* (M, N) bf16 added to the bf16-rounded output, or NULL */
+  int f32;                  /* y is fp32, not rounded to bf16 (logits: bf16's 8 bits turn near-ties into ties) */
 } fusion;
 
 static inline uint16_t f32_to_bf16(float f) {
@@ -150,7 +156,7 @@ typedef struct {
 static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quantized_rows *q) {
   const int G = K / GROUP, stride = f->swiglu ? 2 * K : K;
   q->xq = malloc((size_t)M * K * LEVELS);
-  q->dx = malloc(sizeof(float) * (size_t)M * G * LEVELS);
+  q->dx = malloc(sizeof(float) * (size_t)M * G);
   q->sx = malloc(sizeof(float) * (size_t)M * G);
   float *v = malloc(sizeof(float) * (size_t)K);
   if (!q->xq || !q->dx || !q->sx || !v) {
@@ -159,7 +165,7 @@ static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quant
   }
   for (int r = 0; r < M; r++) {
     prologue(x + (size_t)r * stride, K, f, v);
-    quantize_row(v, K, q->xq + (size_t)r * K * LEVELS, q->dx + (size_t)r * G * LEVELS, q->sx + r * G);
+    quantize_row(v, K, q->xq + (size_t)r * K * LEVELS, q->dx + (size_t)r * G, q->sx + r * G);
   }
   free(v);
   return 0;
@@ -172,14 +178,67 @@ static void free_rows(quantized_rows *q) {
 }
 
 /* The tile's 8 outputs of row r: rounded to bf16 as torch's matmul output, plus the residual in fp32, rounded
- * again (torch's bf16 add). */
-static inline void store_row(__m256 acc, const uint16_t *residual, size_t at, uint16_t *y) {
+ * again (torch's bf16 add); or as they are, in fp32 (f32, no residual). */
+static inline void store_row(__m256 acc, const uint16_t *residual, size_t at, void *y, int f32) {
+  if (f32) {
+    _mm256_storeu_ps((float *)y + at, acc);
+    return;
+  }
   __m128i out = f32x8_to_bf16(acc);
   if (residual) {
     __m256 sum = _mm256_add_ps(load_bf16x8_reg(out), load_bf16x8(residual + at));
     out = f32x8_to_bf16(sum);
   }
-  _mm_storeu_si128((__m128i *)(y + at), out);
+  _mm_storeu_si128((__m128i *)((uint16_t *)y + at), out);
+}
+
+/* The block's integer dot products for the tile's 8 columns (the 8 int32 lanes), both levels summed as
+ * FINE * dot0 + dot1: w the block's 8 registers of weight bytes (byte 4c + i of register j: column c's k = 4j + i),
+ * x the row's block (32 x0, then 32 x1: quantize_row). */
+static inline __m256i q4_dot(const __m256i w[8], const int8_t *x) { /* w unsigned 0..15 */
+  int32_t x0[8], x1[8];
+  memcpy(x0, x, GROUP);
+  memcpy(x1, x + GROUP, GROUP);
+#ifdef VNNI
+  __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+  for (int j = 0; j < 8; j++) {
+    s0 = _mm256_dpbusd_epi32(s0, w[j], _mm256_set1_epi32(x0[j]));
+    s1 = _mm256_dpbusd_epi32(s1, w[j], _mm256_set1_epi32(x1[j]));
+  }
+#else
+  /* pairs of 15 * 127: 8 steps sum to at most 30,480, within int16 */
+  __m256i s0 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x0[0]));
+  __m256i s1 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(x1[0]));
+  for (int j = 1; j < 8; j++) {
+    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(x0[j])));
+    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(x1[j])));
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  s0 = _mm256_madd_epi16(s0, ones);
+  s1 = _mm256_madd_epi16(s1, ones);
+#endif
+  return _mm256_add_epi32(_mm256_slli_epi32(s0, 7), s1); /* FINE = 2^7; at most 128 * 60,960 + 30,480 */
+}
+
+/* signed x signed as unsigned x signed: |w| times x carrying w's sign (aw = |w|); at most 128 * 520,192 + 260,096 */
+static inline __m256i q8_dot(const __m256i aw[8], const __m256i w[8], const int8_t *x) {
+  int32_t x0[8], x1[8];
+  memcpy(x0, x, GROUP);
+  memcpy(x1, x + GROUP, GROUP);
+  __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+  for (int j = 0; j < 8; j++) {
+    __m256i a = _mm256_sign_epi8(_mm256_set1_epi32(x0[j]), w[j]), b = _mm256_sign_epi8(_mm256_set1_epi32(x1[j]), w[j]);
+#ifdef VNNI
+    s0 = _mm256_dpbusd_epi32(s0, aw[j], a);
+    s1 = _mm256_dpbusd_epi32(s1, aw[j], b);
+#else
+    /* a pair reaches 2 * 128 * 127, so each step widens to int32 at once */
+    const __m256i ones = _mm256_set1_epi16(1);
+    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], a), ones));
+    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], b), ones));
+#endif
+  }
+  return _mm256_add_epi32(_mm256_slli_epi32(s0, 7), s1);
 }
 
 /* 4-bit: tile t, block g holds 128 bytes: byte 32j + 4c + i = q[c][4j + i] | q[c][4(j + 4) + i] << 4 (c the column
@@ -187,9 +246,10 @@ static inline void store_row(__m256 acc, const uint16_t *residual, size_t at, ui
  * int4pack convention). Sum over k of w x = scale * dx * sum(q xq) + (zero - 8 scale) * sx. */
 static inline __attribute__((always_inline)) void q4_tile(int mr, int t, int K, int N, const int8_t *xq,
                                                           const float *dx, const float *sx, const uint8_t *qs,
-                                                          const uint16_t *sz, const uint16_t *res, uint16_t *y) {
+                                                          const uint16_t *sz, const uint16_t *res, void *y,
+                                                          int f32) {
   const int G = K / GROUP;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[ROWS];
   for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
   for (int g = 0; g < G; g++) {
@@ -203,50 +263,35 @@ static inline __attribute__((always_inline)) void q4_tile(int mr, int t, int K, 
     }
     __m256 scale = load_bf16x8(sb), minimum = _mm256_fmadd_ps(_mm256_set1_ps(-8.f), scale, load_bf16x8(sb + 8));
     for (int r = 0; r < mr; r++) {
-      for (int level = 0; level < LEVELS; level++) {
-        int32_t xi[8];
-        memcpy(xi, xq + ((size_t)r * LEVELS + level) * K + g * GROUP, GROUP);
-        /* pairs of 15 * 127: 8 steps sum to at most 30,480, within int16 */
-        __m256i s = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(xi[0]));
-        for (int j = 1; j < 8; j++) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xi[j])));
-        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-        __m256 d = _mm256_mul_ps(scale, _mm256_set1_ps(dx[(r * LEVELS + level) * G + g]));
-        acc[r] = _mm256_fmadd_ps(p, d, acc[r]);
-      }
+      __m256 p = _mm256_cvtepi32_ps(q4_dot(w, xq + (size_t)r * LEVELS * K + g * LEVELS * GROUP));
+      acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + g])), acc[r]);
       acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(sx[r * G + g]), acc[r]);
     }
   }
-  for (int r = 0; r < mr; r++) store_row(acc[r], res, (size_t)r * N + t * TILE, y);
+  for (int r = 0; r < mr; r++) store_row(acc[r], res, (size_t)r * N + t * TILE, y, f32);
 }
 
 /* 8-bit, one scale per output column: tile t, block g holds 256 bytes: byte 32j + 4c + i = w[c][4j + i]. */
 static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, int N, const int8_t *xq,
                                                           const float *dx, const int8_t *ws, const uint16_t *sc,
-                                                          const uint16_t *res, uint16_t *y) {
+                                                          const uint16_t *res, void *y, int f32) {
   const int G = K / GROUP;
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[ROWS];
   for (int r = 0; r < mr; r++) acc[r] = _mm256_setzero_ps();
   for (int g = 0; g < G; g++) {
     const int8_t *wb = ws + ((size_t)t * G + g) * 256;
+    __m256i w[8], aw[8];
+    for (int j = 0; j < 8; j++) {
+      w[j] = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
+      aw[j] = _mm256_sign_epi8(w[j], w[j]); /* |w|, -128 read as unsigned 128 */
+    }
     for (int r = 0; r < mr; r++) {
-      for (int level = 0; level < LEVELS; level++) {
-        int32_t xi[8];
-        memcpy(xi, xq + ((size_t)r * LEVELS + level) * K + g * GROUP, GROUP);
-        __m256i s = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) {
-          /* signed x signed through vpmaddubsw: |w| times x carrying w's sign; a pair reaches 2 * 127 * 127,
-           * so each step widens to int32 at once */
-          __m256i w = _mm256_loadu_si256((const __m256i *)(wb + 32 * j));
-          __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(xi[j]), w);
-          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), xs), ones));
-        }
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[(r * LEVELS + level) * G + g]), acc[r]);
-      }
+      __m256i s = q8_dot(aw, w, xq + (size_t)r * LEVELS * K + g * LEVELS * GROUP);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[r * G + g]), acc[r]);
     }
   }
   __m256 scale = load_bf16x8(sc + (size_t)t * TILE);
-  for (int r = 0; r < mr; r++) store_row(_mm256_mul_ps(acc[r], scale), res, (size_t)r * N + t * TILE, y);
+  for (int r = 0; r < mr; r++) store_row(_mm256_mul_ps(acc[r], scale), res, (size_t)r * N + t * TILE, y, f32);
 }
 
 /* The row-count switches give the compiler a constant row count, so the accumulators live in registers. */
@@ -261,7 +306,7 @@ static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, 
 /* y (M, N) bf16 = prologue(x) @ W^T (+ residual): `bits` 4, W in q4_tile's layout with scales and zeros `s`; 8, in
  * q8_tile's with per-column scales `s` (N) bf16. Returns 0, or -1 when scratch memory could not be allocated (y
  * untouched). */
-static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const uint16_t *s, int N, uint16_t *y,
+static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const uint16_t *s, int N, void *y,
                 int threads, const fusion *f) {
   quantized_rows q;
   if (quantize_rows(x, M, K, f, &q)) {
@@ -274,15 +319,15 @@ static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const 
     for (int r0 = 0; r0 < M; r0 += ROWS) {
       int mr = M - r0 < ROWS ? M - r0 : ROWS;
       const int8_t *xq = q.xq + (size_t)r0 * K * LEVELS;
-      const float *dx = q.dx + r0 * G * LEVELS;
+      const float *dx = q.dx + r0 * G;
       const uint16_t *res = f->residual ? f->residual + (size_t)r0 * N : NULL;
-      uint16_t *yr = y + (size_t)r0 * N;
+      void *yr = (char *)y + (size_t)r0 * N * (f->f32 ? 4 : 2);
       if (bits == 4) {
-#define Q4(n) q4_tile(n, t, K, N, xq, dx, q.sx + r0 * G, w, s, res, yr)
+#define Q4(n) q4_tile(n, t, K, N, xq, dx, q.sx + r0 * G, w, s, res, yr, f->f32)
         DISPATCH(Q4)
 #undef Q4
       } else {
-#define Q8(n) q8_tile(n, t, K, N, xq, dx, w, s, res, yr)
+#define Q8(n) q8_tile(n, t, K, N, xq, dx, w, s, res, yr, f->f32)
         DISPATCH(Q8)
 #undef Q8
       }
@@ -293,15 +338,15 @@ static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const 
 }
 
 /* The exported entry points (cpu_gemm.py): x (M, K), or (M, 2K) with swiglu; norm (K) bf16 or NULL, eps, swiglu 0/1,
- * residual (M, N) bf16 or NULL: see `fusion`. */
-int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint16_t *sz, int N, uint16_t *y,
-                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
-  const fusion f = {norm, eps, swiglu, residual};
+ * residual (M, N) bf16 or NULL, f32 0/1 (y (M, N) fp32, else bf16): see `fusion`. */
+int chat_q4_gemm(const uint16_t *x, int M, int K, const uint8_t *qs, const uint16_t *sz, int N, void *y,
+                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual, int f32) {
+  const fusion f = {norm, eps, swiglu, residual, f32};
   return gemm(4, x, M, K, qs, sz, N, y, threads, &f);
 }
 
-int chat_q8_gemm(const uint16_t *x, int M, int K, const int8_t *ws, const uint16_t *sc, int N, uint16_t *y,
-                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual) {
-  const fusion f = {norm, eps, swiglu, residual};
+int chat_q8_gemm(const uint16_t *x, int M, int K, const int8_t *ws, const uint16_t *sc, int N, void *y,
+                 int threads, const uint16_t *norm, float eps, int swiglu, const uint16_t *residual, int f32) {
+  const fusion f = {norm, eps, swiglu, residual, f32};
   return gemm(8, x, M, K, ws, sc, N, y, threads, &f);
 }

@@ -8,9 +8,10 @@ int4pack's 11.0, and about the same at 8 rows (30.7 vs 29.5; `python -m tests.be
 more from the RMSNorm, SwiGLU and residual folded in. A row's result never depends on its batch mates.
 
 The shared library is compiled once per source and flags into CHAT_KERNEL_DIR (default
-~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA (not -march=native:
-a cache shared between hosts stays valid). Where there is no compiler, no AVX2, or the build fails, `library()` is
-None (logged once) and quantize.py keeps torch's kernels.
+~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA, and a second build with
+AVX512-VNNI where the CPU has it (best_isa; not -march=native: a cache shared between hosts stays valid). Where there
+is no compiler, no AVX2, or the build fails, `available()` is False (logged once) and quantize.py keeps torch's
+kernels.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ SOURCE = Path(__file__).with_name("cpu_gemm.c")
 # let rounding calls vectorize)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
          "-shared", "-fPIC")
+# the builds, by the instruction set they add to FLAGS; 256-bit vectors in both, so the compiler vectorizes the
+# prologue's loops (and orders their sums) alike and the two give the same bits
+ISAS = {"avx2": (), "avx512-vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                                    "-mprefer-vector-width=256")}
 GROUP = 32  # cpu_gemm.c's GROUP: weights per scale, activations per int8 scale
 TILE = 8  # cpu_gemm.c's TILE: output columns per tile
 
@@ -50,12 +55,31 @@ def _cpu_ok() -> bool:
         "AVX2", "AVX512")
 
 
+@functools.cache
+def best_isa() -> str:
+    """The build to run: $CHAT_CPU_GEMM_ISA if set (a key of ISAS, ignored with a warning where this CPU lacks it:
+    it would die of an illegal instruction), else the fastest this CPU runs: "avx512-vnni" (AVX-512 with VNNI: Intel
+    since Cascade Lake, AMD since Zen 4; one instruction per 4-wide integer dot product instead of three), else
+    "avx2". Both builds give the same bits."""
+    cpu = torch.cpu
+    detected = "avx512-vnni" if cpu._is_avx512_supported() and cpu._is_vnni_supported() else "avx2"
+    wanted = os.environ.get("CHAT_CPU_GEMM_ISA")
+    if not wanted:
+        return detected
+    if wanted not in ISAS or (wanted == "avx512-vnni" and detected != wanted):
+        log.warning("cpu_gemm: CHAT_CPU_GEMM_ISA=%r is not one of %s this CPU runs: %s instead", wanted,
+                    sorted(ISAS), detected)
+        return detected
+    return wanted
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build(out_dir: Path) -> Path:
-    """Compile cpu_gemm.c into out_dir (once: the file is named by a hash of the source, compiler and flags; written
+def build(out_dir: Path, isa: str = "avx2") -> Path:
+    """Compile cpu_gemm.c for `isa` (a key of ISAS) into out_dir (once: the file is named by a hash of the source,
+    compiler and flags; written
     to a temporary name, then renamed, so concurrent workers never load a half-written file) and return its path.
     A file already there is used only if it matches the checksum written beside it when it was built (a damaged
     library could crash the process at load); otherwise it is built again. $CC may carry arguments ("ccache gcc").
@@ -63,8 +87,9 @@ def build(out_dir: Path) -> Path:
     cc = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build cpu_gemm.c")
+    flags = (*FLAGS, *ISAS[isa])
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((*cc, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join((*cc, *flags)).encode()).hexdigest()[:16]
     path, checksum = out_dir / f"cpu_gemm-{key}.so", out_dir / f"cpu_gemm-{key}.sha256"
     if path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path):
         return path
@@ -72,7 +97,7 @@ def build(out_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed to build cpu_gemm.c (exit status {done.returncode}): "
                                f"{done.stderr.strip()[-2000:]}")
@@ -88,19 +113,19 @@ def build(out_dir: Path) -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, built on first use; None where they cannot run here (the reason is logged once, as a
-    warning: these workers then run torch's slower kernels)."""
+def library(isa: str = "avx2") -> ctypes.CDLL | None:
+    """The loaded kernels built for `isa` (a key of ISAS; _call loads best_isa()'s), built on first use; None where
+    they cannot run here (the reason is logged once, as a warning: these workers then run torch's slower kernels)."""
     if not _cpu_ok():
         log.warning("cpu_gemm: needs an x86-64 CPU with AVX2 (torch sees %s): torch's int4/int8 kernels instead",
                     torch.backends.cpu.get_cpu_capability())
         return None
     try:
-        path = build(kernel_dir())
+        path = build(kernel_dir(), isa)
         lib = ctypes.CDLL(str(path))
         ptr, i32 = ctypes.c_void_p, ctypes.c_int
         for fn in (lib.chat_q4_gemm, lib.chat_q8_gemm):
-            fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr]
+            fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr, i32]
             fn.restype = i32
     except Exception as e:  # whatever stops the build or the load, the worker runs on torch's kernels
         log.warning("cpu_gemm: not built or not loadable (%s): torch's int4/int8 kernels instead", e)
@@ -111,7 +136,7 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether the kernels run here (builds them on first call)."""
-    return library() is not None
+    return library(best_isa()) is not None
 
 
 @functools.cache
@@ -153,8 +178,8 @@ def fits(out_features: int, in_features: int) -> bool:
 
 
 def _call(fn: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None,
-          eps: float, swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    lib = library()
+          eps: float, swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    lib = library(best_isa())
     assert lib is not None, "cpu_gemm kernels are not loaded here"
     k, n = weight.shape[1] * GROUP, weight.shape[0] * TILE
     width = 2 * k if swiglu else k
@@ -176,49 +201,55 @@ def _call(fn: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     for name, t, shape in (("scales", scales, sshape), ("norm", norm, (k,)), ("residual", residual, (m, n))):
         if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous()):
             raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape}, got {tuple(t.shape)} {t.dtype}")
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    f32 = out_dtype == torch.float32
+    if not f32 and out_dtype != torch.bfloat16 or f32 and residual is not None:
+        raise ValueError(f"cpu_gemm: out_dtype must be bf16, or fp32 without a residual, got {out_dtype}")
+    y = torch.empty(m, n, dtype=out_dtype)
     if m and getattr(lib, fn)(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
                               torch.get_num_threads(), None if norm is None else norm.data_ptr(), eps, int(swiglu),
-                              None if residual is None else residual.data_ptr()):
+                              None if residual is None else residual.data_ptr(), int(f32)):
         raise MemoryError(f"cpu_gemm: no scratch memory for {m} rows of {k}")
     return y
 
 
 @torch.library.custom_op("chat_cpu_gemm::q4_mm", mutates_args=())
 def _q4_op(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, norm: torch.Tensor | None, eps: float,
-           swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual)
+           swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
 
 
 @torch.library.custom_op("chat_cpu_gemm::q8_mm", mutates_args=())
 def _q8_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None, eps: float,
-           swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual)
+           swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
 
 
 @_q4_op.register_fake
 @_q8_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None, eps: float,
-      swiglu: bool, residual: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0] * TILE)
+      swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0] * TILE, dtype=out_dtype)
 
 
 def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, norm: torch.Tensor | None = None,
-          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) bf16 contiguous @ the 4-bit weight (q4_layout's parts) -> (M, N) bf16, with what a decode layer does
-    around its matmuls folded in (no torch operation each): `swiglu`, x is (M, 2K) and the matmul reads
+          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
+          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (M, K) bf16 contiguous @ the 4-bit weight (q4_layout's parts) -> (M, N) `out_dtype` (bf16; or fp32 for
+    logits: bf16's 8 bits turn near-ties into ties, whose pick is then the lower token id), with what a decode layer
+    does around its matmuls folded in (no torch operation each): `swiglu`, x is (M, 2K) and the matmul reads
     silu(x[:, :K]) * x[:, K:]; `norm` (K,) bf16, it reads RMSNorm(x) * norm with `eps` (Llama's, in torch's
-    roundings); `residual` (M, N) bf16 is added to the output. ValueError naming a wrong shape or dtype. Under
+    roundings); `residual` (M, N) bf16 is added to a bf16 output. ValueError naming a wrong shape or dtype. Under
     torch.compile an opaque custom op; eagerly a direct call (the op's dispatch would cost more than the kernel)."""
     if torch.compiler.is_compiling():
-        return _q4_op(x, packed, scales_zeros, norm, eps, swiglu, residual)
-    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual)
+        return _q4_op(x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
+    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
 
 
 def q8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None = None,
-          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) bf16 contiguous @ the int8 weight (q8_layout) with per-column `scales` (N,) bf16 -> (M, N) bf16;
+          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
+          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x (M, K) bf16 contiguous @ the int8 weight (q8_layout) with per-column `scales` (N,) bf16 -> (M, N);
     the rest as q4_mm."""
     if torch.compiler.is_compiling():
-        return _q8_op(x, tiles, scales, norm, eps, swiglu, residual)
-    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual)
+        return _q8_op(x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
+    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual, out_dtype)

@@ -46,7 +46,9 @@ class Int8WeightOnlyLinear(nn.Module):
     """An nn.Linear with int8 weights (out, in) and one scale per output channel (absmax / 127), scales and
     bias in `act_dtype`. `native` (use_cpu_gemm): cpu_gemm's q8 kernel, `weight` in its tiled layout
     (cpu_gemm.q8_layout), for up to `gemv_rows` rows, and for all rows where the CPU has no fast bf16 GEMM.
-    Otherwise up to `gemv_rows` rows run int8pack_mm; more dequantize and run a bf16 GEMM."""
+    Otherwise up to `gemv_rows` rows run int8pack_mm; more dequantize and run a bf16 GEMM. `out_dtype`: the
+    outputs' dtype, act_dtype unless set (quantize_weights sets fp32 on the output head: the kernel then writes its
+    fp32 sums, not their bf16 rounding, which turns near-tie logits into ties)."""
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype, gemv_rows: int = 16, native: bool | None = None):
         super().__init__()
@@ -60,6 +62,7 @@ class Int8WeightOnlyLinear(nn.Module):
     def _setup(self, weight: torch.Tensor, scales: torch.Tensor, gemv_rows: int, native: bool) -> None:
         self.gemv_rows, self.native, self.out_features = gemv_rows, native, scales.shape[0]
         self.in_features = weight.shape[1] * (cpu_gemm.GROUP if native else 1)
+        self.out_dtype = scales.dtype
         self.dense_prompts = not native or cpu_gemm.fast_bf16_gemm()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -85,7 +88,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         """cpu_gemm.q8_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
-        return cpu_gemm.q8_mm(x, self.weight, self.scales, **fusion)
+        return cpu_gemm.q8_mm(x, self.weight, self.scales, out_dtype=self.out_dtype, **fusion)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added:
@@ -93,9 +96,9 @@ class Int8WeightOnlyLinear(nn.Module):
         if self.kernel_rows(x.shape[0]):
             return self.kernel_mm(x)
         if x.shape[0] <= self.gemv_rows:
-            return torch._weight_int8pack_mm(x, self.weight, self.scales)
+            return torch._weight_int8pack_mm(x, self.weight, self.scales).to(self.out_dtype)
         # int8 -> bf16 is exact (|w| <= 127); the per-channel scale applies to the output
-        return (x @ self.int8_weight().to(x.dtype).t()) * self.scales
+        return ((x @ self.int8_weight().to(x.dtype).t()) * self.scales).to(self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in act_dtype."""
@@ -212,7 +215,8 @@ def quantize_weights(model: nn.Module, bits: int, act_dtype: torch.dtype = torch
                      gemv_rows: int = 16, native: bool | None = None) -> nn.Module:
     """Replace every nn.Linear in place: `bits` 8, all Int8WeightOnlyLinear; 4, Int4WeightOnlyLinear where it fits
     (int4_fits), int8 for the rest and for the output head. The rest of the model moves to act_dtype. `native`:
-    cpu_gemm's kernels where they fit (None: where built; use_cpu_gemm). ValueError for other bits."""
+    cpu_gemm's kernels where they fit (None: where built; use_cpu_gemm). The head's logits come out fp32.
+    ValueError for other bits."""
     if bits not in (4, 8):
         raise ValueError(f"quantize: 4 or 8 bits, not {bits}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -222,6 +226,8 @@ def quantize_weights(model: nn.Module, bits: int, act_dtype: torch.dtype = torch
                 four = bits == 4 and child is not head and int4_fits(child)
                 kind = Int4WeightOnlyLinear if four else Int8WeightOnlyLinear
                 setattr(module, child_name, kind(child, act_dtype, gemv_rows, native))
+                if child is head:
+                    getattr(module, child_name).out_dtype = torch.float32
     # Cast after quantizing: from the loaded weights, not their bf16 rounding (int4 must find Q4_1's exact grid).
     return model.to(act_dtype)
 
