@@ -32,7 +32,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemm.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_gemm.c", HERE / "cpu_attention.c")  # one library: the matmuls and cpu_attention.py's kernel
+HEADERS = (HERE / "cpu_bf16.h",)
 # -ffp-contract=off: no fused multiply-adds the compiler picks per row count; the other two change no result (they
 # let rounding calls vectorize)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
@@ -78,17 +80,17 @@ def _digest(path: Path) -> str:
 
 
 def build(out_dir: Path, isa: str = "avx2") -> Path:
-    """Compile cpu_gemm.c for `isa` (a key of ISAS) into out_dir (once: the file is named by a hash of the source,
-    compiler and flags; written
-    to a temporary name, then renamed, so concurrent workers never load a half-written file) and return its path.
+    """Compile SOURCES for `isa` (a key of ISAS) into one library in out_dir (once: the file is named by a hash of
+    the sources, compiler and flags; written to a temporary name, then renamed, so concurrent workers never load a
+    half-written file) and return its path.
     A file already there is used only if it matches the checksum written beside it when it was built (a damaged
     library could crash the process at load); otherwise it is built again. $CC may carry arguments ("ccache gcc").
     RuntimeError naming the compiler, its exit status and its message when compiling fails."""
     cc = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) to build cpu_gemm.c")
+        raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU kernels")
     flags = (*FLAGS, *ISAS[isa])
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     key = hashlib.sha256(source + " ".join((*cc, *flags)).encode()).hexdigest()[:16]
     path, checksum = out_dir / f"cpu_gemm-{key}.so", out_dir / f"cpu_gemm-{key}.sha256"
     if path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path):
@@ -97,9 +99,10 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed to build cpu_gemm.c (exit status {done.returncode}): "
+            raise RuntimeError(f"{' '.join(cc)} failed to build the CPU kernels (exit status {done.returncode}): "
                                f"{done.stderr.strip()[-2000:]}")
         digest = _digest(Path(tmp))
         os.replace(tmp, path)
@@ -127,6 +130,9 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
         for fn in (lib.chat_q4_gemm, lib.chat_q8_gemm):
             fn.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, ctypes.c_float, i32, ptr, i32]
             fn.restype = i32
+        lib.chat_decode_attention.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32,
+                                              ctypes.c_float, ptr, i32]
+        lib.chat_decode_attention.restype = i32
     except Exception as e:  # whatever stops the build or the load, the worker runs on torch's kernels
         log.warning("cpu_gemm: not built or not loadable (%s): torch's int4/int8 kernels instead", e)
         return None

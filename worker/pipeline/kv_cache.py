@@ -69,6 +69,20 @@ class SlotKVCache:
         self._flat = (((self._row_idx * self.kv_heads).unsqueeze(-1) + heads) * (self.max_len + 1)
                       + positions.unsqueeze(-1)).reshape(-1)
 
+    @property
+    def first_rows(self) -> int | None:
+        """n when bound to the first n slots (decode), else None (a tensor of slots)."""
+        return None if isinstance(self._rows, torch.Tensor) else self._rows
+
+    def write_positions(self) -> torch.Tensor:
+        """The bound write positions, (rows, tokens) int64."""
+        return self._pos
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's whole k and v buffers, each (slots + spare, kv_heads, max_len + 1, head_dim), for kernels that
+        write and read them in place (cpu_attention.py)."""
+        return self.k[layer_idx], self.v[layer_idx]
+
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write a layer's new keys and values, each (rows x tokens x kv_heads, head_dim) in that order (row-major
         (rows, tokens, kv_heads, head_dim), as a projection's output is laid out) and in the cache's dtype, at the

@@ -6,8 +6,10 @@ This is the same arithmetic written as gpt-fast writes it: the rotary tables com
 activations kept 2-d so each weight matmul is one bare call, q/k/v and gate/up fused into one matmul each
 (fused_linear.py), q and k rotated together, one index_copy_ per KV write and one attention call per layer on the
 slot KV cache (kv_cache.py's `write` and `read`), no per-step mask or position building beyond what the backend
-passes. It reads the weights of the model it is built from (fused in place, no copy), so int8/int4 layers
-(quantize.py) and tied embeddings stay as they are. 1,552 top-level ATen operations per 1-row SmolLM2 step instead
+passes. With bf16 activations on a CPU where the project's kernels run (`native_attention`, set by the backend),
+a decode step's rotary, KV write and attention are one call per layer (cpu_attention.py). It reads the weights of
+the model it is built from (fused in place, no copy), so int8/int4 layers (quantize.py) and tied embeddings stay
+as they are. 1,552 top-level ATen operations per 1-row SmolLM2 step instead
 of transformers' ~2,590 (docs/BENCHMARKS.md, issue 15).
 
 Numerics follow transformers' LlamaModel (RMSNorm in fp32, rotary tables in fp32 cast to the activations' dtype,
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.pipeline.cpu_attention import decode_attention
 from worker.pipeline.fused_linear import fuse_linears, project, rms_norm
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.rotary import plain_rope, rotary_tables, rotate
@@ -57,37 +60,51 @@ class LeanLlama(nn.Module):
         self.qkv = nn.ModuleList(fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                                  for layer in base.layers)
         self.gate_up = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in base.layers)
+        self.native_attention = False  # decode attention in cpu_attention.py's kernel (bf16 on a CPU that builds it)
 
     def forward(self, ids: torch.Tensor, rot_pos: torch.Tensor, mask: torch.Tensor, cache: SlotKVCache
                 ) -> torch.Tensor:
         """See the class docstring; `cache` is bound to the rows and write positions by the caller."""
         rows, tokens = ids.shape
         n, heads, kv_heads, d = rows * tokens, self.heads, self.kv_heads, self.head_dim
-        qk_heads = heads + kv_heads
         # Activations stay 2-d, (rows x tokens, features), so every weight matmul is one bare call.
         h = self.base.embed_tokens(ids.view(n))
-        cos = self.cos[rot_pos.view(n)].unsqueeze(1)  # (n, 1, head_dim), broadcast over q's and k's heads
-        sin = self.sin[rot_pos.view(n)].unsqueeze(1)
+        native = self.native_attention and tokens == 1 and cache.first_rows == rows
+        if native:
+            rot, write = rot_pos.reshape(n), cache.write_positions().reshape(n)
+        else:
+            cos = self.cos[rot_pos.view(n)].unsqueeze(1)  # (n, 1, head_dim), broadcast over q's and k's heads
+            sin = self.sin[rot_pos.view(n)].unsqueeze(1)
         for i, layer in enumerate(self.base.layers):
             attn, norm1, norm2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
-            qkv = project(self.qkv[i], h, norm=norm1).view(n, -1, d)
-            qk = rotate(qkv[:, :qk_heads], cos, sin)  # q and k rotated together: (n, heads + kv_heads, head_dim)
-            cache.write(i, qk[:, heads:].reshape(-1, d), qkv[:, qk_heads:].reshape(-1, d))
-            keys, values = cache.read(i)
-            if tokens == 1 and kv_heads != heads:
-                # Decode with grouped KV heads: the query heads that share a KV head become that head's queries,
-                # (rows, kv_heads, group, head_dim). Same sums; SDPA's CPU kernel runs 4x faster than with
-                # enable_gqa on AVX2 (docs/BENCHMARKS.md, issue 15). o comes back in q-head order.
-                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, d)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-                o = o.reshape(n, heads * d)
+            # Each project line is one call where the layers run cpu_gemm's kernels (the norm, SwiGLU and residual
+            # folded in); so is decode_attention.
+            qkv = project(self.qkv[i], h, norm=norm1)
+            if native:
+                o = decode_attention(qkv, heads, kv_heads, self.cos, self.sin, rot, write, *cache.layer(i), self.scale)
             else:
-                q = qk[:, :heads].view(rows, tokens, heads, d).transpose(1, 2)
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
-                                                   enable_gqa=kv_heads != heads)
-                o = o.transpose(1, 2).reshape(n, heads * d)
-            # Each line is one call where the layers run cpu_gemm's kernels (the norm, SwiGLU and residual folded in)
+                o = self._attention(i, qkv.view(n, -1, d), cos, sin, mask, cache, rows, tokens)
             h = project(attn.o_proj, o, residual=h)
             gate_up = project(self.gate_up[i], h, norm=norm2)
             h = project(layer.mlp.down_proj, gate_up, swiglu=True, residual=h)
         return rms_norm(h, self.base.norm.weight, self.base.norm.variance_epsilon).view(rows, tokens, self.hidden)
+
+    def _attention(self, i: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   cache: SlotKVCache, rows: int, tokens: int) -> torch.Tensor:
+        """Layer i's attention in torch operations: qkv (n, heads + 2 kv_heads, head_dim) -> (n, heads x head_dim),
+        rotary tables (n, 1, head_dim) at the rows' positions."""
+        n, heads, kv_heads, d = rows * tokens, self.heads, self.kv_heads, self.head_dim
+        qk = rotate(qkv[:, : heads + kv_heads], cos, sin)  # q and k rotated together
+        cache.write(i, qk[:, heads:].reshape(-1, d), qkv[:, heads + kv_heads:].reshape(-1, d))
+        keys, values = cache.read(i)
+        if tokens == 1 and kv_heads != heads:
+            # Decode with grouped KV heads: the query heads that share a KV head become that head's queries,
+            # (rows, kv_heads, group, head_dim). Same sums; SDPA's CPU kernel runs 4x faster than with
+            # enable_gqa on AVX2 (docs/BENCHMARKS.md, issue 15). o comes back in q-head order.
+            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, d)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            return o.reshape(n, heads * d)
+        q = qk[:, :heads].view(rows, tokens, heads, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                           enable_gqa=kv_heads != heads)
+        return o.transpose(1, 2).reshape(n, heads * d)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from worker.pipeline import lean_llama, lean_neox
+from worker.pipeline import cpu_attention, lean_llama, lean_neox
 from worker.pipeline.backend import (
     PREFILL_CHUNKS,
     Copy,
@@ -55,7 +55,8 @@ class TorchBackend:
     KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
     (each costs as much memory as a slot); lean: a lean forward instead of transformers' modules where the
     model is Llama-shaped or GPT-NeoX (lean_forward; ignored otherwise); cpu_gemm: "auto", the quantized layers run
-    cpu_gemm.py's kernels where they are built, or "torch", torch's int4pack / int8pack (quantize.py).
+    cpu_gemm.py's kernels where they are built (and a bf16 Llama's decode attention cpu_attention.py's), or "torch",
+    torch's int4pack / int8pack (quantize.py) and SDPA.
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -103,6 +104,10 @@ class TorchBackend:
         self._lean = lean_forward(model, max_len) if lean else None
         if self._lean is not None:
             self._lean.to(self.device)
+        if isinstance(self._lean, lean_llama.LeanLlama):
+            # rotary, KV write and attention of a decode step in one kernel call per layer, where ours run
+            self._lean.native_attention = (cpu_gemm == "auto" and self.device.type == "cpu"
+                                           and self.dtype == torch.bfloat16 and cpu_attention.available())
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
         try:
