@@ -117,6 +117,10 @@ def test_bad_arguments_and_positions_are_refused_by_name_with_nothing_written():
     for rot, write in (([1, MAX_LEN], [1, 2]), ([1, -1], [1, 2]), ([1, 2], [1, MAX_LEN + 1]), ([1, 2], [-3, 2])):
         with pytest.raises(ValueError, match="position outside"):
             call(rot=torch.tensor(rot), write=torch.tensor(write))
+    with pytest.raises(ValueError, match="position outside"):  # positions are checked even where the rest was
+        call(rot=torch.tensor([1, MAX_LEN]), checked=True)
+    with pytest.raises(ValueError, match="qkv must be"):
+        call(qkv=qkv[:1], checked=True)
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])
 
 

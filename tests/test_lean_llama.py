@@ -45,7 +45,8 @@ def test_lean_logits_equal_transformers_with_quantized_weights(quantize, hidden,
     assert backends[1]._lean.native_attention == native
     calls = []
     real = lean_llama.decode_attention
-    monkeypatch.setattr(lean_llama, "decode_attention", lambda qkv, *a: calls.append(qkv.shape[0]) or real(qkv, *a))
+    monkeypatch.setattr(lean_llama, "decode_attention",
+                        lambda qkv, *a, **k: calls.append(qkv.shape[0]) or real(qkv, *a, **k))
     # hidden 64: q/k/v are not whole blocks of torch's int4 packing, so only cpu_gemm's tiles fuse them
     fused = quantize == "int8" or hidden == 128 or native
     assert isinstance(backends[1]._lean.qkv[0], Concatenated) != fused

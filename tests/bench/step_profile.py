@@ -3,8 +3,8 @@
 The backend's decode step alone (TorchBackend.decode on the preset's model, no engine, no sampling), as the
 CPU-decode issue asks it measured before and after a change: per row count, the median ms per step over `--steps`
 steps after a warm-up (KV positions advancing from a 40-token prompt in every row), and from one profiled step
-(torch.profiler, CPU) the number of ATen operations (and cpu_gemm calls), the time in the weight matmuls and the
-top operators by self CPU time. Prints JSON.
+(torch.profiler, CPU) the number of ATen operations (and calls of the project's kernels), the time in the weight
+matmuls and the top operators by self CPU time. Prints JSON.
 """
 
 from __future__ import annotations
@@ -23,20 +23,25 @@ import torch
 
 @contextmanager
 def labelled_cpu_gemm() -> Iterator[None]:
-    """cpu_gemm's kernels are ctypes calls, invisible to torch.profiler: label each call while profiling."""
-    from worker.pipeline import cpu_gemm
+    """The project's kernels are ctypes calls, invisible to torch.profiler: label each call while profiling
+    (cpu_gemm::chat_q4_gemm / chat_q8_gemm, cpu_attention::decode)."""
+    from worker.pipeline import cpu_attention, cpu_gemm
 
-    real = cpu_gemm._call
+    real_mm, real_attention = cpu_gemm._run, cpu_attention._run
 
-    def labelled(fn: str, *args: Any) -> torch.Tensor:
-        with torch.profiler.record_function(f"cpu_gemm::{fn}"):
-            return real(fn, *args)
+    def mm(bits: int, *args: Any) -> torch.Tensor:
+        with torch.profiler.record_function(f"cpu_gemm::chat_q{bits}_gemm"):
+            return real_mm(bits, *args)
 
-    cpu_gemm._call = labelled
+    def attention(*args: Any) -> torch.Tensor:
+        with torch.profiler.record_function("cpu_attention::decode"):
+            return real_attention(*args)
+
+    cpu_gemm._run, cpu_attention._run = mm, attention
     try:
         yield
     finally:
-        cpu_gemm._call = real
+        cpu_gemm._run, cpu_attention._run = real_mm, real_attention
 
 
 def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> dict[str, Any]:
@@ -61,7 +66,7 @@ def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> d
         times.append(time.perf_counter() - t)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, labelled_cpu_gemm():
         step()
-    events = [e for e in prof.events() if e.name.startswith(("aten::", "cpu_gemm::"))]
+    events = [e for e in prof.events() if e.name.startswith(("aten::", "cpu_gemm::", "cpu_attention::"))]
     by_self = Counter()
     for e in events:
         by_self[e.name] += e.self_cpu_time_total

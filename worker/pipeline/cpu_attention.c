@@ -31,14 +31,17 @@ static inline float hsum8(__m256 v) {
 }
 
 /* One query head (q (D) bf16) over n cached positions (keys, values: n x D bf16, rows `D` apart) -> out (D) bf16.
- * s: scratch for n scores. */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int n, int D, float scale,
-                   float *s, uint16_t *out) {
+ * s: scratch for n scores. Inlined with D a constant for the common head sizes: q and the output then stay in
+ * registers across positions. */
+static inline __attribute__((always_inline)) void attend(const uint16_t *q, const uint16_t *keys,
+                                                         const uint16_t *values, int n, int D, float scale, float *s,
+                                                         uint16_t *out) {
   float m = -INFINITY;
+  __m256 qf[32]; /* D <= 256 (cpu_attention.py checks) */
+  for (int d = 0; d < D / 8; d++) qf[d] = load_bf16x8(q + 8 * d);
   for (int j = 0; j < n; j++) {
     __m256 acc = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8)
-      acc = _mm256_fmadd_ps(load_bf16x8(q + d), load_bf16x8(keys + (size_t)j * D + d), acc);
+    for (int d = 0; d < D / 8; d++) acc = _mm256_fmadd_ps(qf[d], load_bf16x8(keys + (size_t)j * D + 8 * d), acc);
     s[j] = hsum8(acc) * scale;
     m = s[j] > m ? s[j] : m;
   }
@@ -53,7 +56,7 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     s[j] = expf(s[j] - m);
     l += s[j];
   }
-  __m256 o[32]; /* D <= 256 (cpu_attention.py checks) */
+  __m256 o[32];
   for (int d = 0; d < D / 8; d++) o[d] = _mm256_setzero_ps();
   for (j = 0; j < n; j++) {
     __m256 p = _mm256_set1_ps(round_bf16(s[j])); /* torch's kernel multiplies V by bf16 weights (its sum is fp32's) */
@@ -93,7 +96,12 @@ int chat_decode_attention(const uint16_t *qkv, int rows, int H, int Hkv, int D, 
     for (int i = 0; i < group; i++) {
       const int head = h * group + i;
       rotate(x + (size_t)head * D, c, sn, D, q);
-      attend(q, keys, values, n, D, scale, s, out + (size_t)r * H * D + (size_t)head * D);
+      uint16_t *o = out + (size_t)r * H * D + (size_t)head * D;
+      switch (D) { /* the common head sizes as constants */
+        case 64: attend(q, keys, values, n, 64, scale, s, o); break;
+        case 128: attend(q, keys, values, n, 128, scale, s, o); break;
+        default: attend(q, keys, values, n, D, scale, s, o); break;
+      }
     }
     free(s);
   }

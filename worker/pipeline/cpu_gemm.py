@@ -183,51 +183,69 @@ def fits(out_features: int, in_features: int) -> bool:
     return out_features % TILE == 0 and in_features % GROUP == 0
 
 
-def _call(fn: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None,
-          eps: float, swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    lib = library(best_isa())
-    assert lib is not None, "cpu_gemm kernels are not loaded here"
-    k, n = weight.shape[1] * GROUP, weight.shape[0] * TILE
-    width = 2 * k if swiglu else k
-    tensors = (x, weight, scales, norm, residual)
-    if any(t is not None and t.device.type != "cpu" for t in tensors):
-        raise ValueError("cpu_gemm: every tensor must be on the CPU")
+def check_weights(bits: int, weight: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
+    """(K, N), the in and out features, of a layer's kernel weights, after checking them: `bits` 4, q4_layout's
+    (packed, scales_zeros); 8, q8_layout's tiles and per-column scales (N,) bf16; contiguous, on the CPU. ValueError
+    naming what is wrong (wrong weights could make the kernel read past them)."""
+    if weight.device.type != "cpu" or scales.device.type != "cpu":
+        raise ValueError("cpu_gemm: the weights must be on the CPU")
     if weight.dim() != 5:
         raise ValueError(f"cpu_gemm: weight must be in the kernel's 5-d tiled layout, got {tuple(weight.shape)}")
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width:
-        raise ValueError(f"cpu_gemm: x must be 2-d contiguous bf16 with {width} columns, "
-                         f"got {tuple(x.shape)} {x.dtype}")
-    m = x.shape[0]
-    four = fn == "chat_q4_gemm"
+    k, n = weight.shape[1] * GROUP, weight.shape[0] * TILE
+    four = bits == 4
     layout, kind = (n // TILE, k // GROUP, 4 if four else 8, TILE, 4), torch.uint8 if four else torch.int8
-    sshape = (n // TILE, k // GROUP, 2, TILE) if four else (n,)
-    if weight.dtype != kind or tuple(weight.shape) != layout or not weight.is_contiguous():
+    if weight.dtype != kind or weight.shape != layout or not weight.is_contiguous():
         raise ValueError(f"cpu_gemm: weight must be contiguous {kind} {layout}, got {tuple(weight.shape)} "
                          f"{weight.dtype}")
-    for name, t, shape in (("scales", scales, sshape), ("norm", norm, (k,)), ("residual", residual, (m, n))):
-        if t is not None and (t.dtype != torch.bfloat16 or tuple(t.shape) != shape or not t.is_contiguous()):
-            raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape}, got {tuple(t.shape)} {t.dtype}")
+    shape = (n // TILE, k // GROUP, 2, TILE) if four else (n,)
+    if scales.dtype != torch.bfloat16 or scales.shape != shape or not scales.is_contiguous():
+        raise ValueError(f"cpu_gemm: scales must be contiguous bf16 {shape}, got {tuple(scales.shape)} "
+                         f"{scales.dtype}")
+    return k, n
+
+
+def _run(bits: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, k: int, n: int,
+         norm: torch.Tensor | None, eps: float, swiglu: bool, residual: torch.Tensor | None,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """The kernel on weights that check_weights passed ((k, n) its answer): checks the rest."""
+    width = 2 * k if swiglu else k
+    if not x.is_cpu or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width:
+        raise ValueError(f"cpu_gemm: x must be 2-d contiguous bf16 on the CPU with {width} columns, "
+                         f"got {tuple(x.shape)} {x.dtype} on {x.device}")
+    m = x.shape[0]
+    for name, t, shape in (("norm", norm, (k,)), ("residual", residual, (m, n))):
+        if t is not None and (not t.is_cpu or t.dtype != torch.bfloat16 or t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape} on the CPU, got {tuple(t.shape)} "
+                             f"{t.dtype} on {t.device}")
     f32 = out_dtype == torch.float32
     if not f32 and out_dtype != torch.bfloat16 or f32 and residual is not None:
         raise ValueError(f"cpu_gemm: out_dtype must be bf16, or fp32 without a residual, got {out_dtype}")
     y = torch.empty(m, n, dtype=out_dtype)
-    if m and getattr(lib, fn)(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-                              torch.get_num_threads(), None if norm is None else norm.data_ptr(), eps, int(swiglu),
-                              None if residual is None else residual.data_ptr(), int(f32)):
+    lib = library(best_isa())
+    assert lib is not None, "cpu_gemm kernels are not loaded here"
+    fn = lib.chat_q4_gemm if bits == 4 else lib.chat_q8_gemm
+    if m and fn(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads(),
+                None if norm is None else norm.data_ptr(), eps, int(swiglu),
+                None if residual is None else residual.data_ptr(), int(f32)):
         raise MemoryError(f"cpu_gemm: no scratch memory for {m} rows of {k}")
     return y
+
+
+def _call(bits: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None,
+          eps: float, swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _run(bits, x, weight, scales, *check_weights(bits, weight, scales), norm, eps, swiglu, residual, out_dtype)
 
 
 @torch.library.custom_op("chat_cpu_gemm::q4_mm", mutates_args=())
 def _q4_op(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, norm: torch.Tensor | None, eps: float,
            swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
+    return _call(4, x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
 
 
 @torch.library.custom_op("chat_cpu_gemm::q8_mm", mutates_args=())
 def _q8_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None, eps: float,
            swiglu: bool, residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
+    return _call(8, x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
 
 
 @_q4_op.register_fake
@@ -248,7 +266,7 @@ def q4_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, nor
     torch.compile an opaque custom op; eagerly a direct call (the op's dispatch would cost more than the kernel)."""
     if torch.compiler.is_compiling():
         return _q4_op(x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
-    return _call("chat_q4_gemm", x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
+    return _call(4, x, packed, scales_zeros, norm, eps, swiglu, residual, out_dtype)
 
 
 def q8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torch.Tensor | None = None,
@@ -258,4 +276,15 @@ def q8_mm(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, norm: torc
     the rest as q4_mm."""
     if torch.compiler.is_compiling():
         return _q8_op(x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
-    return _call("chat_q8_gemm", x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
+    return _call(8, x, tiles, scales, norm, eps, swiglu, residual, out_dtype)
+
+
+def layer_mm(bits: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
+             norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
+             residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """q4_mm (`bits` 4) or q8_mm (8) for a layer whose weights check_weights passed when it was built, `shape` its
+    answer: only the activations and the fused inputs are checked per call (a decode step makes ~120 calls; checking
+    the weights each time cost a few microseconds per call)."""
+    if torch.compiler.is_compiling():
+        return (_q4_op if bits == 4 else _q8_op)(x, weight, scales, norm, eps, swiglu, residual, out_dtype)
+    return _run(bits, x, weight, scales, *shape, norm, eps, swiglu, residual, out_dtype)

@@ -81,7 +81,8 @@ class LeanLlama(nn.Module):
             # folded in); so is decode_attention.
             qkv = project(self.qkv[i], h, norm=norm1)
             if native:
-                o = decode_attention(qkv, heads, kv_heads, self.cos, self.sin, rot, write, *cache.layer(i), self.scale)
+                o = decode_attention(qkv, heads, kv_heads, self.cos, self.sin, rot, write, *cache.layer(i), self.scale,
+                                     checked=i > 0)  # the layers' tensors are alike: the first call checks them
             else:
                 o = self._attention(i, qkv.view(n, -1, d), cos, sin, mask, cache, rows, tokens)
             h = project(attn.o_proj, o, residual=h)

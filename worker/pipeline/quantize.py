@@ -63,6 +63,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.gemv_rows, self.native, self.out_features = gemv_rows, native, scales.shape[0]
         self.in_features = weight.shape[1] * (cpu_gemm.GROUP if native else 1)
         self.out_dtype = scales.dtype
+        self.kernel_shape = cpu_gemm.check_weights(8, weight, scales) if native else (0, 0)  # checked once
         self.dense_prompts = not native or cpu_gemm.fast_bf16_gemm()
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
@@ -88,7 +89,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         """cpu_gemm.q8_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
-        return cpu_gemm.q8_mm(x, self.weight, self.scales, out_dtype=self.out_dtype, **fusion)
+        return cpu_gemm.layer_mm(8, x, self.weight, self.scales, self.kernel_shape, out_dtype=self.out_dtype, **fusion)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added:
@@ -156,6 +157,7 @@ class Int4WeightOnlyLinear(nn.Module):
     def _setup(self, packed: torch.Tensor, scales_zeros: torch.Tensor, dense: torch.Tensor | None, gemv_rows: int,
                native: bool, out_features: int, in_features: int) -> None:
         self.gemv_rows, self.native, self.out_features, self.in_features = gemv_rows, native, out_features, in_features
+        self.kernel_shape = cpu_gemm.check_weights(4, packed, scales_zeros) if native else (0, 0)  # checked once
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)
         self.register_buffer("dense", dense)
@@ -192,7 +194,7 @@ class Int4WeightOnlyLinear(nn.Module):
 
     def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         """cpu_gemm.q4_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
-        return cpu_gemm.q4_mm(x, self.packed, self.scales_zeros, **fusion)
+        return cpu_gemm.layer_mm(4, x, self.packed, self.scales_zeros, self.kernel_shape, **fusion)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added."""
