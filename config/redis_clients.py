@@ -21,6 +21,13 @@ on the promoted replica; a connection still open to a demoted primary answers RE
 turns into a connection error (and so a retry). Credentials and db come from the first entry and are
 the data nodes' (the sentinels themselves are reached without a password). Redis Cluster is not
 supported: Celery's Redis transport cannot use it.
+
+A sentinel can name a node that is not the primary: one that has not heard of a failover yet names the
+old primary, and once that node is back (restarted as a replica, empty until it has synced) it answers
+as if nothing happened. Writes there fail (READONLY: a retry), but reads answer from the wrong dataset:
+a reader was told "turn not found" for a turn that went on to be answered. So every connection the
+sentinels place checks, before its first command, that the node answers ROLE as a master; one that does
+not is a connection error (a retry, which asks the sentinels again, that sentinel last).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import redis.sentinel as sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.utils import str_if_bytes
 
 RETRIES = 6
 SENTINEL_SCHEME = "sentinel"
@@ -188,10 +196,56 @@ class _AsyncReconnectingCheck:
             return False
 
 
+def _not_primary(conn: Any, address: Any, role: Any) -> redis.ConnectionError | None:
+    """The error for a node a sentinel named whose ROLE reply is not a master's (None if it is). The
+    sentinel that named it goes last in the manager's list (discover_master put it first), so the retry asks
+    the others first."""
+    name = str_if_bytes(role[0]) if isinstance(role, (list, tuple)) and role else str(role)
+    if name == "master":
+        return None
+    sentinels = conn.connection_pool.sentinel_manager.sentinels
+    if len(sentinels) > 1:
+        sentinels.append(sentinels.pop(0))
+    return redis.ConnectionError(f"{address[0]}:{address[1]}, named by a sentinel as the primary, is a {name}: "
+                                 "asking the sentinels again")
+
+
+class _PrimaryCheck:
+    """Mixed into Sentinel-managed connections to the primary: the node the sentinels named answers ROLE as
+    a master, or the connect is a ConnectionError (retried). A node that refuses ROLE (an ACL without it)
+    is taken at the sentinels' word."""
+
+    def connect_to(self, address: Any) -> None:
+        super().connect_to(address)  # type: ignore[misc]
+        try:
+            self.send_command("ROLE")  # type: ignore[attr-defined]
+            role = self.read_response()  # type: ignore[attr-defined]
+        except redis.ResponseError:
+            return
+        if (error := _not_primary(self, address, role)) is not None:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise error
+
+
+class _AsyncPrimaryCheck:
+    """`_PrimaryCheck` for asyncio connections."""
+
+    async def connect_to(self, address: Any) -> None:
+        await super().connect_to(address)  # type: ignore[misc]
+        try:
+            await self.send_command("ROLE")  # type: ignore[attr-defined]
+            role = await self.read_response()  # type: ignore[attr-defined]
+        except redis.ResponseError:
+            return
+        if (error := _not_primary(self, address, role)) is not None:
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise error
+
+
 @functools.cache
-def _checked(mixin: type, base: type) -> type:
-    """`base` (the URL's connection class) with `mixin`'s check: one class per pair, made once."""
-    return type(f"Checked{base.__name__}", (mixin, base), {})
+def _checked(base: type, *mixins: type) -> type:
+    """`base` (the URL's connection class) with the `mixins`' checks: one class per combination, made once."""
+    return type(f"Checked{base.__name__}", (*mixins, base), {})
 
 
 @dataclass(frozen=True)
@@ -205,12 +259,13 @@ class _Flavour:
     parse_url: Any
     retry: type
     check: type  # our readiness-check mixin
+    primary: type  # our mixin checking that a Sentinel-managed connection reached the primary
 
 
 _SYNC = _Flavour(redis.Redis, sentinel.Sentinel, sentinel.SentinelManagedConnection, redis.Connection,
-                 redis.connection.parse_url, _Retry, _ReconnectingCheck)
+                 redis.connection.parse_url, _Retry, _ReconnectingCheck, _PrimaryCheck)
 _ASYNC = _Flavour(aredis.Redis, asentinel.Sentinel, asentinel.SentinelManagedConnection, aredis.Connection,
-                  aredis.connection.parse_url, _AsyncRetry, _AsyncReconnectingCheck)
+                  aredis.connection.parse_url, _AsyncRetry, _AsyncReconnectingCheck, _AsyncPrimaryCheck)
 
 
 def _client(f: _Flavour, url: str, master_name: str, password: str | None, retries: int) -> Any:
@@ -221,10 +276,10 @@ def _client(f: _Flavour, url: str, master_name: str, password: str | None, retri
         manager = f.sentinel(list(target.sentinels), sentinel_kwargs=dict(_SENTINEL_KW))
         return manager.master_for(target.master_name, f.client, db=target.db, username=target.username,
                                   password=target.password or password,
-                                  connection_class=_checked(f.check, f.managed), **common)
+                                  connection_class=_checked(f.managed, f.check, f.primary), **common)
     base = f.parse_url(url).get("connection_class", f.plain)
     # The URL's own password, if any, wins over `password`.
-    return f.client.from_url(url, password=password, connection_class=_checked(f.check, base), **common)
+    return f.client.from_url(url, password=password, connection_class=_checked(base, f.check), **common)
 
 
 def sync_client(url: str, *, master_name: str = DEFAULT_MASTER_NAME, password: str | None = None,

@@ -294,8 +294,9 @@ class ChatClient:
         return int(self._position(keys=[queue], args=[turn_id]))
 
     def events(self, turn_id: str, after: str = "0-0", timeout: float | None = None) -> Iterator[StreamEvent]:
-        """The turn's events from `after` (its start by default) until done or error."""
-        for ev in follow(self.r, self.keys, turn_id, self.queue_position, after, timeout):
+        """The turn's events from `after` (its start by default) until done or error; with writes that wait for
+        replicas (CHAT_REDIS_WAIT_REPLICAS), the end once the replicas hold it (producer/reader.py)."""
+        for ev in follow(self.r, self.keys, turn_id, self.queue_position, after, timeout, self.store.replication):
             if ev is not None:
                 yield ev
 

@@ -29,6 +29,9 @@
     {p}:dead                  list    dead-lettered deliveries and payloads with the reason
     {p}:arriving:{queue}      zset    turn id -> until when it counts as about to be queued (Redis clock):
                                       announced by a producer while it checks the turn (shared/arrivals.py)
+    {p}:sync                  string  the last turn whose end a reader confirmed (producer/reader.py
+                                      CONFIRM): written only so that the WAIT behind it has a write to wait
+                                      for; expires after a minute
 
 Ids are checked against ID_PATTERN before they are put into a key, so a crafted id cannot
 reach another key (no ':' '*' or spaces). Model and worker names come from configuration.
@@ -116,6 +119,11 @@ class Keys:
     def worker(self, name: str) -> str:
         """The worker's WorkerReport JSON (with a TTL)."""
         return f"{self.prefix}:worker:{name}"
+
+    @property
+    def sync(self) -> str:
+        """Written by a reader before its WAIT (producer/reader.py CONFIRM)."""
+        return f"{self.prefix}:sync"
 
     @property
     def dead(self) -> str:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.commands.core import Script
+import redis.asyncio as aredis
+from redis.commands.core import AsyncScript, Script
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,23 @@ class Replication:
         script(keys=keys, args=args, client=pipe)
         pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
         reply, acked = pipe.execute()
-        if int(acked) < self.replicas:
+        self._count(int(acked))
+        return reply
+
+    async def arun(self, ar: aredis.Redis, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """`run` for asyncio (`script` registered on an asyncio client)."""
+        if not self.replicas:
+            return await script(keys=keys, args=args)
+        pipe = ar.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+        reply, acked = await pipe.execute()
+        self._count(int(acked))
+        return reply
+
+    def _count(self, acked: int) -> None:
+        if acked < self.replicas:
             with self._lock:
                 self.short += 1
             log.warning("a write reached %d of %d replicas within %d ms: a failover now could lose it",
-                        int(acked), self.replicas, self.timeout_ms)
-        return reply
+                        acked, self.replicas, self.timeout_ms)

@@ -177,6 +177,20 @@ def test_fp32_outputs_are_the_sums_bf16_outputs_round(rows):
         cpu_gemm.q8_mm(x, *q8, out_dtype=torch.float16)
 
 
+def test_activations_too_small_to_scale_count_as_zeros():
+    """A block whose scale's inverse would overflow fp32 (|x| below ~1e-36, bf16 subnormals) is zeros, not the
+    undefined conversion of an infinity; the row's other blocks are unaffected."""
+    q, scale, zero = random_q4(16, 64, seed=8)
+    parts = cpu_gemm.q4_layout(q, scale, zero)
+    for tiny in (1e-37, 1e-39, 1e-41):
+        x = torch.full((1, 64), tiny, dtype=torch.bfloat16)
+        assert torch.equal(cpu_gemm.q4_mm(x, *parts).float(), torch.zeros(1, 16))
+        x[0, 32:] = torch.randn(32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        alone = x.clone()
+        alone[0, :32] = 0
+        assert torch.equal(cpu_gemm.q4_mm(x, *parts), cpu_gemm.q4_mm(alone, *parts))
+
+
 def test_zero_activations_and_zero_rows():
     q, scale, zero = random_q4(16, 32)
     parts = cpu_gemm.q4_layout(q, scale, zero)

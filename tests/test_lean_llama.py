@@ -95,3 +95,23 @@ def test_a_model_it_does_not_implement_keeps_transformers_modules():
     assert not lean_llama.supports(model)
     backend = TorchBackend(model, slots=2, max_len=64, lean=True)
     assert backend._lean is None
+
+
+@pytest.mark.skipif(not cpu_gemm.available(), reason="no cpu_gemm here")
+def test_the_compiled_one_row_step_runs_the_kernels_and_equals_eager():
+    """The `cpu-compiled` preset's path: under torch.compile the kernels (matmuls and decode attention, which writes
+    the KV cache) are opaque ops, and the compiled 1-row step gives the eager step's logits and cache."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    _, model = tiny_llama(128)
+    eager, compiled = (TorchBackend(copy.deepcopy(model), slots=2, max_len=128, lean=True, quantize="int4",
+                                    compile_decode=c) for c in (False, True))
+    assert compiled._lean.native_attention
+    compiled.warm_up()
+    for active, (e, c) in lockstep_decode([eager, compiled], {0: list(range(30, 60))}, [1] * 4):
+        assert torch.equal(c[active], e[active])
+    assert compiled.compiled
+    # slot 0's 30 prompt and 4 decoded positions (warm_up wrote elsewhere in the compiled one's cache)
+    assert all(torch.equal(a[0, :, :34], b[0, :, :34])
+               for a, b in zip(eager.cache.k + eager.cache.v, compiled.cache.k + compiled.cache.v))

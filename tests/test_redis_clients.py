@@ -1,7 +1,7 @@
 """config/redis_clients.py: a connection Redis drops while the pool is checking it is reconnected, in the
 sync and the asyncio client (redis-py's own command retry does not cover taking a connection); sentinel://
-URL lists are parsed strictly, and clients made from one follow a failover (real redis-server and
-`redis-server --sentinel` processes).
+URL lists are parsed strictly, and clients made from one follow a failover and talk to the primary alone,
+even where a sentinel names a replica (real redis-server and `redis-server --sentinel` processes).
 
 The pool checks an idle connection (`can_read`), reconnects it if it was closed, and checks it again.
 A `CLIENT KILL` landing on both checks cannot be timed from outside, so `can_read` is made to find the
@@ -11,8 +11,10 @@ connection dropped twice; everything else (pool, reconnect, command) is the real
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from redis.retry import Retry
 
 from config.redis_clients import RETRIES, SentinelTarget, async_client, sentinel_target, sync_client
 from config.settings import ConfigError, load_settings
+from producer.embedded import free_port
 from tests.procs import RedisServer, SentinelCluster
 
 DROPPED = "Connection closed by server."
@@ -214,6 +217,65 @@ def test_clients_made_before_a_failover_follow_it() -> None:
         assert asyncio.run(run()) == [b"before", b"after"]
         r.close()
     finally:
+        cluster.close()
+
+
+def lagging_sentinel(cluster: SentinelCluster, names: int) -> tuple[int, subprocess.Popen]:
+    """A sentinel that names the node on port `names` as the primary, as one that has not heard of a failover
+    yet names the old primary once that node is back as a replica (it would take a minute to see its
+    mistake). Returns its port and process."""
+    port = free_port()
+    conf = Path(cluster.dir) / f"sentinel-lagging-{port}.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {cluster.dir}\n"
+                    f"sentinel monitor {cluster.master_name} 127.0.0.1 {names} 1\n"
+                    f"sentinel down-after-milliseconds {cluster.master_name} 60000\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    s = redis.Redis(port=port, decode_responses=True)
+    end = time.monotonic() + 20
+    try:
+        while True:  # until it answers, naming `names` as a primary that is up (what redis-py takes)
+            try:
+                m = s.sentinel_master(cluster.master_name)
+                if int(m["port"]) == names and m["is_master"] and not (m["is_sdown"] or m["is_odown"]):
+                    return port, proc
+            except (redis.ConnectionError, redis.ResponseError):
+                pass
+            assert time.monotonic() < end, "the lagging sentinel did not start"
+            time.sleep(0.05)
+    finally:
+        s.close()
+
+
+def test_a_sentinel_naming_a_replica_as_the_primary_is_not_followed_to_it() -> None:
+    """The first sentinel of the list names the replica (after a failover, a sentinel that has not heard of it
+    names the old primary, back as an empty replica): a connection there read a replica's dataset (a reader
+    was told "turn not found" for a turn that was then answered). Sync and asyncio clients, whose first
+    command is a read, talk to the primary: the node a sentinel names must answer ROLE as a master."""
+    cluster = SentinelCluster()
+    proc: subprocess.Popen | None = None
+    try:
+        primary = cluster.primary_port()
+        replica = next(p for p in cluster.data if p != primary)
+        port, proc = lagging_sentinel(cluster, replica)
+        url = f"sentinel://127.0.0.1:{port}/0;{cluster.url}"  # the lagging one is asked first
+
+        r = sync_client(url)
+        assert int(r.info("server")["tcp_port"]) == primary  # a read, on the primary
+        assert r.set("k", "v") and r.get("k") == b"v"
+        r.close()
+
+        async def run() -> None:
+            ar = async_client(url)
+            assert int((await ar.info("server"))["tcp_port"]) == primary
+            assert await ar.incr("n") == 1
+            await ar.aclose()
+
+        asyncio.run(run())
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
         cluster.close()
 
 

@@ -1,12 +1,14 @@
 """shared/replication.py against real Redis: with no replica attached, a write that asks for one waits the
-timeout, still stands, and is counted short; asking for none sends the script alone."""
+timeout, still stands, and is counted short (sync and asyncio); asking for none sends the script alone."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis
 
+from config.redis_clients import async_client
 from shared.replication import Replication
 
 INCR = "return redis.call('INCR', KEYS[1])"
@@ -27,3 +29,19 @@ def test_no_replicas_asked_is_the_script_alone(r: redis.Redis) -> None:
     t0 = time.monotonic()
     assert [rep.run(r, script, ["n"], []) for _ in range(3)] == [1, 2, 3]
     assert time.monotonic() - t0 < 0.14 and rep.short == 0
+
+
+def test_an_asyncio_write_waits_for_replicas_too(redis_url: str, r: redis.Redis) -> None:
+    rep = Replication(replicas=1, timeout_ms=150)
+
+    async def run() -> tuple[int, float]:
+        ar = async_client(redis_url)
+        try:
+            script = ar.register_script(INCR)
+            t0 = time.monotonic()
+            return await rep.arun(ar, script, ["n"], []), time.monotonic() - t0
+        finally:
+            await ar.aclose()
+
+    reply, took = asyncio.run(run())
+    assert reply == 1 and took >= 0.14 and rep.short == 1 and int(r.get("n")) == 1

@@ -22,7 +22,7 @@ from producer.api.schemas import (
 )
 from producer.api.service import ChatService, TurnView
 from producer.client import TurnRequest
-from producer.reader import Append, Done, Error, EventKind, Queued, ReplyAssembler, Restart, afollow
+from producer.reader import Append, Done, Error, EventKind, Queued, ReplyAssembler, Restart
 from shared.messages import Role
 from shared.wire import TurnStatus
 
@@ -165,7 +165,7 @@ async def _events(svc: ChatService, tid: str, resume: str | None) -> AsyncIterat
         ping.sent_now()
         return text
 
-    async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+    async for ev in svc.follow(tid):
         if svc.draining.is_set():
             yield out(error_body(503, "the server is restarting: reconnect with Last-Event-ID to go on",
                                  code="server_shutting_down"), "error")

@@ -35,7 +35,7 @@ from producer.api.schemas import SamplingFields, refused
 from producer.api.service import ChatService
 from producer.api.tools import MAX_TOOLS, ToolCall
 from producer.client import StartedTurn, TurnRequest
-from producer.reader import Append, Done, Error, ReplyAssembler, Restart, afollow
+from producer.reader import Append, Done, Error, ReplyAssembler, Restart
 from shared.errors import ChatError, first_error
 from shared.messages import ChatMessage, Role, check_text, is_blank
 from shared.sampling import MaxTokens, TopLogprobs
@@ -314,7 +314,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, svc: Se
 
 
 async def _outcome(svc: ChatService, tid: str) -> TurnResult:
-    async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+    async for ev in svc.follow(tid):
         if ev is None:
             continue
         if ev.kind == "done" and ev.result is not None:
@@ -392,7 +392,7 @@ async def reply_events(svc: ChatService, tid: str, shaper: tools.ReplyShaper) ->
     finished = False  # the turn ended (done or error) and the client was told
     drain_end: float | None = None
     try:
-        async for ev in afollow(svc.ar, svc.keys, tid, svc.aqueue_position, outage_s=svc.settings.redis_outage_s):
+        async for ev in svc.follow(tid):
             if svc.draining.is_set():
                 drain_end = drain_end or time.monotonic() + max(0.0, svc.settings.api_shutdown_grace_s - 1.0)
                 if time.monotonic() >= drain_end:

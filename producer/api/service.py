@@ -4,6 +4,7 @@ Redis client for reading turns, ownership checks, queue depths and positions, an
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from producer.api.errors import ApiError
 from producer.api.metrics import Metrics
 from producer.cards import describe
 from producer.client import POSITION, ChatClient, StartedTurn, TurnRequest
+from producer.reader import StreamEvent, afollow
 from producer.store import Conversation, TurnState
 from shared.errors import NotFound, Unavailable
 
@@ -57,6 +59,12 @@ class ChatService:
 
     async def aqueue_position(self, queue: str, turn_id: str) -> int:
         return int(await self._aposition(keys=[queue], args=[turn_id]))
+
+    def follow(self, turn_id: str, after: str = "0-0") -> AsyncIterator[StreamEvent | None]:
+        """The turn's events (producer/reader.py afollow): every route reads a turn this way, so an end is
+        reported once the replicas hold it (CHAT_REDIS_WAIT_REPLICAS) and an outage is waited out alike."""
+        return afollow(self.ar, self.keys, turn_id, self.aqueue_position, after,
+                       outage_s=self.settings.redis_outage_s, replication=self.store.replication)
 
     # -- ownership ---------------------------------------------------------------------------------
     def conversation(self, owner: str, cid: str) -> Conversation:

@@ -53,9 +53,10 @@ static void quantize_row(const float *x, int K, int8_t *xq, float *u, float *sx)
       amax = fmaxf(amax, fabsf(b[j])); /* fmaxf passes over NaN, */
       poison += b[j] * 0.f;            /* so a NaN or inf makes this NaN instead */
     }
-    float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f;
-    if (poison != poison) d = NAN; /* the row's outputs become NaN, as torch's would */
-    float unit = d / FINE, fine = id * FINE;
+    float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f, fine = id * FINE;
+    if (!(fine < INFINITY)) d = id = fine = 0.f; /* |x| below ~1e-36 (1 / d overflows): the block counts as zeros */
+    if (poison != poison) d = NAN;               /* the row's outputs become NaN, as torch's would */
+    float unit = d / FINE;
     int8_t *q0 = xq + g * 2 * GROUP, *q1 = q0 + GROUP;
     int sum = 0;
 #pragma omp simd reduction(+ : sum)
