@@ -22,12 +22,15 @@ turns into a connection error (and so a retry). Credentials and db come from the
 the data nodes' (the sentinels themselves are reached without a password). Redis Cluster is not
 supported: Celery's Redis transport cannot use it.
 
-A sentinel can name a node that is not the primary: one that has not heard of a failover yet names the
-old primary, and once that node is back (restarted as a replica, empty until it has synced) it answers
-as if nothing happened. Writes there fail (READONLY: a retry), but reads answer from the wrong dataset:
-a reader was told "turn not found" for a turn that went on to be answered. So every connection the
-sentinels place checks, before its first command, that the node answers ROLE as a master; one that does
-not is a connection error (a retry, which asks the sentinels again, that sentinel last).
+A Sentinel-managed connection must only ever talk to the primary. redis-py reconnects a connection
+dropped under a command (the command's retry) to the address it had, without asking the sentinels: after a
+failover that is the old primary's address, where the node comes back as a replica, empty until it has
+synced. Writes there fail (READONLY: a retry, to the same address again), but reads answer from the wrong
+dataset: a reader blocked in XREAD when the primary died stayed there and could be told "turn not found"
+for a turn that went on to be answered (a write's WAIT, counting that replica, does not help before it has
+synced). A sentinel that has not heard of a failover yet names that node too. So every connect of
+ours asks the sentinels, and checks, before its first command, that the node answers ROLE as a master; one
+that does not is a connection error (a retry, which asks the sentinels again, that sentinel last).
 """
 
 from __future__ import annotations
@@ -211,9 +214,17 @@ def _not_primary(conn: Any, address: Any, role: Any) -> redis.ConnectionError | 
 
 
 class _PrimaryCheck:
-    """Mixed into Sentinel-managed connections to the primary: the node the sentinels named answers ROLE as
-    a master, or the connect is a ConnectionError (retried). A node that refuses ROLE (an ACL without it)
-    is taken at the sentinels' word."""
+    """Mixed into Sentinel-managed connections to the primary: every connect asks the sentinels, and the node
+    they name answers ROLE as a master, or the connect is a ConnectionError (retried). A node that refuses
+    ROLE (an ACL without it) is taken at the sentinels' word."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        # redis-py reconnects a dropped connection here, when a command is sent again under its retry, to the
+        # address it had (connect_check_health), not asking the sentinels: after a failover, the old primary's
+        # address (the node back as a replica, empty until it has synced).
+        if not self._sock:  # type: ignore[attr-defined]
+            self._connect_retry()  # type: ignore[attr-defined]
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
 
     def connect_to(self, address: Any) -> None:
         super().connect_to(address)  # type: ignore[misc]
@@ -229,6 +240,11 @@ class _PrimaryCheck:
 
 class _AsyncPrimaryCheck:
     """`_PrimaryCheck` for asyncio connections."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self.is_connected:  # type: ignore[attr-defined]
+            await self._connect_retry()  # type: ignore[attr-defined]
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
 
     async def connect_to(self, address: Any) -> None:
         await super().connect_to(address)  # type: ignore[misc]

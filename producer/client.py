@@ -26,7 +26,7 @@ from config.settings import Settings
 from producer.cards import ModelCatalog, ModelInfo
 from producer.reader import TERMINAL, EventKind, StreamEvent, follow
 from producer.routing import opening, rendezvous
-from producer.store import ConversationStore, Started, new_id
+from producer.store import ConversationStore, Started, Withdrawn, WithdrawReply, new_id
 from shared.arrivals import Arrivals
 from shared.context import ContextLengthExceeded, fit_raw, fit_turn
 from shared.errors import Busy, InvalidInput, NotFound, TurnFailed, Unavailable
@@ -214,8 +214,11 @@ class ChatClient:
                     announced_on=expected,
                 )
             except redis.RedisError as e:
-                if started:
-                    self._withdraw(tid, f"Redis error while starting the turn: {e}")
+                went = self._withdraw(tid, f"Redis error while starting the turn: {e}") if started else None
+                if went is not None and went.status is Withdrawn.started:
+                    # START ran (its reply was lost) and a worker has the turn already: it is started.
+                    return StartedTurn(tid, cid, model, 0, dropped, truncated, prompt_tokens, len(message),
+                                       task.enqueued_at, went.queue or queue)
                 raise Unavailable(f"Redis unavailable: {e}") from None
             if reply.status in (Started.ok, Started.exists):
                 return StartedTurn(tid, cid, model, reply.position, dropped, truncated, prompt_tokens, len(message),
@@ -281,13 +284,15 @@ class ChatClient:
         drop = fitted.dropped_messages
         return earlier[drop:], drop, fitted.truncated_tokens, len(fitted.ids)
 
-    def _withdraw(self, tid: str, reason: str) -> None:
-        """After an error whose side effect is unknown (the START reply was lost): if the turn was created,
-        end it before the caller hears of the error, so a retry never makes a second reply."""
+    def _withdraw(self, tid: str, reason: str) -> WithdrawReply | None:
+        """After an error whose side effect is unknown (the START reply was lost): if the turn was created and is
+        still queued, end it before the caller hears of the error, so a retry never makes a second reply. A
+        turn a worker has claimed (or that ended) cannot be taken back: WITHDRAW says `started`, and the caller
+        is told it started (an error would have it sent again, and both turns answered). None: Redis is away."""
         try:
-            self.store.withdraw(tid, reason)
+            return self.store.withdraw(tid, reason)
         except redis.RedisError:
-            pass  # Redis is away: the turn, if it exists, is queued and will be answered once
+            return None  # Redis is away: the turn, if it exists, is queued and will be answered once
 
     # -- reading a turn --------------------------------------------------------------------------------
     def queue_position(self, queue: str, turn_id: str) -> int:

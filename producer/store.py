@@ -5,6 +5,7 @@ script is safe to run twice (a retried call after a dropped connection changes n
 start    store the user message, create the turn and push its task message onto the queue it is routed
          to (a worker's own queue or the model's shared one), all in one step (or nothing: conversation
          busy or changed, no live worker, queue full)
+withdraw a turn whose START reply was lost: ended if still queued, else reported as started
 cancel   a running turn is asked to stop at its next step (its partial reply is kept); a turn that no
          worker holds (queued, or its worker gone) ends at once with an empty reply, finish_reason
          cancelled, so its conversation is free even when no worker serves its model
@@ -152,14 +153,19 @@ return 1
 
 
 # A turn whose START reply was lost may exist: if it is still queued, end it (the user message goes back out)
-# so that the caller's retry, after the error it was given, never makes a second reply.
+# so that the caller's retry, after the error it was given, never makes a second reply. A turn a worker has
+# claimed already (or that has ended) cannot be taken back: it was created and goes on, and the caller is told
+# so (its reply will come; an error would have it send the message again, and that turn would be answered
+# besides). Run twice (a lost reply), it answers the same: a turn failed with this very reason was withdrawn.
 WITHDRAW = PRELUDE + """
 -- KEYS: turn, running, queued   ARGV: turn id, reason, finished_at, maxlen, stream ttl, result ttl
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-local q = redis.call('HMGET', KEYS[1], 'queue', 'message')
-if q[1] and q[2] then redis.call('LREM', q[1], 1, q[2]) end
+local s = redis.call('HMGET', KEYS[1], 'status', 'queue', 'message', 'error')
+if not s[1] then return {'missing'} end
+if s[1] == 'failed' and s[4] == ARGV[2] then return {'withdrawn'} end
+if s[1] ~= 'queued' then return {'started', s[2] or ''} end
+if s[2] and s[3] then redis.call('LREM', s[2], 1, s[3]) end
 fail_turn(KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], ARGV[4], ARGV[5], ARGV[6], KEYS[2], KEYS[3])
-return 1
+return {'withdrawn'}
 """
 
 
@@ -174,6 +180,20 @@ class Started(str, Enum):
     changed = "changed"  # a turn went by since the history was read: read it again
     no_worker = "no_worker"  # no live worker serves the model
     queue_full = "queue_full"  # the model's queue holds the configured maximum
+
+
+class Withdrawn(str, Enum):
+    """What WITHDRAW says about a turn whose START reply was lost."""
+
+    withdrawn = "withdrawn"  # it was queued: it is failed now, its user message taken back out
+    missing = "missing"  # no such turn: START did not run (or a failover took it back)
+    started = "started"  # a worker claimed it, or it ended: it was created and goes on
+
+
+@dataclass(frozen=True)
+class WithdrawReply:
+    status: Withdrawn
+    queue: str = ""  # started: the queue it was last on
 
 
 @dataclass(frozen=True)
@@ -392,10 +412,13 @@ class ConversationStore:
                   self.stream_ttl, self.result_ttl],
         ))
 
-    def withdraw(self, tid: str, reason: str) -> bool:
-        """End the turn if it is still queued (see WITHDRAW); True if it did."""
-        return bool(self._withdraw(keys=[self.keys.turn(tid), self.keys.running, self.keys.queued],
-                                   args=[tid, reason, time.time(), self.maxlen, self.stream_ttl, self.result_ttl]))
+    def withdraw(self, tid: str, reason: str) -> WithdrawReply:
+        """End the turn if it is still queued (see WITHDRAW), waiting for replicas as START did (a failover
+        must not bring back a turn whose caller was told it was not started). Raises redis.RedisError."""
+        out = self.replication.run(
+            self.r, self._withdraw, [self.keys.turn(tid), self.keys.running, self.keys.queued],
+            [tid, reason, time.time(), self.maxlen, self.stream_ttl, self.result_ttl])
+        return WithdrawReply(Withdrawn(_s(out[0])), _s(out[1]) if len(out) > 1 else "")
 
     def dead_letters(self) -> list[dict]:
         return [json.loads(x) for x in self.r.lrange(self.keys.dead, 0, -1)]

@@ -7,7 +7,10 @@ returns how many did. A script sent with WAIT behind it in one pipeline is there
 our code only once it survives the primary's death (or the timeout says it may not: counted and logged,
 the write stands). WAIT must follow on the connection that wrote, hence the pipeline (a pooled client
 may send two separate calls over two connections, and WAIT on a connection that wrote nothing returns
-at once). See docs/GUARANTEES.md for what this promises across a failover and what it does not.
+at once). A pipeline loads its scripts before it is sent, not when redis-py sends it again on another
+connection: after a failover the promoted replica may lack the script (scripts are not replicated), and
+the reply is NOSCRIPT (the script did not run): the pipeline is sent once more, loading it there.
+See docs/GUARANTEES.md for what this promises across a failover and what it does not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from redis.commands.core import AsyncScript, Script
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +40,20 @@ class Replication:
 
     def run(self, r: redis.Redis, script: Script, keys: list[Any], args: list[Any]) -> Any:
         """`script(keys, args)`'s reply, after the replicas acknowledged it (or the timeout passed). Raises
-        what the script or the connection raises (redis.RedisError); the script may then have run."""
+        what the script or the connection raises (redis.RedisError); the script may then have run (not after
+        NOSCRIPT: sent again once)."""
         if not self.replicas:
             return script(keys=keys, args=args)
-        pipe = r.pipeline(transaction=False)
-        script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
-        reply, acked = pipe.execute()
+        for again in (True, False):
+            pipe = r.pipeline(transaction=False)
+            script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+            try:
+                reply, acked = pipe.execute()
+                break
+            except NoScriptError:
+                if not again:
+                    raise
         self._count(int(acked))
         return reply
 
@@ -50,10 +61,16 @@ class Replication:
         """`run` for asyncio (`script` registered on an asyncio client)."""
         if not self.replicas:
             return await script(keys=keys, args=args)
-        pipe = ar.pipeline(transaction=False)
-        await script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
-        reply, acked = await pipe.execute()
+        for again in (True, False):
+            pipe = ar.pipeline(transaction=False)
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+            try:
+                reply, acked = await pipe.execute()
+                break
+            except NoScriptError:
+                if not again:
+                    raise
         self._count(int(acked))
         return reply
 

@@ -279,6 +279,76 @@ def test_a_sentinel_naming_a_replica_as_the_primary_is_not_followed_to_it() -> N
         cluster.close()
 
 
+def test_a_command_sent_again_after_a_drop_asks_the_sentinels_where_the_primary_is(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection drops under a command (the primary SIGKILLed under a reader's blocking XREAD); by the
+    retry, the sentinels name another node, and the old primary's address answers again as a replica that has
+    not synced (the failover test restarts the killed node at once). redis-py's retry reconnected to the
+    address it had: the read answered from the stale replica ("turn not found" for a turn then answered).
+    Sync and asyncio: the retry asks the sentinels (patched here to name `at`) and reads the primary's data."""
+    old, new = RedisServer(), RedisServer()
+    try:
+        redis.Redis(port=old.port).set("k", "old")
+        redis.Redis(port=new.port).set("k", "new")
+        at = [old.port]
+
+        def dropped_once(cls: type, is_async: bool) -> list[int]:
+            real, drops = cls.read_response, [0]
+
+            def drop(self: Any) -> None:
+                drops[0] += 1
+                at[0] = new.port  # the failover happened meanwhile; the old address is a replica now
+                redis.Redis(port=old.port).replicaof("127.0.0.1", 1)  # its primary unreachable: stale data
+
+            def read_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if not drops[0] and self.port == old.port:
+                    drop(self)
+                    self.disconnect()
+                    raise redis.ConnectionError(DROPPED)
+                return real(self, *args, **kwargs)
+
+            async def aread_response(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if not drops[0] and self.port == old.port:
+                    drop(self)
+                    await self.disconnect()
+                    raise redis.ConnectionError(DROPPED)
+                return await real(self, *args, **kwargs)
+
+            monkeypatch.setattr(cls, "read_response", aread_response if is_async else read_response)
+            return drops
+
+        def name_at(manager: Any, is_async: bool) -> None:
+            async def adiscover(name: str) -> tuple[str, int]:
+                return "127.0.0.1", at[0]
+
+            monkeypatch.setattr(manager, "discover_master",
+                                adiscover if is_async else (lambda name: ("127.0.0.1", at[0])))
+
+        r = sync_client("sentinel://127.0.0.1:1/0")  # its sentinels are never asked: discover_master is patched
+        name_at(r.connection_pool.sentinel_manager, False)
+        assert r.ping()  # connected to `old`, the primary then
+        drops = dropped_once(r.connection_pool.connection_class, False)
+        assert r.get("k") == b"new" and drops == [1]
+        r.close()
+        monkeypatch.undo()
+
+        redis.Redis(port=old.port).replicaof("NO", "ONE")
+        at[0] = old.port
+
+        async def run() -> None:
+            ar = async_client("sentinel://127.0.0.1:1/0")
+            name_at(ar.connection_pool.sentinel_manager, True)
+            assert await ar.ping()
+            drops = dropped_once(ar.connection_pool.connection_class, True)
+            assert await ar.get("k") == b"new" and drops == [1]
+            await ar.aclose()
+
+        asyncio.run(run())
+    finally:
+        old.close()
+        new.close()
+
+
 def test_the_workers_broker_connection_keeps_its_guarded_transport_across_a_failover() -> None:
     """kombu's Connection switches to the next URL of the list on each failed connect and takes the transport
     from that URL's scheme: the worker's consumer had come back on kombu's plain Sentinel transport, without

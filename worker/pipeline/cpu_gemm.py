@@ -2,10 +2,12 @@
 
 torch's packed CPU kernels (int4pack / int8pack) work row by row: 8 decode rows cost ~2.5x one row. These unpack each
 weight block once for all rows, with activations quantized per row in blocks of 32 in two int8 levels (llama.cpp's
-Q8_1 scheme, plus a second level for what the first leaves over: one level flipped near-tie greedy tokens). On the
-2-core AMD EPYC VM of docs/BENCHMARKS.md (AVX2), one SmolLM2 step's weight matmuls take 8.2 ms at 1 row against
-int4pack's 11.0, and about the same at 8 rows (30.7 vs 29.5; `python -m tests.bench.matmul_rows`); the step gains
-more from the RMSNorm, SwiGLU and residual folded in. A row's result never depends on its batch mates.
+Q8_1 scheme, plus a second level for what the first leaves over: one level flipped near-tie greedy tokens), and fold
+a decode layer's RMSNorm, SwiGLU and residual add into the call. A row's result never depends on its batch mates.
+One SmolLM2 step's weight matmuls (`python -m tests.bench.matmul_rows`, docs/BENCHMARKS.md): 8.2 ms at 1 row against
+int4pack's 11.0 on an AVX2-only EPYC (the two levels then scaled apart); 3.2 against 3.1 on an AVX-512 EPYC (VNNI
+build), where int4pack is faster at 8 rows (8.3 against 10.0 ms); the step gains most from what is folded in (and
+from cpu_attention.py).
 
 The shared library is compiled once per source and flags into CHAT_KERNEL_DIR (default
 ~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA, and a second build with
