@@ -128,11 +128,17 @@ class TorchBackend:
         # dynamic=True: the rows and kv length stay symbolic, so two compiles (rows == 1 is always
         # specialized) serve every graph. Graph breaks are tolerated (another transformers version may
         # have one): inside a CUDA graph the Python between the pieces runs once, at capture.
+        if compile_decode and not cuda_graphs and any(getattr(m, "native", False) for m in self.model.modules()):
+            # The project's CPU kernels leave torch.compile nothing to fuse, and each becomes a custom op call that
+            # costs more inside a compiled graph: SmolLM2's 1-row step took 11.0 ms compiled against 4.5 eager
+            # (docs/BENCHMARKS.md, issue 15). The step stays eager where they run.
+            log.info("compile_decode: not compiling the 1-row step, it runs the project's CPU kernels (faster eager)")
+            compile_decode = False
         self.compiled = compile_decode
         self._step_fn = torch.compile(self._step, dynamic=True) if compile_decode and cuda_graphs else self._step
-        # On a CPU without the static path only the 1-row step is compiled, where it pays (one stream: ~15% less per
-        # step; 8 rows gained nothing measurable, docs/BENCHMARKS.md). dynamic=None: rows stay 1, the KV length
-        # turns symbolic at its second value, so two compiles serve every length.
+        # On a CPU without the static path only the 1-row step is compiled, where it pays (one stream on torch's
+        # kernels: ~15% less per step; 8 rows gained nothing measurable, docs/BENCHMARKS.md). dynamic=None: rows
+        # stay 1, the KV length turns symbolic at its second value, so two compiles serve every length.
         self._one_row = torch.compile(self._logits, dynamic=None) if compile_decode and not cuda_graphs else None
 
     # -- helpers -----------------------------------------------------------------------------------
