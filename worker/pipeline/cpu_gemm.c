@@ -17,6 +17,7 @@
  * widening and the sum in one instruction. The integer sums are exact either way, so both builds give the same bits.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,32 +110,32 @@ static void prologue(const uint16_t *x, int K, const fusion *f, float *v) {
 
 typedef struct {
   int8_t *xq;
-  float *dx, *sx;
+  float *dx, *sx, *v;
 } quantized_rows;
 
-/* x (M, K or 2K with swiglu) -> the rows' int8 blocks and scales. 0, or -1 when memory ran out. */
-static int quantize_rows(const uint16_t *x, int M, int K, const fusion *f, quantized_rows *q) {
-  const int G = K / GROUP, stride = f->swiglu ? 2 * K : K;
+/* Room for M rows' int8 blocks and scales, and `threads` rows of prologue scratch (v). 0, or -1 when memory ran
+ * out. */
+static int alloc_rows(int M, int K, int threads, quantized_rows *q) {
+  const int G = K / GROUP;
   q->xq = malloc((size_t)M * K * LEVELS);
   q->dx = malloc(sizeof(float) * (size_t)M * G);
   q->sx = malloc(sizeof(float) * (size_t)M * G);
-  float *v = malloc(sizeof(float) * (size_t)K);
-  if (!q->xq || !q->dx || !q->sx || !v) {
-    free(v);
-    return -1;
-  }
-  for (int r = 0; r < M; r++) {
-    prologue(x + (size_t)r * stride, K, f, v);
-    quantize_row(v, K, q->xq + (size_t)r * K * LEVELS, q->dx + (size_t)r * G, q->sx + r * G);
-  }
-  free(v);
-  return 0;
+  q->v = malloc(sizeof(float) * (size_t)K * threads);
+  return q->xq && q->dx && q->sx && q->v ? 0 : -1;
+}
+
+/* Row r of x (M, K or 2K with swiglu) -> its int8 blocks and scales, with the prologue in v (K floats). */
+static void quantize_one(const uint16_t *x, int r, int K, const fusion *f, float *v, quantized_rows *q) {
+  const int G = K / GROUP, stride = f->swiglu ? 2 * K : K;
+  prologue(x + (size_t)r * stride, K, f, v);
+  quantize_row(v, K, q->xq + (size_t)r * K * LEVELS, q->dx + (size_t)r * G, q->sx + r * G);
 }
 
 static void free_rows(quantized_rows *q) {
   free(q->xq);
   free(q->dx);
   free(q->sx);
+  free(q->v);
 }
 
 /* The tile's 8 outputs of row r: rounded to bf16 as torch's matmul output, plus the residual in fp32, rounded
@@ -273,27 +274,36 @@ static inline __attribute__((always_inline)) void q8_tile(int mr, int t, int K, 
 static int gemm(int bits, const uint16_t *x, int M, int K, const void *w, const uint16_t *s, int N, void *y,
                 int threads, const fusion *f) {
   quantized_rows q;
-  if (quantize_rows(x, M, K, f, &q)) {
+  threads = threads < 1 ? 1 : threads;
+  if (alloc_rows(M, K, threads, &q)) {
     free_rows(&q);
     return -1;
   }
   const int G = K / GROUP;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < N / TILE; t++) {
-    for (int r0 = 0; r0 < M; r0 += ROWS) {
-      int mr = M - r0 < ROWS ? M - r0 : ROWS;
-      const int8_t *xq = q.xq + (size_t)r0 * K * LEVELS;
-      const float *dx = q.dx + r0 * G;
-      const uint16_t *res = f->residual ? f->residual + (size_t)r0 * N : NULL;
-      void *yr = (char *)y + (size_t)r0 * N * (f->f32 ? 4 : 2);
-      if (bits == 4) {
+  /* One team for both stages: the rows' prologue and quantization split between the threads (a row's bits do
+   * not depend on which thread made them), then, past the barrier, the column tiles. */
+#pragma omp parallel num_threads(threads)
+  {
+    float *v = q.v + (size_t)omp_get_thread_num() * K;
+#pragma omp for schedule(static)
+    for (int r = 0; r < M; r++) quantize_one(x, r, K, f, v, &q);
+#pragma omp for schedule(static)
+    for (int t = 0; t < N / TILE; t++) {
+      for (int r0 = 0; r0 < M; r0 += ROWS) {
+        int mr = M - r0 < ROWS ? M - r0 : ROWS;
+        const int8_t *xq = q.xq + (size_t)r0 * K * LEVELS;
+        const float *dx = q.dx + r0 * G;
+        const uint16_t *res = f->residual ? f->residual + (size_t)r0 * N : NULL;
+        void *yr = (char *)y + (size_t)r0 * N * (f->f32 ? 4 : 2);
+        if (bits == 4) {
 #define Q4(n) q4_tile(n, t, K, N, xq, dx, q.sx + r0 * G, w, s, res, yr, f->f32)
-        DISPATCH(Q4)
+          DISPATCH(Q4)
 #undef Q4
-      } else {
+        } else {
 #define Q8(n) q8_tile(n, t, K, N, xq, dx, w, s, res, yr, f->f32)
-        DISPATCH(Q8)
+          DISPATCH(Q8)
 #undef Q8
+        }
       }
     }
   }
