@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.pipeline import cpu_attention
+from worker.pipeline import cpu_attention, cpu_gemm
 from worker.pipeline.rotary import rotate
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="needs x86-64 with AVX2 and a C compiler")
+pytestmark = pytest.mark.skipif(not cpu_gemm.buildable(), reason="needs x86-64 with AVX2 and a C compiler")
 
 MAX_LEN = 48
 

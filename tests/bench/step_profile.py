@@ -24,10 +24,11 @@ import torch
 @contextmanager
 def labelled_cpu_gemm() -> Iterator[None]:
     """The project's kernels are ctypes calls, invisible to torch.profiler: label each call while profiling
-    (cpu_gemm::chat_q4_gemm / chat_q8_gemm, cpu_attention::decode)."""
-    from worker.pipeline import cpu_attention, cpu_gemm
+    (cpu_gemm::chat_q4_gemm / chat_q8_gemm, cpu_attention::decode, cpu_decode_layer::decode_layers: a decode step's
+    layers, one kernel call each)."""
+    from worker.pipeline import cpu_attention, cpu_gemm, lean_llama
 
-    real_mm, real_attention = cpu_gemm._run, cpu_attention._run
+    real_mm, real_attention, real_layers = cpu_gemm._run, cpu_attention._run, lean_llama.decode_layers
 
     def mm(bits: int, *args: Any) -> torch.Tensor:
         with torch.profiler.record_function(f"cpu_gemm::chat_q{bits}_gemm"):
@@ -37,11 +38,15 @@ def labelled_cpu_gemm() -> Iterator[None]:
         with torch.profiler.record_function("cpu_attention::decode"):
             return real_attention(*args)
 
-    cpu_gemm._run, cpu_attention._run = mm, attention
+    def layers(*args: Any) -> torch.Tensor:
+        with torch.profiler.record_function("cpu_decode_layer::decode_layers"):
+            return real_layers(*args)
+
+    cpu_gemm._run, cpu_attention._run, lean_llama.decode_layers = mm, attention, layers
     try:
         yield
     finally:
-        cpu_gemm._run, cpu_attention._run = real_mm, real_attention
+        cpu_gemm._run, cpu_attention._run, lean_llama.decode_layers = real_mm, real_attention, real_layers
 
 
 def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> dict[str, Any]:
@@ -66,7 +71,8 @@ def profile_rows(backend: Any, rows: int, steps: int, prompt_len: int = 40) -> d
         times.append(time.perf_counter() - t)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, labelled_cpu_gemm():
         step()
-    events = [e for e in prof.events() if e.name.startswith(("aten::", "cpu_gemm::", "cpu_attention::"))]
+    events = [e for e in prof.events() if e.name.startswith(("aten::", "cpu_gemm::", "cpu_attention::",
+                                                             "cpu_decode_layer::"))]
     by_self = Counter()
     for e in events:
         by_self[e.name] += e.self_cpu_time_total

@@ -22,9 +22,10 @@ def available() -> bool:
     return cpu_gemm.available()
 
 
-def _check(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
+def check(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
            write: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """The head dim, after checking every argument's device, dtype, shape and layout (ValueError naming it)."""
+    """The head dim, after checking every argument's device, dtype, shape and layout (decode_attention's; ValueError
+    naming what is wrong). Positions are checked by the kernel."""
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
         raise ValueError(f"cpu_attention: heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
     if k_cache.dim() != 4 or k_cache.shape[1] != kv_heads:
@@ -56,7 +57,7 @@ def _run(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: t
         if qkv.shape != (rot.shape[0], (heads + 2 * kv_heads) * d):
             raise ValueError(f"cpu_attention: qkv must be (rows, {(heads + 2 * kv_heads) * d}), got {tuple(qkv.shape)}")
     else:
-        d = _check(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache)
+        d = check(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache)
     rows = qkv.shape[0]
     out = torch.empty(rows, heads * d, dtype=torch.bfloat16)
     if not rows:

@@ -35,7 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_gemm.c", HERE / "cpu_attention.c")  # one library: the matmuls and cpu_attention.py's kernel
+SOURCES = (HERE / "cpu_gemm.c", HERE / "cpu_attention.c", HERE / "cpu_decode_layer.c")  # one library
 HEADERS = (HERE / "cpu_bf16.h",)
 # -ffp-contract=off: no fused multiply-adds the compiler picks per row count; the other two change no result (they
 # let rounding calls vectorize)
@@ -135,11 +135,21 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
         lib.chat_decode_attention.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32,
                                               ctypes.c_float, ptr, i32]
         lib.chat_decode_attention.restype = i32
+        f32 = ctypes.c_float
+        lib.chat_decode_layer.argtypes = [ptr, i32, i32, i32, i32, *[i32, ptr, ptr] * 4, ptr, ptr, f32, i32, i32, i32,
+                                          ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, f32, ptr, ptr, ptr]
+        lib.chat_decode_layer.restype = i32
     except Exception as e:  # whatever stops the build or the load, the worker runs on torch's kernels
         log.warning("cpu_gemm: not built or not loadable (%s): torch's int4/int8 kernels instead", e)
         return None
     log.info("cpu_gemm: kernels loaded from %s", path)
     return lib
+
+
+def buildable() -> bool:
+    """Whether the kernels should build here: an x86-64 CPU with AVX2 and a C compiler. Where this holds and
+    available() does not, the build failed (tests fail on it instead of skipping)."""
+    return _cpu_ok() and bool(shlex.split(os.environ.get("CC") or "") or shutil.which("cc") or shutil.which("gcc"))
 
 
 def available() -> bool:

@@ -6,8 +6,9 @@ This is the same arithmetic written as gpt-fast writes it: the rotary tables com
 activations kept 2-d so each weight matmul is one bare call, q/k/v and gate/up fused into one matmul each
 (fused_linear.py), q and k rotated together, one index_copy_ per KV write and one attention call per layer on the
 slot KV cache (kv_cache.py's `write` and `read`), no per-step mask or position building beyond what the backend
-passes. With bf16 activations on a CPU where the project's kernels run (`native_attention`, set by the backend),
-a decode step's rotary, KV write and attention are one call per layer (cpu_attention.py). It reads the weights of
+passes. With bf16 activations on a CPU where the project's kernels run every projection (`use_kernels`, called by
+the backend), a decode step is one kernel call per layer (cpu_decode_layer.py: the projections, rotary, KV write
+and attention). It reads the weights of
 the model it is built from (fused in place, no copy), so int8/int4 layers (quantize.py) and tied embeddings stay
 as they are. 1,552 top-level ATen operations per 1-row SmolLM2 step instead
 of transformers' ~2,590 (docs/BENCHMARKS.md, issue 15).
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.pipeline.cpu_attention import decode_attention
+from worker.pipeline.cpu_decode_layer import LayerKernels, decode_layers
 from worker.pipeline.fused_linear import fuse_linears, project, rms_norm
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.rotary import plain_rope, rotary_tables, rotate
@@ -60,7 +61,26 @@ class LeanLlama(nn.Module):
         self.qkv = nn.ModuleList(fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                                  for layer in base.layers)
         self.gate_up = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in base.layers)
-        self.native_attention = False  # decode attention in cpu_attention.py's kernel (bf16 on a CPU that builds it)
+        self.layer_kernels: list[LayerKernels] | None = None  # use_kernels
+
+    @property
+    def native_attention(self) -> bool:
+        """Whether decode steps run one kernel call per layer (use_kernels)."""
+        return self.layer_kernels is not None
+
+    def use_kernels(self, on: bool) -> None:
+        """Run decode steps as one kernel call per layer (cpu_decode_layer.py: rotary, KV write and attention in
+        cpu_attention.c, the projections in cpu_gemm.c) where `on` (the backend's word: bf16 activations on a CPU
+        that builds the kernels) and every layer's projections run the kernels; else torch's operations."""
+        layers = []
+        for i, layer in enumerate(self.base.layers):
+            norms = layer.input_layernorm, layer.post_attention_layernorm
+            parts = self.qkv[i], layer.self_attn.o_proj, self.gate_up[i], layer.mlp.down_proj
+            if not (on and LayerKernels.fits(*parts) and norms[0].variance_epsilon == norms[1].variance_epsilon):
+                self.layer_kernels = None
+                return
+            layers.append(LayerKernels(*parts, norms[0].weight, norms[1].weight, float(norms[0].variance_epsilon)))
+        self.layer_kernels = layers
 
     def forward(self, ids: torch.Tensor, rot_pos: torch.Tensor, mask: torch.Tensor, cache: SlotKVCache
                 ) -> torch.Tensor:
@@ -69,22 +89,20 @@ class LeanLlama(nn.Module):
         n, heads, kv_heads, d = rows * tokens, self.heads, self.kv_heads, self.head_dim
         # Activations stay 2-d, (rows x tokens, features), so every weight matmul is one bare call.
         h = self.base.embed_tokens(ids.view(n))
-        native = self.native_attention and tokens == 1 and cache.first_rows == rows
-        if native:
-            rot, write = rot_pos.reshape(n), cache.write_positions().reshape(n)
-        else:
-            cos = self.cos[rot_pos.view(n)].unsqueeze(1)  # (n, 1, head_dim), broadcast over q's and k's heads
-            sin = self.sin[rot_pos.view(n)].unsqueeze(1)
+        if (self.layer_kernels is not None and tokens == 1 and cache.first_rows == rows
+                and not torch.compiler.is_compiling()):
+            h = decode_layers(h, self.layer_kernels, heads, kv_heads, self.cos, self.sin, rot_pos.reshape(n),
+                              cache.write_positions().reshape(n), [cache.layer(i) for i in range(len(self.qkv))],
+                              self.scale)
+            return rms_norm(h, self.base.norm.weight, self.base.norm.variance_epsilon).view(rows, tokens, self.hidden)
+        cos = self.cos[rot_pos.view(n)].unsqueeze(1)  # (n, 1, head_dim), broadcast over q's and k's heads
+        sin = self.sin[rot_pos.view(n)].unsqueeze(1)
         for i, layer in enumerate(self.base.layers):
             attn, norm1, norm2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
             # Each project line is one call where the layers run cpu_gemm's kernels (the norm, SwiGLU and residual
-            # folded in); so is decode_attention.
+            # folded in)
             qkv = project(self.qkv[i], h, norm=norm1)
-            if native:
-                o = decode_attention(qkv, heads, kv_heads, self.cos, self.sin, rot, write, *cache.layer(i), self.scale,
-                                     checked=i > 0)  # the layers' tensors are alike: the first call checks them
-            else:
-                o = self._attention(i, qkv.view(n, -1, d), cos, sin, mask, cache, rows, tokens)
+            o = self._attention(i, qkv.view(n, -1, d), cos, sin, mask, cache, rows, tokens)
             h = project(attn.o_proj, o, residual=h)
             gate_up = project(self.gate_up[i], h, norm=norm2)
             h = project(layer.mlp.down_proj, gate_up, swiglu=True, residual=h)

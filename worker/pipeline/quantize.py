@@ -91,6 +91,10 @@ class Int8WeightOnlyLinear(nn.Module):
         """cpu_gemm.q8_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
         return cpu_gemm.layer_mm(8, x, self.weight, self.scales, self.kernel_shape, out_dtype=self.out_dtype, **fusion)
 
+    def kernel_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(bits, weight, scales) as the kernel reads them (native layers; checked when built)."""
+        return 8, self.weight, self.scales
+
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added:
         the bare matmul, for callers (lean_llama.py) that keep activations 2-d and skip forward()'s reshapes."""
@@ -195,6 +199,10 @@ class Int4WeightOnlyLinear(nn.Module):
     def kernel_mm(self, x: torch.Tensor, **fusion: Any) -> torch.Tensor:
         """cpu_gemm.q4_mm on this layer's weight, `fusion` its norm / eps / swiglu / residual (native layers)."""
         return cpu_gemm.layer_mm(4, x, self.packed, self.scales_zeros, self.kernel_shape, **fusion)
+
+    def kernel_parts(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(bits, weight, scales) as the kernel reads them (native layers; checked when built)."""
+        return 4, self.packed, self.scales_zeros
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, in_features) contiguous, in the activations' dtype -> (rows, out_features), bias not added."""

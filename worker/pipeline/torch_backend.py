@@ -105,9 +105,9 @@ class TorchBackend:
         if self._lean is not None:
             self._lean.to(self.device)
         if isinstance(self._lean, lean_llama.LeanLlama):
-            # rotary, KV write and attention of a decode step in one kernel call per layer, where ours run
-            self._lean.native_attention = (cpu_gemm == "auto" and self.device.type == "cpu"
-                                           and self.dtype == torch.bfloat16 and cpu_attention.available())
+            # a decode step as one kernel call per layer, where every projection runs ours
+            self._lean.use_kernels(cpu_gemm == "auto" and self.device.type == "cpu" and self.dtype == torch.bfloat16
+                                   and cpu_attention.available())
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
         try:
@@ -128,7 +128,8 @@ class TorchBackend:
         # dynamic=True: the rows and kv length stay symbolic, so two compiles (rows == 1 is always
         # specialized) serve every graph. Graph breaks are tolerated (another transformers version may
         # have one): inside a CUDA graph the Python between the pieces runs once, at capture.
-        if compile_decode and not cuda_graphs and any(getattr(m, "native", False) for m in self.model.modules()):
+        native = any(getattr(m, "native", False) for m in self.model.modules())
+        if compile_decode and self.device.type == "cpu" and native:
             # The project's CPU kernels leave torch.compile nothing to fuse, and each becomes a custom op call that
             # costs more inside a compiled graph: SmolLM2's 1-row step took 11.0 ms compiled against 4.5 eager
             # (docs/BENCHMARKS.md, issue 15). The step stays eager where they run.
