@@ -75,6 +75,10 @@ def test_bad_arguments_and_positions_are_refused_with_nothing_written(lean):
         call(rot=rot.int())
     with pytest.raises(ValueError, match="shapes do not match the attention's heads"):
         call(heads=lean.heads * 2, kv_heads=lean.kv_heads * 2)
+    with pytest.raises(ValueError, match="layer 1's caches or projections differ"):
+        call(caches=[caches[0], (caches[1][0][:, :, :32].contiguous(), caches[1][1])])
+    with pytest.raises(ValueError, match="layer 1's caches or projections differ"):
+        call(caches=[caches[0], (caches[1][0], caches[1][1].transpose(2, 3))])
     with pytest.raises(ValueError, match="position outside"):
         call(rot=torch.tensor([5, 64]))  # the tables hold 64 positions
     with pytest.raises(ValueError, match="position outside"):

@@ -67,12 +67,18 @@ def _run(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: t
         qkv.data_ptr(), rows, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), rot.data_ptr(), write.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], cos.shape[0], scale, out.data_ptr(),
         torch.get_num_threads())
-    if status == -2:
-        raise ValueError(f"cpu_attention: a rotary position is outside the tables' {cos.shape[0]} or a write "
-                         f"position outside the cache's {k_cache.shape[2]}")
-    if status:
-        raise MemoryError(f"cpu_attention: no scratch memory for {rows} rows")
+    raise_for_status(status, "cpu_attention", cos.shape[0], k_cache.shape[2], rows)
     return out
+
+
+def raise_for_status(status: int, where: str, positions: int, cache_positions: int, rows: int) -> None:
+    """The error a kernel's status stands for (none for 0): -2, ValueError (a rotary position outside the tables'
+    `positions` or a write outside the cache's `cache_positions`; the kernel wrote nothing); else MemoryError."""
+    if status == -2:
+        raise ValueError(f"{where}: a rotary position is outside the tables' {positions} or a write position "
+                         f"outside the cache's {cache_positions}")
+    if status:
+        raise MemoryError(f"{where}: no scratch memory for {rows} rows")
 
 
 @torch.library.custom_op("chat_cpu_attention::decode", mutates_args=("k_cache", "v_cache"))

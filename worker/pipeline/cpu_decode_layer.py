@@ -54,9 +54,9 @@ def decode_layers(h: torch.Tensor, layers: Sequence[LayerKernels], heads: int, k
                   sin: torch.Tensor, rot: torch.Tensor, write: torch.Tensor,
                   caches: Sequence[tuple[torch.Tensor, torch.Tensor]], scale: float) -> torch.Tensor:
     """Every layer's decode step on h (R, hidden) bf16 contiguous, in place, for rows 0..R-1 of the caches; returns h.
-    The attention arguments are cpu_attention.decode_attention's (`caches`: each layer's (k, v)). ValueError naming a
-    wrong argument or an out-of-range position (nothing written then: checked before the first layer);
-    MemoryError without scratch memory."""
+    The attention arguments are cpu_attention.decode_attention's (`caches`: each layer's (k, v), all alike, as
+    every layer's projections). ValueError naming a wrong argument or an out-of-range position (nothing written
+    then: checked before the first layer); MemoryError without scratch memory."""
     rows = h.shape[0]
     d = caches[0][0].shape[3]
     hidden = layers[0].o.kernel_shape[1]
@@ -67,7 +67,13 @@ def decode_layers(h: torch.Tensor, layers: Sequence[LayerKernels], heads: int, k
                          f"{tuple(h.shape)} {h.dtype} on {h.device}")
     if layers[0].o.kernel_shape[0] != heads * d or layers[0].qkv.kernel_shape != (hidden, qkv.shape[1]):
         raise ValueError("cpu_decode_layer: the projections' shapes do not match the attention's heads")
-    cpu_attention.check(qkv, heads, kv_heads, cos, sin, rot, write, *caches[0])  # every layer's are alike
+    cpu_attention.check(qkv, heads, kv_heads, cos, sin, rot, write, *caches[0])
+    first = [p.kernel_shape for p in (layers[0].qkv, layers[0].o, layers[0].gate_up, layers[0].down)]
+    for i, (layer, (k, v)) in enumerate(zip(layers, caches, strict=True)):  # the rest like the first, cheaply
+        if (k.shape != caches[0][0].shape or v.shape != k.shape or k.dtype != torch.bfloat16 or v.dtype != k.dtype
+                or not k.is_contiguous() or not v.is_contiguous()
+                or [p.kernel_shape for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] != first):
+            raise ValueError(f"cpu_decode_layer: layer {i}'s caches or projections differ from layer 0's")
     attn = torch.empty(rows, heads * d, dtype=torch.bfloat16)
     gate_up = torch.empty(rows, 2 * inter, dtype=torch.bfloat16)
     if not rows:
@@ -83,9 +89,5 @@ def decode_layers(h: torch.Tensor, layers: Sequence[LayerKernels], heads: int, k
                     layer.norm2.data_ptr(), layer.eps, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(),
                     rot.data_ptr(), write.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[2], cos.shape[0], scale,
                     qkv.data_ptr(), attn.data_ptr(), gate_up.data_ptr())
-        if status == -2:
-            raise ValueError(f"cpu_decode_layer: a rotary position is outside the tables' {cos.shape[0]} or a "
-                             f"write position outside the cache's {k.shape[2]}")
-        if status:
-            raise MemoryError(f"cpu_decode_layer: no scratch memory for {rows} rows")
+        cpu_attention.raise_for_status(status, "cpu_decode_layer", cos.shape[0], k.shape[2], rows)
     return h
