@@ -12,8 +12,8 @@ import redis
 from tests.procs import ROOT, WorkerProcess
 
 
-def chat(args: list[str], prompts: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EXAMPLE_PROMPTS": prompts}
+def chat(args: list[str], prompts: str, timeout: float = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EXAMPLE_PROMPTS": prompts, **env_vars}
     return subprocess.run([sys.executable, "-m", "producer.chat", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -28,6 +28,18 @@ def test_embedded_default_answers_paris_with_smollm2():
     assert lines[2] == "Prompter: AUTO "
     assert "INFO" not in out.stdout
     assert "Loading smollm2-135m on cpu (embedded" in out.stderr  # which preset runs, before it loads
+
+
+@pytest.mark.smollm2
+def test_without_a_compiler_the_default_chat_still_answers_paris(tmp_path):
+    """A host where the project's kernels cannot be built (no C compiler here: CC=false, an empty kernel dir) runs
+    torch's kernels, says so, and still answers: its bf16 logits used to make the first token's near-tie an exact
+    tie that "L'Étoile, la Marseillaise, ..." won (the head now refines each row's top in fp32)."""
+    out = chat(["--max-tokens", "24"], '["What is the capital of France?", ""]', CC="false",
+               CHAT_KERNEL_DIR=str(tmp_path / "kernels"))
+    assert out.returncode == 0, out.stderr
+    assert "torch's int4/int8 kernels instead" in out.stderr
+    assert "Paris" in out.stdout.splitlines()[1]
 
 
 def test_chat_against_a_deployment(r, redis_url, tmp_path):

@@ -14,7 +14,7 @@ from shared.sampling import SamplingParams
 from tests.test_engine import final, prompts
 from worker.engine.engine import Engine
 from worker.pipeline import cpu_gemm
-from worker.pipeline.quantize import GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
+from worker.pipeline.quantize import GROUP, REFINE_TOP, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_weights
 from worker.pipeline.torch_backend import TorchBackend
 
 KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(not cpu_gemm.available(), reason="no cpu_gemm here"))]
@@ -163,14 +163,23 @@ def test_int4_keeps_int8_for_the_head_and_for_layers_its_kernel_does_not_take(ti
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_the_heads_logits_come_out_fp32(tiny, kernels):
-    """Logits in fp32 whatever the path; where the kernels run, finer than bf16 (bf16's 8 bits make near-ties
-    exact ties, which then go to the lower token id)."""
+    """Logits in fp32 whatever the path, the top of each row finer than bf16 (bf16's 8 bits make near-ties exact
+    ties, which then go to the lower token id): the project's kernel writes its fp32 sums; on torch's kernels each
+    row's top REFINE_TOP are recomputed in fp32, the rest stays torch's bf16 result."""
     model = quantize_weights(copy.deepcopy(tiny.model), 4, gemv_rows=8, native=kernels)
     head = model.get_output_embeddings()
     x = torch.randn(3, head.in_features, dtype=torch.bfloat16)
     logits = head(x)
     assert logits.dtype == torch.float32 and logits.shape == (3, head.out_features)
-    assert torch.equal(logits.to(torch.bfloat16).float(), logits) != kernels
+    exact = (x.float() @ head.int8_weight().float().t()) * head.scales.float()
+    top = exact.topk(REFINE_TOP, dim=-1).indices
+    assert not torch.equal(logits.gather(-1, top).to(torch.bfloat16).float(), logits.gather(-1, top))
+    if kernels:  # two int8 levels of the activations: ~15 bits
+        torch.testing.assert_close(logits, exact, rtol=1e-3, atol=1e-2)
+    else:
+        torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), rtol=1e-5, atol=1e-5)
+        rest = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, top, False)
+        assert torch.equal(logits[rest].to(torch.bfloat16).float(), logits[rest])  # torch's, as they were
     body = [m for m in model.modules() if isinstance(m, Int4WeightOnlyLinear | Int8WeightOnlyLinear) and m is not head]
     assert body and all(m(torch.randn(2, m.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16 for m in body)
 

@@ -70,9 +70,10 @@ def best_isa() -> str:
     wanted = os.environ.get("CHAT_CPU_GEMM_ISA")
     if not wanted:
         return detected
-    if wanted not in ISAS or (wanted == "avx512-vnni" and detected != wanted):
-        log.warning("cpu_gemm: CHAT_CPU_GEMM_ISA=%r is not one of %s this CPU runs: %s instead", wanted,
-                    sorted(ISAS), detected)
+    runs = ["avx2", "avx512-vnni"] if detected == "avx512-vnni" else ["avx2"]
+    if wanted not in runs:
+        log.warning("cpu_gemm: CHAT_CPU_GEMM_ISA=%r is not a build this CPU runs (%s): %s instead", wanted,
+                    ", ".join(runs), detected)
         return detected
     return wanted
 
@@ -87,7 +88,9 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     half-written file) and return its path.
     A file already there is used only if it matches the checksum written beside it when it was built (a damaged
     library could crash the process at load); otherwise it is built again. $CC may carry arguments ("ccache gcc").
-    RuntimeError naming the compiler, its exit status and its message when compiling fails."""
+    RuntimeError naming the compiler (and $CC where it came from there), its exit status and its message when
+    compiling fails, or the directory (and CHAT_KERNEL_DIR) when it cannot be written."""
+    from_env = bool(os.environ.get("CC"))
     cc = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU kernels")
@@ -97,15 +100,20 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     path, checksum = out_dir / f"cpu_gemm-{key}.so", out_dir / f"cpu_gemm-{key}.sha256"
     if path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path):
         return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    except OSError as e:
+        raise RuntimeError(f"the kernel directory {out_dir} (CHAT_KERNEL_DIR) is not a writable directory: "
+                           f"{e.strerror or e}") from None
     os.close(fd)
     try:
         done = subprocess.run([*cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed to build the CPU kernels (exit status {done.returncode}): "
-                               f"{done.stderr.strip()[-2000:]}")
+            message = done.stderr.strip()[-2000:] or "no output"
+            raise RuntimeError(f"{' '.join(cc)}{' (from $CC)' if from_env else ''} failed to build the CPU kernels "
+                               f"(exit status {done.returncode}): {message}")
         digest = _digest(Path(tmp))
         os.replace(tmp, path)
         with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".tmp", delete=False) as f:

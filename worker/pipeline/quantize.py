@@ -30,6 +30,8 @@ from torch import nn
 
 from worker.pipeline import cpu_gemm
 
+REFINE_TOP = 64  # logits per row recomputed in fp32 where torch's int8 head rounded them (Int8WeightOnlyLinear)
+
 
 def use_cpu_gemm(native: bool | None, act_dtype: torch.dtype, out_features: int, in_features: int) -> bool:
     """Whether a layer runs cpu_gemm.py's kernels: where they are built and the layer fits them (bf16 activations,
@@ -101,9 +103,21 @@ class Int8WeightOnlyLinear(nn.Module):
         if self.kernel_rows(x.shape[0]):
             return self.kernel_mm(x)
         if x.shape[0] <= self.gemv_rows:
-            return torch._weight_int8pack_mm(x, self.weight, self.scales).to(self.out_dtype)
-        # int8 -> bf16 is exact (|w| <= 127); the per-channel scale applies to the output
-        return ((x @ self.int8_weight().to(x.dtype).t()) * self.scales).to(self.out_dtype)
+            y = torch._weight_int8pack_mm(x, self.weight, self.scales)
+        else:  # int8 -> bf16 is exact (|w| <= 127); the per-channel scale applies to the output
+            y = (x @ self.int8_weight().to(x.dtype).t()) * self.scales
+        return self._refined(y, x) if self.out_dtype == torch.float32 and y.dtype != torch.float32 else y
+
+    def _refined(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, out) from torch's kernels, rounded to the activations' dtype, as fp32 with each row's top
+        REFINE_TOP recomputed in fp32: bf16's 8 bits make near-ties exact ties (the default chat's first token, 25.33
+        against 25.24 in fp32, both 25.25: the lower token id won), and the top is what greedy and top-k read. The
+        rest of the row is far below (bf16's error is ~0.4%); an fp32 pass over the whole head would cost 4x."""
+        y = y.float()
+        top = y.topk(min(REFINE_TOP, y.shape[1]), dim=-1).indices  # (rows, R)
+        w = self.int8_weight()[top].float()  # (rows, R, in)
+        exact = torch.bmm(w, x.float().unsqueeze(-1)).squeeze(-1) * self.scales[top].float()
+        return y.scatter_(-1, top, exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in act_dtype."""
