@@ -117,11 +117,26 @@ def test_bad_arguments_and_positions_are_refused_by_name_with_nothing_written():
     for rot, write in (([1, MAX_LEN], [1, 2]), ([1, -1], [1, 2]), ([1, 2], [1, MAX_LEN + 1]), ([1, 2], [-3, 2])):
         with pytest.raises(ValueError, match="position outside"):
             call(rot=torch.tensor(rot), write=torch.tensor(write))
-    with pytest.raises(ValueError, match="position outside"):  # positions are checked even where the rest was
-        call(rot=torch.tensor([1, MAX_LEN]), checked=True)
+    with pytest.raises(ValueError, match="k_cache and v_cache must be two buffers"):
+        call(v_cache=k)
     with pytest.raises(ValueError, match="qkv must be"):
-        call(qkv=qkv[:1], checked=True)
+        call(qkv=torch._neg_view(qkv))  # its memory does not hold its values
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+
+
+@pytest.mark.parametrize("rot", [6, 7, 8])  # the scores in whole vector blocks of 8 and in the scalar tail
+def test_a_nan_or_inf_query_gives_nan_as_torch_does(rot):
+    """exp of a NaN (or of inf - inf) stays NaN in the vector blocks as in the tail: a clamp used to turn it into
+    e^-87, a weight of ~0, whatever the position."""
+    heads, kv_heads, d = 2, 1, 32
+    cos, sin = tables(d)
+    for bad in (float("nan"), float("inf")):
+        qkv = torch.randn(1, (heads + 2 * kv_heads) * d).bfloat16()
+        qkv[0, :d] = bad
+        k, v = caches(1, kv_heads, d)
+        out = cpu_attention.decode_attention(qkv, heads, kv_heads, cos, sin, torch.tensor([rot]), torch.tensor([rot]),
+                                             k, v, d**-0.5)
+        assert out[0, :d].isnan().all() and out[0, d:].isfinite().all()
 
 
 def test_torch_compile_sees_one_op_that_writes_the_caches():

@@ -79,6 +79,8 @@ def test_bad_arguments_and_positions_are_refused_with_nothing_written(lean):
         call(caches=[caches[0], (caches[1][0][:, :, :32].contiguous(), caches[1][1])])
     with pytest.raises(ValueError, match="layer 1's caches or projections differ"):
         call(caches=[caches[0], (caches[1][0], caches[1][1].transpose(2, 3))])
+    with pytest.raises(ValueError, match="layer 1's caches or projections differ"):
+        call(caches=[caches[0], (caches[1][0].to("meta"), caches[1][1].to("meta"))])  # no memory to write to
     with pytest.raises(ValueError, match="position outside"):
         call(rot=torch.tensor([5, 64]))  # the tables hold 64 positions
     with pytest.raises(ValueError, match="position outside"):
@@ -97,8 +99,28 @@ def test_only_layers_whose_projections_all_run_the_kernels_are_taken(lean):
     assert not LayerKernels.fits(layer.qkv, layer.o, layer.gate_up, torchs)
     with pytest.raises(ValueError, match="norm2 must be contiguous bf16"):
         LayerKernels(*parts, layer.norm1, layer.norm2.float(), layer.eps)
+    with pytest.raises(ValueError, match="the four projections must run the kernels"):  # down would be read past
+        LayerKernels(layer.qkv, layer.o, layer.o, layer.o, layer.norm1, layer.norm2, layer.eps)
     _, model = tiny_llama(128)
     for kernels in ("torch", "auto"):
         be = TorchBackend(copy.deepcopy(model), slots=2, max_len=64, lean=True, quantize="int4" if kernels == "torch"
                           else "none", cpu_gemm=kernels)
         assert be._lean.layer_kernels is None  # torch's kernels; or fp32 activations (no quantized layers)
+
+
+def test_heads_the_attention_kernel_does_not_take_keep_torchs_attention():
+    """A head_dim that is not a multiple of 8 (12 here) leaves the layer calls off: decode runs torch's attention
+    and answers, instead of failing every step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from worker.pipeline.backend import Prefill
+
+    cfg = LlamaConfig(vocab_size=272, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2)
+    be = TorchBackend(LlamaForCausalLM(cfg).eval(), slots=2, max_len=32, lean=True, quantize="int8")
+    assert be._lean.layer_kernels is None and any(getattr(m, "native", False) for m in be.model.modules())
+    be.prefill([Prefill(0, [1, 2, 3], 0)])
+    logits = be.decode(torch.tensor([4]), torch.tensor([3]), torch.tensor([True]))
+    assert logits.shape == (1, 272) and logits.isfinite().all()
+    with pytest.raises(ValueError, match="3 rows, but the backend has 2 slots"):
+        be.decode(torch.tensor([4, 4, 4]), torch.tensor([3, 3, 3]), torch.tensor([True, True, True]))

@@ -198,6 +198,20 @@ def test_zero_activations_and_zero_rows():
     assert cpu_gemm.q4_mm(torch.zeros(0, 32, dtype=torch.bfloat16), *parts).shape == (0, 16)
 
 
+def test_layouts_refuse_what_the_kernels_would_misread():
+    with pytest.raises(ValueError, match=r"q \(N, K\) in 0..15"):
+        cpu_gemm.q4_layout(torch.full((8, 32), 16), torch.ones(8, 1), torch.zeros(8, 1))  # spills into a nibble
+    with pytest.raises(ValueError, match="N a multiple of 8"):
+        cpu_gemm.q4_layout(torch.zeros(12, 32, dtype=torch.long), torch.ones(12, 1), torch.zeros(12, 1))
+    with pytest.raises(ValueError, match="K of 32"):
+        cpu_gemm.q8_layout(torch.zeros(8, 40, dtype=torch.int8))
+    parts = cpu_gemm.q4_layout(*random_q4(16, 32))
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        cpu_gemm.check_weights(5, *parts)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_gemm.q4_mm(torch._neg_view(torch.randn(2, 32, dtype=torch.bfloat16)), *parts)
+
+
 def test_layouts_round_trip():
     w = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
     assert torch.equal(cpu_gemm.q8_unlayout(cpu_gemm.q8_layout(w)), w)

@@ -41,29 +41,25 @@ def check(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: 
                                   ("rot", rot, torch.int64, (rows,)), ("write", write, torch.int64, (rows,)),
                                   ("k_cache", k_cache, torch.bfloat16, tuple(k_cache.shape)),
                                   ("v_cache", v_cache, torch.bfloat16, tuple(k_cache.shape))):
-        if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+        if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.is_neg():
             raise ValueError(f"cpu_attention: {name} must be contiguous {dtype} {shape} on the CPU, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    if k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError("cpu_attention: k_cache and v_cache must be two buffers")
     if rows > k_cache.shape[0]:
         raise ValueError(f"cpu_attention: {rows} rows, but the cache holds {k_cache.shape[0]}")
     return d
 
 
 def _run(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
-         write: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-         checked: bool = False) -> torch.Tensor:
-    if checked:  # the caller's first layer checked tensors of these same shapes and dtypes this step
-        d = k_cache.shape[3]
-        if qkv.shape != (rot.shape[0], (heads + 2 * kv_heads) * d):
-            raise ValueError(f"cpu_attention: qkv must be (rows, {(heads + 2 * kv_heads) * d}), got {tuple(qkv.shape)}")
-    else:
-        d = check(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache)
+         write: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    d = check(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache)
     rows = qkv.shape[0]
     out = torch.empty(rows, heads * d, dtype=torch.bfloat16)
     if not rows:
         return out
     # positions are checked in C (a .max() here would be a torch operation per call)
-    status = cpu_gemm.library(cpu_gemm.best_isa()).chat_decode_attention(
+    status = cpu_gemm.loaded().chat_decode_attention(
         qkv.data_ptr(), rows, heads, kv_heads, d, cos.data_ptr(), sin.data_ptr(), rot.data_ptr(), write.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2], cos.shape[0], scale, out.data_ptr(),
         torch.get_num_threads())
@@ -95,7 +91,7 @@ def _(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torc
 
 def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
                      rot: torch.Tensor, write: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     scale: float, checked: bool = False) -> torch.Tensor:
+                     scale: float) -> torch.Tensor:
     """One decode step's attention for rows 0..R-1 of the cache (decode binds the first R slots).
 
     qkv (R, (heads + 2 kv_heads) D) bf16: the layer's fused projection, q heads then k heads then v heads. cos, sin
@@ -104,10 +100,8 @@ def decode_attention(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Te
     < the cache's positions (its position, or the scratch column for an idle row). k_cache, v_cache (slots, kv_heads,
     positions, D) bf16, written in place. scale: the softmax scale (D^-0.5). Returns (R, heads D) bf16, q head i
     reading KV head i // (heads / kv_heads) (transformers' repeat_kv). ValueError naming a wrong argument or an
-    out-of-range position (positions are checked in any case); MemoryError without scratch memory. `checked`: the
-    caller checked tensors of these same devices, dtypes, shapes and layouts this step (a decode step's first layer:
-    the next layers' are alike), so only qkv's shape is (the other checks cost ~5 us a call). Under torch.compile an
-    opaque op that mutates the caches."""
+    out-of-range position; MemoryError without scratch memory; RuntimeError where the kernels are not built. Under
+    torch.compile an opaque op that mutates the caches."""
     if torch.compiler.is_compiling():
         return _op(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache, scale)
-    return _run(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache, scale, checked)
+    return _run(qkv, heads, kv_heads, cos, sin, rot, write, k_cache, v_cache, scale)

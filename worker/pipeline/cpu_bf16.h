@@ -3,6 +3,7 @@
 #ifndef CHAT_CPU_BF16_H
 #define CHAT_CPU_BF16_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 /* Bit casts through unions (not memcpy), which gcc's vectorizer follows in the prologue's loops. */
@@ -35,9 +36,12 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* e^x for 8 lanes, within 2 ulp of fp32 on [-87, 88] (clamped there): Cephes' expf (S. Moshier). */
+/* e^x for 8 lanes, within 2 ulp of fp32 on [-87, 88]: Cephes' expf (S. Moshier). Below -87 it is e^-87 (not the
+ * subnormals), above 88.72 (where fp32 overflows) +inf, and NaN stays NaN (the clamps take x as their second
+ * operand: maxps / minps return it when it is NaN). */
 static inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), x));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
   __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
                            _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
@@ -47,7 +51,7 @@ static inline __m256 exp8(__m256 x) {
   for (int i = 1; i < 6; i++) p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c[i]));
   p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.f));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* times 2^n */
+  return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(INFINITY), over); /* p 2^n */
 }
 
 static inline __m256 round_bf16x8(__m256 v) { return load_bf16x8_reg(f32x8_to_bf16(v)); }

@@ -32,6 +32,9 @@ class LayerKernels:
     eps: float
 
     def __post_init__(self) -> None:
+        if not LayerKernels.fits(self.qkv, self.o, self.gate_up, self.down):
+            raise ValueError("cpu_decode_layer: the four projections must run the kernels, without bias, q/k/v and "
+                             "gate/up reading what o and down write, down reading half of what gate/up writes")
         hidden = self.o.kernel_shape[1]
         for name, t in (("norm1", self.norm1), ("norm2", self.norm2)):
             if not t.is_cpu or t.dtype != torch.bfloat16 or t.shape != (hidden,) or not t.is_contiguous():
@@ -71,14 +74,14 @@ def decode_layers(h: torch.Tensor, layers: Sequence[LayerKernels], heads: int, k
     first = [p.kernel_shape for p in (layers[0].qkv, layers[0].o, layers[0].gate_up, layers[0].down)]
     for i, (layer, (k, v)) in enumerate(zip(layers, caches, strict=True)):  # the rest like the first, cheaply
         if (k.shape != caches[0][0].shape or v.shape != k.shape or k.dtype != torch.bfloat16 or v.dtype != k.dtype
-                or not k.is_contiguous() or not v.is_contiguous()
+                or not k.is_contiguous() or not v.is_contiguous() or not k.is_cpu or not v.is_cpu
                 or [p.kernel_shape for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] != first):
             raise ValueError(f"cpu_decode_layer: layer {i}'s caches or projections differ from layer 0's")
     attn = torch.empty(rows, heads * d, dtype=torch.bfloat16)
     gate_up = torch.empty(rows, 2 * inter, dtype=torch.bfloat16)
     if not rows:
         return h
-    fn = cpu_gemm.library(cpu_gemm.best_isa()).chat_decode_layer
+    fn = cpu_gemm.loaded().chat_decode_layer
     threads = torch.get_num_threads()
     for layer, (k, v) in zip(layers, caches, strict=True):
         parts = []

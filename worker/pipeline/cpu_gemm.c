@@ -56,7 +56,8 @@ static void quantize_row(const float *x, int K, int8_t *xq, float *u, float *sx)
     }
     float d = amax / 127.f, id = d > 0.f && d < INFINITY ? 1.f / d : 0.f, fine = id * FINE;
     if (!(fine < INFINITY)) d = id = fine = 0.f; /* |x| below ~1e-36 (1 / d overflows): the block counts as zeros */
-    if (poison != poison) d = NAN;               /* the row's outputs become NaN, as torch's would */
+    if (poison != poison) d = NAN; /* the row's outputs become NaN, as torch's would (for an inf too, where torch's
+                                    * may be +-inf: the int8 scale cannot carry it) */
     float unit = d / FINE;
     int8_t *q0 = xq + g * 2 * GROUP, *q1 = q0 + GROUP;
     int sum = 0;

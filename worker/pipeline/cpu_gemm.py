@@ -165,6 +165,14 @@ def available() -> bool:
     return library(best_isa()) is not None
 
 
+def loaded() -> ctypes.CDLL:
+    """The library best_isa() names; RuntimeError where it is not built here (the reason was logged)."""
+    lib = library(best_isa())
+    if lib is None:
+        raise RuntimeError("cpu_gemm: the CPU kernels are not built here (the warning logged at first use says why)")
+    return lib
+
+
 @functools.cache
 def fast_bf16_gemm() -> bool:
     """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): there a GEMM on a bf16 copy of the weights
@@ -177,8 +185,12 @@ def fast_bf16_gemm() -> bool:
 def q4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, K) integers in 0..15, scale and zero (N, K / GROUP) bf16 (w = (q - 8) * scale + zero) -> the kernel's
     `packed` (N / TILE, K / GROUP, 4, TILE, 4) uint8 and `scales_zeros` (N / TILE, K / GROUP, 2, TILE) bf16, laid out
-    as cpu_gemm.c's q4_tile reads them. Both concatenate along dim 0 for fused layers. N a multiple of TILE."""
+    as cpu_gemm.c's q4_tile reads them. Both concatenate along dim 0 for fused layers. ValueError unless fits(N, K)
+    and q is in 0..15 (16 would spill into its neighbour's nibble)."""
     n, k = q.shape
+    if not fits(n, k) or q.numel() and not 0 <= int(q.min()) <= int(q.max()) <= 15:
+        raise ValueError(f"cpu_gemm: q4_layout needs q (N, K) in 0..15, N a multiple of {TILE}, K of {GROUP}; got "
+                         f"{tuple(q.shape)}")
     t, g = n // TILE, k // GROUP
     steps = q.to(torch.uint8).reshape(t, TILE, g, 2, 4, 4).permute(0, 2, 3, 4, 1, 5)  # t, g, half, j, column, i
     packed = (steps[:, :, 0] | (steps[:, :, 1] << 4)).contiguous()
@@ -187,8 +199,11 @@ def q4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
 
 
 def q8_layout(w: torch.Tensor) -> torch.Tensor:
-    """w (N, K) int8 -> (N / TILE, K / GROUP, 8, TILE, 4) int8, as q8_tile reads it. N a multiple of TILE."""
+    """w (N, K) int8 -> (N / TILE, K / GROUP, 8, TILE, 4) int8, as q8_tile reads it. ValueError unless fits(N, K)."""
     n, k = w.shape
+    if not fits(n, k) or w.dtype != torch.int8:
+        raise ValueError(f"cpu_gemm: q8_layout needs int8 (N, K), N a multiple of {TILE}, K of {GROUP}; got "
+                         f"{tuple(w.shape)} {w.dtype}")
     return w.reshape(n // TILE, TILE, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
 
 
@@ -207,6 +222,8 @@ def check_weights(bits: int, weight: torch.Tensor, scales: torch.Tensor) -> tupl
     """(K, N), the in and out features, of a layer's kernel weights, after checking them: `bits` 4, q4_layout's
     (packed, scales_zeros); 8, q8_layout's tiles and per-column scales (N,) bf16; contiguous, on the CPU. ValueError
     naming what is wrong (wrong weights could make the kernel read past them)."""
+    if bits not in (4, 8):
+        raise ValueError(f"cpu_gemm: bits must be 4 or 8, got {bits}")
     if weight.device.type != "cpu" or scales.device.type != "cpu":
         raise ValueError("cpu_gemm: the weights must be on the CPU")
     if weight.dim() != 5:
@@ -229,20 +246,21 @@ def _run(bits: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
          out_dtype: torch.dtype) -> torch.Tensor:
     """The kernel on weights that check_weights passed ((k, n) its answer): checks the rest."""
     width = 2 * k if swiglu else k
-    if not x.is_cpu or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width:
+    if (not x.is_cpu or x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != width
+            or x.is_neg()):
         raise ValueError(f"cpu_gemm: x must be 2-d contiguous bf16 on the CPU with {width} columns, "
                          f"got {tuple(x.shape)} {x.dtype} on {x.device}")
     m = x.shape[0]
     for name, t, shape in (("norm", norm, (k,)), ("residual", residual, (m, n))):
-        if t is not None and (not t.is_cpu or t.dtype != torch.bfloat16 or t.shape != shape or not t.is_contiguous()):
+        if t is not None and (not t.is_cpu or t.dtype != torch.bfloat16 or t.shape != shape or not t.is_contiguous()
+                              or t.is_neg()):
             raise ValueError(f"cpu_gemm: {name} must be contiguous bf16 {shape} on the CPU, got {tuple(t.shape)} "
                              f"{t.dtype} on {t.device}")
     f32 = out_dtype == torch.float32
     if not f32 and out_dtype != torch.bfloat16 or f32 and residual is not None:
         raise ValueError(f"cpu_gemm: out_dtype must be bf16, or fp32 without a residual, got {out_dtype}")
     y = torch.empty(m, n, dtype=out_dtype)
-    lib = library(best_isa())
-    assert lib is not None, "cpu_gemm kernels are not loaded here"
+    lib = loaded()
     fn = lib.chat_q4_gemm if bits == 4 else lib.chat_q8_gemm
     if m and fn(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads(),
                 None if norm is None else norm.data_ptr(), eps, int(swiglu),

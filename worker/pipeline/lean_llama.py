@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.pipeline.cpu_attention import MAX_HEAD_DIM
 from worker.pipeline.cpu_decode_layer import LayerKernels, decode_layers
 from worker.pipeline.fused_linear import fuse_linears, project, rms_norm
 from worker.pipeline.kv_cache import SlotKVCache
@@ -71,8 +72,10 @@ class LeanLlama(nn.Module):
     def use_kernels(self, on: bool) -> None:
         """Run decode steps as one kernel call per layer (cpu_decode_layer.py: rotary, KV write and attention in
         cpu_attention.c, the projections in cpu_gemm.c) where `on` (the backend's word: bf16 activations on a CPU
-        that builds the kernels) and every layer's projections run the kernels; else torch's operations."""
+        that builds the kernels), every layer's projections run the kernels and the heads suit the attention kernel
+        (head_dim a multiple of 8 up to MAX_HEAD_DIM); else torch's operations."""
         layers = []
+        on = on and self.head_dim % 8 == 0 and self.head_dim <= MAX_HEAD_DIM and self.heads % self.kv_heads == 0
         for i, layer in enumerate(self.base.layers):
             norms = layer.input_layernorm, layer.post_attention_layernorm
             parts = self.qkv[i], layer.self_attn.o_proj, self.gate_up[i], layer.mlp.down_proj

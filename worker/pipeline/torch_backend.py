@@ -195,9 +195,13 @@ class TorchBackend:
     @torch.inference_mode()
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """One token for each of the first `len(ids)` slots: ids, positions and active (rows,); inactive rows write
-        the scratch column. Returns logits (rows, vocab) fp32; RuntimeError once detached."""
+        the scratch column. Returns logits (rows, vocab) fp32; ValueError for more rows than slots; RuntimeError once
+        detached."""
         self._check()
         n = ids.shape[0]
+        if n > self.slots:
+            raise ValueError(f"decode: {n} rows, but the backend has {self.slots} slots")
+        positions = positions.long()
         rot = torch.where(active, positions, 0).view(n, 1)
         write = torch.where(active, positions, self.cache.scratch).view(n, 1)
         kv_len = self._kv_len(int(positions[active].max()) + 1 if bool(active.any()) else 1)
