@@ -300,6 +300,22 @@ def test_folded_inputs_of_the_wrong_shape_are_refused_by_name():
         cpu_gemm.q4_mm(torch.randn(2, 64, dtype=torch.bfloat16), *parts)  # K must match the weight
 
 
+def test_old_builds_are_pruned_the_ones_in_use_kept(tmp_path):
+    """Each source change adds a build: all but the last KEEP_BUILDS used are removed, a build loaded again
+    counting as used."""
+    for i in range(10):
+        for suffix in (".so", ".sha256"):
+            f = tmp_path / f"cpu_gemm-old{i}{suffix}"
+            f.write_text("x")
+            os.utime(f, (1_000_000 + i, 1_000_000 + i))
+    os.utime(tmp_path / "cpu_gemm-old0.sha256")  # the oldest build, just loaded again
+    path = cpu_gemm.build(tmp_path)
+    left = sorted(f.name for f in tmp_path.glob("*.sha256"))
+    assert len(left) == cpu_gemm.KEEP_BUILDS and path.with_suffix(".sha256").name in left
+    assert "cpu_gemm-old0.sha256" in left and "cpu_gemm-old1.sha256" not in left
+    assert sorted(f.name for f in tmp_path.glob("*.so")) == sorted(n.replace(".sha256", ".so") for n in left)
+
+
 def test_a_damaged_library_is_rebuilt_not_loaded(tmp_path):
     """A library cut short (a full disk, a killed copy) could crash the process at load: it fails its checksum and
     is built again. $CC may carry arguments."""

@@ -47,6 +47,7 @@ ISAS = {"avx2": (), "avx512-vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-m
                                     "-mprefer-vector-width=256")}
 GROUP = 32  # cpu_gemm.c's GROUP: weights per scale, activations per int8 scale
 TILE = 8  # cpu_gemm.c's TILE: output columns per tile
+KEEP_BUILDS = 8  # builds kept in CHAT_KERNEL_DIR (prune): two per source version, one per ISA
 
 
 def kernel_dir() -> Path:
@@ -99,6 +100,7 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     key = hashlib.sha256(source + " ".join((*cc, *flags)).encode()).hexdigest()[:16]
     path, checksum = out_dir / f"cpu_gemm-{key}.so", out_dir / f"cpu_gemm-{key}.sha256"
     if path.exists() and checksum.exists() and checksum.read_text().strip() == _digest(path):
+        os.utime(checksum)  # used now: the last to be pruned
         return path
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,24 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    prune(out_dir)
     return path
+
+
+def prune(out_dir: Path, keep: int = KEEP_BUILDS) -> list[str]:
+    """Remove all but the `keep` builds in out_dir used (built or loaded) last, by their checksum file's time: each
+    source change adds ~50 KB per build. A process that has one loaded keeps its mapping; a worker of an older
+    version that starts later builds it again (~1 s). Returns the names removed."""
+    builds = sorted(out_dir.glob("cpu_gemm-*.sha256"), key=lambda f: f.stat().st_mtime, reverse=True)
+    removed = []
+    for old in builds[keep:]:
+        for f in (old.with_suffix(".so"), old):
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except FileNotFoundError:
+                pass  # another worker pruned it first
+    return removed
 
 
 @functools.cache
