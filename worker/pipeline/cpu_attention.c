@@ -3,8 +3,9 @@
  * row's cached positions, for one new token per row.
  *
  * Rotary is rotary.py's `rotate` in torch's bf16 roundings: bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin_signed)),
- * so the cache holds the bits torch's path writes. Attention is computed in fp32 from the bf16 q, k and v (as
- * torch's CPU flash attention does), softmax with the running maximum subtracted, the output rounded to bf16.
+ * so the cache holds the bits torch's path writes. Attention is computed in fp32 from the bf16 q, k and v as
+ * torch's CPU flash attention does: softmax with the maximum subtracted, V weighted by the probabilities rounded
+ * to bf16 (their sum kept in fp32), the output rounded to bf16.
  * Each (row, KV head) is one task: its result depends on that row alone, whatever the batch and thread count.
  */
 #include <math.h>

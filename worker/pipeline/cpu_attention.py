@@ -5,7 +5,8 @@ dispatch around attention: per layer ~25 operations (rotary's multiplies and add
 cache slices, SDPA and its reshapes), each a few microseconds, for arithmetic that takes less. This does rotary on
 q and k (rotary.py's `rotate`, in torch's bf16 roundings), the KV-cache write and attention over each row's cached
 positions (fp32 sums, as torch's CPU flash attention) in one call. It serves decode only (one token per row, the
-cache bound to its first rows); prompts keep torch's SDPA.
+cache bound to its first rows); prompts keep torch's SDPA. lean_llama.py reaches the kernel through
+cpu_decode_layer.py (a whole layer per call); `decode_attention` is its checked entry point on its own.
 """
 
 from __future__ import annotations
