@@ -43,7 +43,7 @@ def test_lean_logits_equal_transformers_with_quantized_weights(quantize, hidden,
     backends = [TorchBackend(copy.deepcopy(model), slots=4, max_len=128, lean=lean, quantize=quantize,
                              cpu_gemm=kernels) for lean in (False, True)]
     native = kernels == "auto" and cpu_gemm.available()
-    assert backends[1]._lean.native_attention == native
+    assert (backends[1]._lean.layer_kernels is not None) == native
     calls = []
     real = lean_llama.decode_layers
     monkeypatch.setattr(lean_llama, "decode_layers", lambda h, *a, **k: calls.append(h.shape[0]) or real(h, *a, **k))
@@ -106,7 +106,7 @@ def test_compile_decode_leaves_the_kernels_step_eager_and_compiles_torchs(caplog
     with caplog.at_level(logging.INFO, logger="worker.pipeline.torch_backend"):
         ours = TorchBackend(copy.deepcopy(model), slots=2, max_len=128, lean=True, quantize="int4",
                             compile_decode=True)
-    assert ours._lean.native_attention and not ours.compiled and ours._one_row is None
+    assert ours._lean.layer_kernels is not None and not ours.compiled and ours._one_row is None
     assert "not compiling the 1-row step, it runs the project's CPU kernels" in caplog.text
     torchs = TorchBackend(copy.deepcopy(model), slots=2, max_len=128, lean=True, quantize="int4",
                           compile_decode=True, cpu_gemm="torch")

@@ -18,11 +18,6 @@ from worker.pipeline import cpu_gemm
 MAX_HEAD_DIM = 256  # cpu_attention.c's accumulators
 
 
-def available() -> bool:
-    """Whether the kernel runs here (cpu_gemm's library built and loaded)."""
-    return cpu_gemm.available()
-
-
 def check(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
            write: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """The head dim, after checking every argument's device, dtype, shape and layout (decode_attention's; ValueError

@@ -20,7 +20,6 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "cpu_bf16.h"
 
@@ -154,13 +153,13 @@ static inline void store_row(__m256 acc, const uint16_t *residual, size_t at, vo
   _mm_storeu_si128((__m128i *)((uint16_t *)y + at), out);
 }
 
-/* The block's integer dot products for the tile's 8 columns (the 8 int32 lanes), both levels summed as
- * FINE * dot0 + dot1: w the block's 8 registers of weight bytes (byte 4c + i of register j: column c's k = 4j + i),
- * x the row's block (32 x0, then 32 x1: quantize_row). */
 /* 4 int8 read as one int32 and broadcast from memory (a load, not a move through a general register) */
 typedef int32_t __attribute__((may_alias, aligned(1))) int8x4;
 #define X4(x, j) _mm256_set1_epi32(((const int8x4 *)(x))[j])
 
+/* The block's integer dot products for the tile's 8 columns (the 8 int32 lanes), both levels summed as
+ * FINE * dot0 + dot1: w the block's 8 registers of weight bytes (byte 4c + i of register j: column c's k = 4j + i),
+ * x the row's block (32 x0, then 32 x1: quantize_row). */
 static inline __m256i q4_dot(const __m256i w[8], const int8_t *x) { /* w unsigned 0..15 */
   const int8_t *x0 = x, *x1 = x + GROUP;
 #ifdef VNNI

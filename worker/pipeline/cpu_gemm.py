@@ -7,7 +7,7 @@ a decode layer's RMSNorm, SwiGLU and residual add into the call. A row's result 
 One SmolLM2 step's weight matmuls (`python -m tests.bench.matmul_rows`, docs/BENCHMARKS.md): 8.2 ms at 1 row against
 int4pack's 11.0 on an AVX2-only EPYC (the two levels then scaled apart); 3.2 against 3.1 on an AVX-512 EPYC (VNNI
 build), where int4pack is faster at 8 rows (8.3 against 10.0 ms); the step gains most from what is folded in (and
-from cpu_attention.py).
+from cpu_decode_layer.py, which runs a decode step's layer, attention included, as one call).
 
 The shared library is compiled once per source and flags into CHAT_KERNEL_DIR (default
 ~/.cache/chat-worker-pool/kernels) with `cc` (or $CC), for any x86-64 CPU with AVX2 and FMA, and a second build with
@@ -83,6 +83,11 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _compiler() -> list[str]:
+    """$CC split into words ("ccache gcc"), else cc or gcc on the PATH; [""] where there is none."""
+    return shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
+
+
 def build(out_dir: Path, isa: str = "avx2") -> Path:
     """Compile SOURCES for `isa` (a key of ISAS) into one library in out_dir (once: the file is named by a hash of
     the sources, compiler and flags; written to a temporary name, then renamed, so concurrent workers never load a
@@ -92,7 +97,7 @@ def build(out_dir: Path, isa: str = "avx2") -> Path:
     RuntimeError naming the compiler (and $CC where it came from there), its exit status and its message when
     compiling fails, or the directory (and CHAT_KERNEL_DIR) when it cannot be written."""
     from_env = bool(os.environ.get("CC"))
-    cc = shlex.split(os.environ.get("CC") or "") or [shutil.which("cc") or shutil.which("gcc") or ""]
+    cc = _compiler()
     if not cc[0]:
         raise RuntimeError("no C compiler (cc, gcc or $CC) to build the CPU kernels")
     flags = (*FLAGS, *ISAS[isa])
@@ -146,7 +151,7 @@ def prune(out_dir: Path, keep: int = KEEP_BUILDS) -> list[str]:
 
 @functools.cache
 def library(isa: str = "avx2") -> ctypes.CDLL | None:
-    """The loaded kernels built for `isa` (a key of ISAS; _call loads best_isa()'s), built on first use; None where
+    """The loaded kernels built for `isa` (a key of ISAS; `loaded` gives best_isa()'s), built on first use; None where
     they cannot run here (the reason is logged once, as a warning: these workers then run torch's slower kernels)."""
     if not _cpu_ok():
         log.warning("cpu_gemm: needs an x86-64 CPU with AVX2 (torch sees %s): torch's int4/int8 kernels instead",
@@ -176,7 +181,7 @@ def library(isa: str = "avx2") -> ctypes.CDLL | None:
 def buildable() -> bool:
     """Whether the kernels should build here: an x86-64 CPU with AVX2 and a C compiler. Where this holds and
     available() does not, the build failed (tests fail on it instead of skipping)."""
-    return _cpu_ok() and bool(shlex.split(os.environ.get("CC") or "") or shutil.which("cc") or shutil.which("gcc"))
+    return _cpu_ok() and bool(_compiler()[0])
 
 
 def available() -> bool:
@@ -340,8 +345,8 @@ def layer_mm(bits: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
              norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
              residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """q4_mm (`bits` 4) or q8_mm (8) for a layer whose weights check_weights passed when it was built, `shape` its
-    answer: only the activations and the fused inputs are checked per call (a decode step makes ~120 calls; checking
-    the weights each time cost a few microseconds per call)."""
+    answer: only the activations and the fused inputs are checked per call (the quantized layers' calls outside
+    cpu_decode_layer.py: the head, prompt chunks, GPT-NeoX; checking the weights each time cost a few microseconds)."""
     if torch.compiler.is_compiling():
         return (_q4_op if bits == 4 else _q8_op)(x, weight, scales, norm, eps, swiglu, residual, out_dtype)
     return _run(bits, x, weight, scales, *shape, norm, eps, swiglu, residual, out_dtype)

@@ -80,7 +80,7 @@ class SlotKVCache:
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's whole k and v buffers, each (slots + spare, kv_heads, max_len + 1, head_dim), for kernels that
-        write and read them in place (cpu_attention.py)."""
+        write and read them in place (cpu_decode_layer.py)."""
         return self.k[layer_idx], self.v[layer_idx]
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -8,10 +8,9 @@ activations kept 2-d so each weight matmul is one bare call, q/k/v and gate/up f
 slot KV cache (kv_cache.py's `write` and `read`), no per-step mask or position building beyond what the backend
 passes. With bf16 activations on a CPU where the project's kernels run every projection (`use_kernels`, called by
 the backend), a decode step is one kernel call per layer (cpu_decode_layer.py: the projections, rotary, KV write
-and attention). It reads the weights of
-the model it is built from (fused in place, no copy), so int8/int4 layers (quantize.py) and tied embeddings stay
-as they are. 1,552 top-level ATen operations per 1-row SmolLM2 step instead
-of transformers' ~2,590 (docs/BENCHMARKS.md, issue 15).
+and attention). It reads the weights of the model it is built from (fused in place, no copy), so int8/int4 layers
+(quantize.py) and tied embeddings stay as they are. 1,552 top-level ATen operations per 1-row SmolLM2 step instead
+of transformers' ~2,590 on torch's kernels; 125 events on the project's (docs/BENCHMARKS.md, issue 15).
 
 Numerics follow transformers' LlamaModel (RMSNorm in fp32, rotary tables in fp32 cast to the activations' dtype,
 SDPA with grouped-query attention), so greedy fp32 replies are the same; tests/test_lean_llama.py compares them.
@@ -62,12 +61,7 @@ class LeanLlama(nn.Module):
         self.qkv = nn.ModuleList(fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                                  for layer in base.layers)
         self.gate_up = nn.ModuleList(fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in base.layers)
-        self.layer_kernels: list[LayerKernels] | None = None  # use_kernels
-
-    @property
-    def native_attention(self) -> bool:
-        """Whether decode steps run one kernel call per layer (use_kernels)."""
-        return self.layer_kernels is not None
+        self.layer_kernels: list[LayerKernels] | None = None  # use_kernels: None, torch's operations
 
     def use_kernels(self, on: bool) -> None:
         """Run decode steps as one kernel call per layer (cpu_decode_layer.py: rotary, KV write and attention in

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from worker.pipeline import cpu_attention, lean_llama, lean_neox
+from worker.pipeline import lean_llama, lean_neox
 from worker.pipeline.backend import (
     PREFILL_CHUNKS,
     Copy,
@@ -25,6 +25,7 @@ from worker.pipeline.backend import (
     kv_dims,
     prefill_rounds,
 )
+from worker.pipeline.cpu_gemm import available as kernels_available
 from worker.pipeline.kv_cache import SlotKVCache
 from worker.pipeline.quantize import quantize_weights
 
@@ -55,8 +56,8 @@ class TorchBackend:
     KV and copy it between rows (copy_kv); spare_slots: KV rows beyond `slots` that only hold such cached prefixes
     (each costs as much memory as a slot); lean: a lean forward instead of transformers' modules where the
     model is Llama-shaped or GPT-NeoX (lean_forward; ignored otherwise); cpu_gemm: "auto", the quantized layers run
-    cpu_gemm.py's kernels where they are built (and a bf16 Llama's decode attention cpu_attention.py's), or "torch",
-    torch's int4pack / int8pack (quantize.py) and SDPA.
+    cpu_gemm.py's kernels where they are built (and a bf16 Llama's decode step runs one kernel call per layer,
+    cpu_decode_layer.py), or "torch", torch's int4pack / int8pack (quantize.py) and SDPA.
     ValueError for an option combination it cannot run."""
 
     def __init__(
@@ -107,7 +108,7 @@ class TorchBackend:
         if isinstance(self._lean, lean_llama.LeanLlama):
             # a decode step as one kernel call per layer, where every projection runs ours
             self._lean.use_kernels(cpu_gemm == "auto" and self.device.type == "cpu" and self.dtype == torch.bfloat16
-                                   and cpu_attention.available())
+                                   and kernels_available())
         self.cache = SlotKVCache(model.config.num_hidden_layers, slots, max_len, self.dtype, self.device,
                                  spare_slots)
         try:
